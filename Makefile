@@ -1,0 +1,37 @@
+# Quick start: `make serve`, `make test`. Every target installs what it needs first.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test serve train evaluate export bench lint clean
+
+setup: $(STAMP)
+
+# Idempotent: reinstalls only when the lock file or pyproject.toml changed.
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest
+
+serve: setup
+	$(PY) -m model.evaluate
+
+train: setup
+	$(PY) -m model.train --resume
+
+evaluate: setup
+	$(PY) -m model.evaluate
+
+bench: setup
+	$(PY) -m model.benchmark
+
+lint: setup
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,231 @@
+"""AlexNet and AlexNet-ACmix for CIFAR-10 at 128x128.
+
+ACmix (Pan et al., "On the Integration of Self-Attention and Convolution", CVPR 2022) shares
+three 1x1 projections between a local self-attention path and a convolution path, and mixes
+the two outputs with learnable scalars. Parameter names and shapes follow the reference
+notebook (see ../shared/reference), so its `.pdparams` load with `set_state_dict` unchanged.
+
+The attention path is computed in the masked-global form of ../shared/notes/acmix-attention.md:
+on a HxW map, a KxK window with reflect padding reaches only map positions, so
+
+    softmax_j(q_p . (k_m(j) + pe_p - pe_m(j)))  summed over window offsets j
+  = softmax_m(q_p . (k - pe)_m + log count[p, m])  summed over map positions m
+
+where count[p, m] is how many offsets of p's window land on m (reflection duplicates some).
+q_p . pe_p is constant along the softmax axis and drops out. That is two batched matmuls per
+head with a constant additive mask, built once per layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+from paddle import nn
+
+NUM_CLASSES = 10
+# A large negative instead of -inf keeps the mask finite in fp16 engines.
+MASKED_LOGIT = -1e4
+
+
+def reflect_index(i: int, size: int) -> int:
+    """Index into a map of `size` that reflect padding maps `i` to (no edge repeat)."""
+    if i < 0:
+        return -i
+    if i >= size:
+        return 2 * (size - 1) - i
+    return i
+
+
+def window_log_counts(height: int, width: int, kernel: int) -> np.ndarray:
+    """[L, L] with log(number of window offsets of query p that land on m), MASKED_LOGIT where none."""
+    pad = (kernel - 1) // 2
+    if pad >= min(height, width):
+        raise ValueError(f"reflect padding {pad} needs a map larger than {height}x{width}")
+    length = height * width
+    counts = np.zeros((length, length), dtype=np.float64)
+    for py in range(height):
+        for px in range(width):
+            for dy in range(-pad, pad + 1):
+                for dx in range(-pad, pad + 1):
+                    my = reflect_index(py + dy, height)
+                    mx = reflect_index(px + dx, width)
+                    counts[py * width + px, my * width + mx] += 1
+    with np.errstate(divide="ignore"):
+        logs = np.log(counts)
+    return np.where(counts > 0, logs, MASKED_LOGIT).astype(np.float32)
+
+
+def position_grid(height: int, width: int) -> np.ndarray:
+    """[1, 2, H, W]: channel 0 the x coordinate, channel 1 the y coordinate, each in [-1, 1]."""
+    xs = np.linspace(-1.0, 1.0, width, dtype=np.float32)
+    ys = np.linspace(-1.0, 1.0, height, dtype=np.float32)
+    grid = np.stack([np.tile(xs[None, :], (height, 1)), np.tile(ys[:, None], (1, width))])
+    return grid[None]
+
+
+def shift_kernels(out_planes: int, kernel: int) -> np.ndarray:
+    """[out, k*k, k, k]: input channel i of each group is shifted by kernel offset i."""
+    eye = np.zeros((kernel * kernel, kernel, kernel), dtype=np.float32)
+    for i in range(kernel * kernel):
+        eye[i, i // kernel, i % kernel] = 1.0
+    return np.repeat(eye[None], out_planes, axis=0)
+
+
+class ACmix(nn.Layer):
+    """Self-attention and convolution over shared q/k/v projections, for a fixed map size.
+
+    feature_size is the HxW of the input map: the attention mask and positional grid are
+    constants of it. AlexNet-ACmix runs every ACmix layer on 7x7 maps.
+    """
+
+    def __init__(
+        self,
+        in_planes: int,
+        out_planes: int,
+        kernel_att: int = 7,
+        head: int = 4,
+        kernel_conv: int = 3,
+        stride: int = 1,
+        dilation: int = 1,
+        feature_size: int = 7,
+    ):
+        super().__init__()
+        if stride != 1 or dilation != 1:
+            raise NotImplementedError("ACmix here supports stride 1 and dilation 1 (all AlexNet-ACmix uses)")
+        if out_planes % head:
+            raise ValueError(f"out_planes {out_planes} is not divisible by head {head}")
+        self.in_planes = in_planes
+        self.out_planes = out_planes
+        self.head = head
+        self.head_dim = out_planes // head
+        self.kernel_conv = kernel_conv
+        self.feature_size = feature_size
+
+        self.rate1 = self.create_parameter([1], default_initializer=nn.initializer.Constant(0.5))
+        self.rate2 = self.create_parameter([1], default_initializer=nn.initializer.Constant(0.5))
+        self.conv1 = nn.Conv2D(in_planes, out_planes, kernel_size=1)
+        self.conv2 = nn.Conv2D(in_planes, out_planes, kernel_size=1)
+        self.conv3 = nn.Conv2D(in_planes, out_planes, kernel_size=1)
+        self.conv_p = nn.Conv2D(2, self.head_dim, kernel_size=1)
+        self.fc = nn.Conv2D(3 * head, kernel_conv * kernel_conv, kernel_size=1, bias_attr=False)
+        self.dep_conv = nn.Conv2D(
+            kernel_conv * kernel_conv * self.head_dim,
+            out_planes,
+            kernel_size=kernel_conv,
+            groups=self.head_dim,
+            padding=kernel_conv // 2,
+        )
+        # The reference replaces dep_conv's parameters: a fixed shift kernel and one bias scalar
+        # shared by every output channel. Same shapes here, so its checkpoints load.
+        self.dep_conv.weight = self.create_parameter(
+            [out_planes, kernel_conv * kernel_conv, kernel_conv, kernel_conv],
+            default_initializer=nn.initializer.Assign(shift_kernels(out_planes, kernel_conv)),
+        )
+        self.dep_conv.bias = self.create_parameter([1], default_initializer=nn.initializer.Constant(0.0))
+
+        size = feature_size
+        self.register_buffer("grid", paddle.to_tensor(position_grid(size, size)), persistable=False)
+        self.register_buffer(
+            "window_bias", paddle.to_tensor(window_log_counts(size, size, kernel_att)), persistable=False
+        )
+
+    def forward(self, x):
+        # 0 in a reshape copies the batch dimension, which stays dynamic in exported graphs.
+        size, length = self.feature_size, self.feature_size**2
+        head, head_dim = self.head, self.head_dim
+
+        # Stage I: the three projections as one 1x1 convolution.
+        weight = paddle.concat([self.conv1.weight, self.conv2.weight, self.conv3.weight], axis=0)
+        bias = paddle.concat([self.conv1.bias, self.conv2.bias, self.conv3.bias], axis=0)
+        qkv = F.conv2d(x, weight, bias).reshape([0, 3, head, head_dim, length])
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+
+        # Stage II, attention: softmax(q^T (k - pe) + log count) per head.
+        pe = self.conv_p(self.grid).reshape([1, 1, head_dim, length])
+        q_scaled = q * (float(head_dim) ** -0.5)
+        logits = paddle.matmul(q_scaled, k - pe, transpose_x=True) + self.window_bias
+        attn = F.softmax(logits, axis=-1)
+        out_att = paddle.matmul(v, attn, transpose_y=True).reshape([0, self.out_planes, size, size])
+
+        # Stage II, convolution: fc mixes the 3*head projections into k*k shifted copies.
+        f_all = self.fc(qkv.reshape([0, 3 * head, head_dim, length]))
+        f_conv = f_all.transpose([0, 2, 1, 3]).reshape([0, -1, size, size])
+        out_conv = self.dep_conv(f_conv)
+
+        return self.rate1 * out_att + self.rate2 * out_conv
+
+
+def _stem() -> list[nn.Layer]:
+    return [
+        nn.Conv2D(3, 48, kernel_size=11, stride=4, padding=11 // 2),
+        nn.ReLU(),
+        nn.MaxPool2D(kernel_size=3, stride=2),
+        nn.Conv2D(48, 128, kernel_size=5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2D(kernel_size=3, stride=2),
+    ]
+
+
+def _classifier(num_classes: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(3 * 3 * 128, 2048),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(2048, 2048),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(2048, num_classes),
+    )
+
+
+class AlexNet_ACmix(nn.Layer):  # the reference's name, kept for its checkpoints
+    """AlexNet with its last three convolutions replaced by ACmix layers (7,051,159 parameters)."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.features = nn.Sequential(
+            *_stem(),
+            ACmix(128, 192, kernel_conv=3),
+            nn.ReLU(),
+            ACmix(192, 192, kernel_conv=3),
+            nn.ReLU(),
+            ACmix(192, 128, kernel_conv=3),
+            nn.ReLU(),
+            nn.MaxPool2D(kernel_size=3, stride=2),
+        )
+        self.classifier = _classifier(num_classes)
+
+    def forward(self, x):
+        return self.classifier(paddle.flatten(self.features(x), 1))
+
+
+class AlexNet(nn.Layer):
+    """The plain AlexNet baseline of the reference (7,524,042 parameters)."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.features = nn.Sequential(
+            *_stem(),
+            nn.Conv2D(128, 192, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv2D(192, 192, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv2D(192, 128, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2D(kernel_size=3, stride=2),
+        )
+        self.classifier = _classifier(num_classes)
+
+    def forward(self, x):
+        return self.classifier(paddle.flatten(self.features(x), 1))
+
+
+ARCHITECTURES = {"alexnet_acmix": AlexNet_ACmix, "alexnet": AlexNet}
+
+
+def build_model(arch: str = "alexnet_acmix", num_classes: int = NUM_CLASSES) -> nn.Layer:
+    try:
+        return ARCHITECTURES[arch](num_classes=num_classes)
+    except KeyError:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}") from None

@@ -1,0 +1,118 @@
+"""Evaluate weights on a CIFAR-10 split: top-1 and per-class accuracy, a confusion-matrix PNG.
+
+    python -m model.evaluate [--weights W] [--data D] [--split all|train|test|val] [--json]
+
+--data takes either format (model/data.py). With --json the last line printed is one JSON object
+with accuracy (a fraction), n, per_class and the confusion matrix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from model.data import CLASSES, SPLITS, DataError, open_dataset
+from model.runtime import import_paddle
+
+DEFAULT_WEIGHTS = "model/weights/alexnet_acmix.pdparams"
+DEFAULT_DATA = "../shared/data/cifar10-train-jpeg.tar.gz"
+DEFAULT_SPLIT_FILE = "model/weights/val_split.json"
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, classes: int = len(CLASSES)) -> np.ndarray:
+    """[true class, predicted class] counts."""
+    matrix = np.zeros((classes, classes), dtype=np.int64)
+    np.add.at(matrix, (labels, predictions), 1)
+    return matrix
+
+
+def summarize(labels: np.ndarray, predictions: np.ndarray) -> dict:
+    matrix = confusion_matrix(labels, predictions)
+    totals = matrix.sum(axis=1)
+    per_class = {
+        name: (float(matrix[i, i] / totals[i]) if totals[i] else None) for i, name in enumerate(CLASSES)
+    }
+    return {
+        "accuracy": float((labels == predictions).mean()) if len(labels) else 0.0,
+        "n": int(len(labels)),
+        "per_class": per_class,
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def plot_confusion(matrix: np.ndarray, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    totals = matrix.sum(axis=1, keepdims=True)
+    fractions = matrix / np.maximum(totals, 1)
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    im = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right")
+    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    for i in range(len(CLASSES)):
+        for j in range(len(CLASSES)):
+            color = "white" if fractions[i, j] > 0.5 else "black"
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7, color=color)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", default=DEFAULT_WEIGHTS)
+    parser.add_argument("--arch", default="alexnet_acmix", choices=["alexnet_acmix", "alexnet"])
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--split", default=None, choices=SPLITS,
+                        help="default: val (the held-out images) for the default data, else all")
+    parser.add_argument("--split-file", default=DEFAULT_SPLIT_FILE, help="the held-out validation list")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--confusion", default="build/confusion_matrix.png", help="PNG to write")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    args = parser.parse_args(argv)
+
+    split = args.split
+    if split is None:
+        split = "val" if args.data == DEFAULT_DATA else "all"
+    try:
+        if not Path(args.weights).is_file():
+            raise DataError(f"{args.weights}: no such weights file")
+        data = open_dataset(args.data, split=split, val_split=args.split_file)
+        paddle = import_paddle()  # noqa: F841 - sets threads before the model runs
+        from model.predict import load_weights, predict_logits
+
+        model = load_weights(args.arch, args.weights)
+        logits = predict_logits(model, data.images, args.batch_size, progress="evaluating")
+    except (DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    result = summarize(data.labels, logits.argmax(axis=1))
+    result.update({"weights": args.weights, "data": args.data, "split": split})
+    confusion = Path(args.confusion)
+    confusion.parent.mkdir(parents=True, exist_ok=True)
+    plot_confusion(
+        np.array(result["confusion_matrix"]), confusion,
+        f"{Path(args.weights).name} on {Path(args.data).name} [{split}]: top-1 {result['accuracy']:.4f}",
+    )
+    result["confusion_png"] = str(confusion)
+    print(f"top-1 accuracy {result['accuracy']:.4f} on {result['n']} images ({args.data}, split {split})")
+    for name, accuracy in result["per_class"].items():
+        print(f"  {name:<11} {accuracy:.4f}" if accuracy is not None else f"  {name:<11} -")
+    print(f"confusion matrix: {confusion}")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The one inference preprocessing: decode, RGB, resize to 128x128, scale to [0, 1], normalize.
+
+Evaluation, export verification and the service all call `preprocess`; training augmentation
+(model/augmentation.py) ends in the same `to_normalized_chw`.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageSequence, UnidentifiedImageError
+
+IMAGE_SIZE = 128
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+# Resampling for every resize to the network's size, here and in training.
+RESAMPLE = Image.Resampling.BILINEAR
+
+
+class ImageError(ValueError):
+    """The bytes are not an image this model can take; the message says why."""
+
+
+def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Decode image bytes (first frame of animations) to RGB; ImageError with the cause otherwise."""
+    if not data:
+        raise ImageError("empty file")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns, then errors, on decompression bombs; the explicit limit below decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+            frame = next(ImageSequence.Iterator(image))
+            frame.load()
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not a recognized image format") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image too large: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"corrupt or truncated image: {exc}") from None
+    return to_rgb(frame)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode to RGB; transparency is composited on black, as a decoder without alpha would."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def to_normalized_chw(image: Image.Image) -> np.ndarray:
+    """A 128x128 RGB image to float32 [3, 128, 128], scaled to [0, 1] and normalized."""
+    pixels = np.asarray(image, dtype=np.float32) * (1.0 / 255.0)
+    return ((pixels - MEAN) / STD).transpose(2, 0, 1).copy()
+
+
+def preprocess(image: Image.Image | np.ndarray) -> np.ndarray:
+    """An RGB image (PIL, or uint8 HxWx3 array) to the network's float32 [3, 128, 128] input."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    image = to_rgb(image)
+    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+        image = image.resize((IMAGE_SIZE, IMAGE_SIZE), RESAMPLE)
+    return to_normalized_chw(image)
+
+
+def preprocess_batch(images) -> np.ndarray:
+    """Several images to one float32 [N, 3, 128, 128] batch."""
+    if not len(images):
+        return np.zeros((0, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32)
+    return np.stack([preprocess(image) for image in images])

@@ -1,0 +1,86 @@
+"""Fixtures shared by the whole suite: small data sets made on the spot, in both formats."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model.data import CLASSES
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
+
+
+def synthetic_images(per_class: int, seed: int = 0, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [N, size, size, 3] images whose class is readable from their color, and labels."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(len(CLASSES)), per_class)
+    hues = np.linspace(0, 255, len(CLASSES), endpoint=False)
+    images = rng.integers(0, 60, size=(len(labels), size, size, 3)).astype(np.int16)
+    images[..., 0] += hues[labels, None, None].astype(np.int16) // 2
+    images[..., 2] += (255 - hues[labels, None, None]).astype(np.int16) // 2
+    return np.clip(images, 0, 255).astype(np.uint8), labels
+
+
+def jpeg_bytes(image: np.ndarray, fmt: str = "JPEG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_class_folders(root: Path, images: np.ndarray, labels: np.ndarray, prefix: str = "train") -> Path:
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        folder = root / prefix / CLASSES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:04d}.png").write_bytes(jpeg_bytes(image, "PNG"))
+    return root
+
+
+def write_tar(path: Path, files: dict[str, bytes], mode: str = "w:gz") -> Path:
+    with tarfile.open(path, mode) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def write_python_tarball(path: Path, train: tuple, test: tuple) -> Path:
+    """The official cifar-10-python.tar.gz layout: 5 training batches and test_batch."""
+    files = {}
+    train_images, train_labels = train
+    for i, chunk in enumerate(np.array_split(np.arange(len(train_labels)), 5), start=1):
+        files[f"cifar-10-batches-py/data_batch_{i}"] = _batch(train_images[chunk], train_labels[chunk])
+    files["cifar-10-batches-py/test_batch"] = _batch(*test)
+    files["cifar-10-batches-py/batches.meta"] = pickle.dumps({b"label_names": [c.encode() for c in CLASSES]})
+    return write_tar(path, files)
+
+
+def _batch(images: np.ndarray, labels: np.ndarray) -> bytes:
+    data = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+    return pickle.dumps({b"data": data, b"labels": [int(x) for x in labels]})
+
+
+@pytest.fixture(scope="session")
+def paddle():
+    from model.runtime import import_paddle
+
+    return import_paddle()
+
+
+@pytest.fixture
+def folder_dataset(tmp_path):
+    images, labels = synthetic_images(per_class=3)
+    return write_class_folders(tmp_path / "folder", images, labels), labels
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_file():
+        pytest.skip(f"the CIFAR-10 training archive is not at {SHARED_DATA}")
+    return SHARED_DATA

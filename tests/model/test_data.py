@@ -1,0 +1,106 @@
+"""Both data formats on small archives made here, the validation split, and bad-data errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model.data import CLASSES, DataError, load_split, open_dataset, save_split, stratified_split
+from tests.conftest import jpeg_bytes, synthetic_images, write_python_tarball, write_tar
+
+
+def test_python_tarball_train_and_test_splits(tmp_path):
+    train = synthetic_images(per_class=2, seed=1)
+    test = synthetic_images(per_class=1, seed=2)
+    path = write_python_tarball(tmp_path / "cifar-10-python.tar.gz", train, test)
+
+    data = open_dataset(path, split="train")
+    assert data.format == "python"
+    assert len(data) == 20
+    np.testing.assert_array_equal(np.stack(data.images), train[0])  # pixels exactly, HWC order
+    np.testing.assert_array_equal(data.labels, train[1])
+    assert len(open_dataset(path, split="test")) == 10
+    assert len(open_dataset(path, split="all")) == 30
+
+
+@pytest.mark.parametrize("container", ["dir", "tar", "tar.gz"])
+def test_class_folders_as_folder_or_archive(tmp_path, folder_dataset, container):
+    root, labels = folder_dataset
+    if container == "dir":
+        path = root
+    else:
+        files = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.png"))}
+        path = write_tar(tmp_path / f"images.{container}", files, "w:gz" if container == "tar.gz" else "w")
+    data = open_dataset(path)
+    assert len(data) == len(labels)
+    assert sorted(data.labels.tolist()) == sorted(labels.tolist())
+    for source, label in zip(data.sources, data.labels, strict=True):
+        assert source.split("/")[-2] == CLASSES[label]
+    assert data.images[0].shape == (32, 32, 3) and data.images[0].dtype == np.uint8
+
+
+def test_the_shared_archive_reads_in_place(shared_data):
+    data = open_dataset(shared_data)
+    assert len(data) == 50_000
+    assert np.bincount(data.labels).tolist() == [5000] * 10
+    assert data.sources[0] == "train/airplane/0000.jpg"
+
+
+def test_stratified_split_is_seeded_balanced_and_disjoint():
+    labels = np.repeat(np.arange(10), 30)
+    train, val = stratified_split(labels, per_class=5, seed=7)
+    assert len(val) == 50 and np.bincount(labels[val]).tolist() == [5] * 10
+    assert not set(train) & set(val) and len(train) + len(val) == len(labels)
+    np.testing.assert_array_equal(val, stratified_split(labels, per_class=5, seed=7)[1])
+    assert not np.array_equal(val, stratified_split(labels, per_class=5, seed=8)[1])
+
+
+def test_split_file_selects_val_and_excludes_it_from_train(tmp_path, folder_dataset):
+    root, _ = folder_dataset
+    data = open_dataset(root)
+    _, val = stratified_split(data.labels, per_class=1, seed=0)
+    split_file = tmp_path / "split.json"
+    save_split(split_file, data, val, seed=0, origin="test")
+    assert load_split(split_file)["seed"] == 0
+
+    held_out = open_dataset(root, split="val", val_split=split_file)
+    rest = open_dataset(root, split="train", val_split=split_file)
+    assert sorted(held_out.sources) == sorted(data.sources[i] for i in val)
+    assert len(rest) == len(data) - len(val) and not set(rest.sources) & set(held_out.sources)
+
+
+def test_missing_path_is_named(tmp_path):
+    with pytest.raises(DataError, match="nope.tar.gz: no such file"):
+        open_dataset(tmp_path / "nope.tar.gz")
+
+
+def test_archive_of_the_wrong_layout_is_named(tmp_path):
+    image = jpeg_bytes(synthetic_images(per_class=1)[0][0])
+    path = write_tar(tmp_path / "flat.tar.gz", {"images/0001.jpg": image})
+    with pytest.raises(DataError, match=r"flat.tar.gz: images/0001.jpg is not in a folder named after a CIFAR-10"):
+        open_dataset(path)
+    empty = write_tar(tmp_path / "empty.tar", {"README": b"hello"}, "w")
+    with pytest.raises(DataError, match="no images in class folders"):
+        open_dataset(empty)
+
+
+def test_corrupt_image_is_named(tmp_path):
+    good = jpeg_bytes(synthetic_images(per_class=1)[0][0])
+    path = write_tar(tmp_path / "bad.tar.gz", {"train/cat/0001.jpg": good, "train/dog/0002.jpg": good[:40]})
+    with pytest.raises(DataError, match=r"bad.tar.gz: train/dog/0002.jpg: corrupt or truncated image"):
+        open_dataset(path)
+
+
+def test_not_an_archive_and_corrupt_batches_are_named(tmp_path):
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00" * 100)
+    with pytest.raises(DataError, match="junk.bin: not a folder"):
+        open_dataset(junk)
+    broken = write_tar(tmp_path / "cifar-10-python.tar.gz", {"cifar-10-batches-py/data_batch_1": b"garbage"})
+    with pytest.raises(DataError, match="data_batch_1"):
+        open_dataset(broken, split="train")
+
+
+def test_a_folder_data_set_has_no_test_split(folder_dataset):
+    with pytest.raises(DataError, match="no test split"):
+        open_dataset(folder_dataset[0], split="test")

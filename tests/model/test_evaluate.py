@@ -1,0 +1,74 @@
+"""python -m model.evaluate end to end on a small folder data set, and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from model.evaluate import confusion_matrix, main, summarize
+
+
+@pytest.fixture
+def weights(paddle, tmp_path):
+    from model.alexnet import AlexNet_ACmix
+
+    paddle.seed(0)
+    path = tmp_path / "w.pdparams"
+    paddle.save(AlexNet_ACmix().state_dict(), str(path))
+    return path
+
+
+def test_json_last_line_agrees_with_the_model(paddle, weights, folder_dataset, tmp_path, capsys):
+    from model.data import open_dataset
+    from model.predict import load_weights, predict_logits
+
+    root, labels = folder_dataset
+    png = tmp_path / "cm.png"
+    assert main(["--weights", str(weights), "--data", str(root), "--json", "--confusion", str(png)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    data = open_dataset(root)
+    predictions = predict_logits(load_weights("alexnet_acmix", str(weights)), data.images).argmax(1)
+    assert result["n"] == len(labels) == 30
+    assert result["accuracy"] == pytest.approx(float((predictions == data.labels).mean()))
+    assert np.array(result["confusion_matrix"]).sum() == 30
+    assert set(result["per_class"]) == {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                        "ship", "truck"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_counts_per_class():
+    labels = np.array([0, 0, 1, 1, 2])
+    predictions = np.array([0, 1, 1, 1, 0])
+    matrix = confusion_matrix(labels, predictions)
+    assert matrix[0].tolist()[:3] == [1, 1, 0] and matrix[2, 0] == 1
+    summary = summarize(labels, predictions)
+    assert summary["accuracy"] == pytest.approx(0.6)
+    assert summary["per_class"]["airplane"] == 0.5 and summary["per_class"]["automobile"] == 1.0
+    assert summary["per_class"]["cat"] is None
+
+
+@pytest.mark.parametrize("case", ["missing-weights", "bad-weights", "wrong-arch", "missing-data"])
+def test_errors_exit_2_with_one_line(paddle, weights, folder_dataset, tmp_path, capsys, case):
+    root, _ = folder_dataset
+    args = {"--weights": str(weights), "--data": str(root), "--confusion": str(tmp_path / "cm.png")}
+    expected = None
+    if case == "missing-weights":
+        args["--weights"] = str(tmp_path / "none.pdparams")
+        expected = "none.pdparams: no such weights file"
+    elif case == "bad-weights":
+        bad = tmp_path / "bad.pdparams"
+        bad.write_bytes(b"not a checkpoint")
+        args["--weights"] = str(bad)
+        expected = "bad.pdparams: not a Paddle .pdparams file"
+    elif case == "wrong-arch":
+        args["--arch"] = "alexnet"
+        expected = "not alexnet weights"
+    else:
+        args["--data"] = str(tmp_path / "nowhere")
+        expected = "nowhere: no such file or directory"
+    assert main([item for pair in args.items() for item in pair]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0]

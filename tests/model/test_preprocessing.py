@@ -1,0 +1,86 @@
+"""The one inference preprocessing and image decoding errors."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model.preprocessing import IMAGE_SIZE, MEAN, STD, ImageError, decode_image, preprocess, preprocess_batch
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_solid_color_normalizes_to_the_documented_values():
+    out = preprocess(np.full((32, 32, 3), (255, 0, 128), dtype=np.uint8))
+    assert out.shape == (3, IMAGE_SIZE, IMAGE_SIZE) and out.dtype == np.float32
+    expected = (np.array([255, 0, 128]) / 255.0 - MEAN) / STD
+    np.testing.assert_allclose(out[:, 64, 64], expected, rtol=1e-5)
+
+
+def test_resize_is_bilinear_to_128():
+    ramp = np.tile(np.linspace(0, 255, 32).astype(np.uint8)[None, :, None], (32, 1, 3))
+    out = preprocess(ramp)
+    row = out[0, 0]
+    assert np.all(np.diff(row) >= -1e-6)  # a ramp stays a monotonic ramp
+    assert len(np.unique(np.round(row, 4))) > 64  # interpolated, not nearest-neighbour
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF"])
+def test_formats_decode_to_rgb(fmt):
+    image = Image.new("RGB", (40, 30), (200, 10, 10))
+    decoded = decode_image(encode(image, fmt))
+    assert decoded.mode == "RGB" and decoded.size == (40, 30)
+    assert abs(int(np.asarray(decoded)[15, 20, 0]) - 200) < 12
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16"])
+def test_any_mode_becomes_rgb(mode):
+    image = Image.new("RGB", (16, 16), (90, 90, 90)).convert(mode)
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    assert decode_image(encode(image, fmt)).mode == "RGB"
+
+
+def test_gif_uses_the_first_frame():
+    frames = [Image.new("RGB", (8, 8), color) for color in [(255, 0, 0), (0, 0, 255)]]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    assert tuple(np.asarray(decode_image(data))[0, 0]) == (255, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (b"", "empty file"),
+        (b"hello, this is text", "not a recognized image format"),
+    ],
+)
+def test_bad_bytes_raise_a_named_cause(data, message):
+    with pytest.raises(ImageError, match=message):
+        decode_image(data)
+
+
+def test_truncated_image_is_reported():
+    data = encode(Image.new("RGB", (64, 64), (1, 2, 3)), "PNG")
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        decode_image(data[: len(data) // 2])
+
+
+def test_pixel_limit_rejects_before_decoding():
+    data = encode(Image.new("L", (4000, 4000)), "PNG")  # small file, 16 Mpx once decoded
+    with pytest.raises(ImageError, match="4000x4000 = 16000000 pixels, over the limit of 1000000"):
+        decode_image(data, max_pixels=1_000_000)
+    assert decode_image(data, max_pixels=20_000_000).size == (4000, 4000)
+
+
+def test_batch_stacks_in_order():
+    images = [np.full((32, 32, 3), v, dtype=np.uint8) for v in (0, 255)]
+    batch = preprocess_batch(images)
+    assert batch.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert batch[0].mean() < batch[1].mean()
+    assert preprocess_batch([]).shape == (0, 3, IMAGE_SIZE, IMAGE_SIZE)

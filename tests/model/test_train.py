@@ -1,0 +1,81 @@
+"""Training on synthetic data: the loss falls, checkpoints resume exactly, artifacts are written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from model.data import LabeledImages
+from tests.conftest import synthetic_images
+
+
+def synthetic_split(per_class: int, seed: int) -> LabeledImages:
+    images, labels = synthetic_images(per_class=per_class, seed=seed)
+    return LabeledImages(list(images), labels, [f"synthetic/{i}" for i in range(len(labels))])
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_split(per_class=4, seed=0), synthetic_split(per_class=1, seed=1)
+
+
+def config(**overrides):
+    from model.train import TrainConfig
+
+    values = dict(epochs=3, batch_size=8, lr=1e-3, max_steps_per_epoch=4, seed=3)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_a_few_steps_lower_the_loss_and_write_the_artifacts(paddle, data, tmp_path):
+    from model.train import train
+
+    record = train(config(), *data, tmp_path)
+    losses = [h["train_loss"] for h in record["history"]]
+    assert len(losses) == 3 and losses[-1] < losses[0] * 0.8
+    for name in ("best.pdparams", "last.pdparams", "last.pdopt", "metrics.json", "curves.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["best"]["val_accuracy"] == max(h["val_accuracy"] for h in saved["history"])
+
+
+def test_resume_continues_where_it_stopped(paddle, data, tmp_path):
+    from model.train import train
+
+    straight = train(config(epochs=2), *data, tmp_path / "straight")
+    train(config(epochs=2), *data, tmp_path / "split", until_epoch=1)
+    resumed = train(config(epochs=2), *data, tmp_path / "split", resume=True)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    a = paddle.load(str(tmp_path / "straight" / "last.pdparams"))
+    b = paddle.load(str(tmp_path / "split" / "last.pdparams"))
+    for key in a:
+        np.testing.assert_allclose(b[key].numpy(), a[key].numpy(), rtol=1e-4, atol=1e-6, err_msg=key)
+    assert resumed["history"][-1]["train_loss"] == pytest.approx(straight["history"][-1]["train_loss"], rel=1e-3)
+
+
+def test_resume_refuses_another_configuration(paddle, data, tmp_path):
+    from model.train import train
+
+    train(config(epochs=1), *data, tmp_path)
+    with pytest.raises(ValueError, match="another configuration"):
+        train(config(epochs=1, lr=5e-4), *data, tmp_path, resume=True)
+
+
+def test_label_smoothing_matches_its_definition(paddle):
+    from model.train import smoothed_cross_entropy
+
+    logits = np.array([[2.0, 0.0, -1.0]], dtype=np.float32)
+    log_p = logits - np.log(np.exp(logits).sum())
+    expected = 0.9 * -log_p[0, 1] + 0.1 * -log_p[0].mean()
+    got = float(smoothed_cross_entropy(paddle.to_tensor(logits), paddle.to_tensor(np.array([1])), 0.1))
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_cli_reports_a_missing_data_set_in_one_line(capsys, tmp_path):
+    from model.train import main
+
+    assert main(["--data", str(tmp_path / "none.tar.gz"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {tmp_path / 'none.tar.gz'}: no such file or directory"]
