@@ -23,7 +23,8 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-NUM_CLASSES = 10
+from model.spec import NUM_CLASSES
+
 # A large negative instead of -inf keeps the mask finite in fp16 engines.
 MASKED_LOGIT = -1e4
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from model.preprocessing import ImageError, decode_image
+from model.spec import CLASSES
 
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 PYTHON_TARBALL_DIR = "cifar-10-batches-py"
 SPLITS = ("all", "train", "test", "val")

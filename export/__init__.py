@@ -1,0 +1,1 @@
+"""Paddle weights -> ONNX -> TensorRT engine, verified at every step (`python -m export`)."""

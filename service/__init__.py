@@ -1,0 +1,1 @@
+"""FastAPI service: dynamic batching over a TensorRT or ONNX Runtime backend."""

@@ -1,0 +1,127 @@
+"""The exported ONNX graph: clean, static but for the batch, TensorRT-parsable, equal to Paddle."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from export.__main__ import main
+from export.onnx_export import export_onnx, graph_report
+from export.verify import compare, onnx_session, run_onnx, verification_images, verify_onnx
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory, paddle):
+    from model.alexnet import AlexNet_ACmix
+
+    paddle.seed(7)
+    model = AlexNet_ACmix()
+    # Freshly initialized, the network's logits span about +-50; a trained one's about +-10.
+    # Scale the last layer to the trained range so that the 1e-4 logit tolerance means the same.
+    last = model.classifier[-1]
+    last.weight.set_value(last.weight * 0.2)
+    last.bias.set_value(last.bias * 0.2)
+    path = tmp_path_factory.mktemp("weights") / "acmix.pdparams"
+    paddle.save(model.state_dict(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(weights, tmp_path_factory):
+    return export_onnx(weights, tmp_path_factory.mktemp("onnx") / "model.onnx")
+
+
+def test_io_names_types_and_dynamic_batch(exported):
+    report = graph_report(onnx.load(str(exported)))
+    assert report["inputs"] == {"image": ("FLOAT", ["batch", 3, 128, 128])}
+    assert report["outputs"] == {"logits": ("FLOAT", ["batch", 10])}
+
+
+def test_graph_is_clean(exported):
+    report = graph_report(onnx.load(str(exported)))
+    assert "Identity" not in report["ops"]
+    assert report["dead_nodes"] == [] and report["unused_initializers"] == []
+    assert report["shape_computation"] == []  # no Shape/ConstantOfShape/Range: shapes are static
+    assert report["dynamic_shape_operands"] == []  # Pad/Slice/Squeeze/Reshape operands are initializers
+
+
+def test_attention_is_matmuls_not_unfold(exported):
+    ops = graph_report(onnx.load(str(exported)))["ops"]
+    assert ops["Softmax"] == 3 and ops["MatMul"] >= 6
+    assert not {"Im2Col", "Col2Im", "Gather", "GatherND", "ScatterND", "Loop", "If"} & set(ops)
+    # The three q/k/v projections of each ACmix run as one convolution.
+    assert ops["Conv"] == 2 + 3 * 2 + 3  # stem, (projection + dep_conv) per layer, conv_p folded away
+
+
+def test_intermediate_shapes_are_static_but_batch(exported):
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(str(exported)), strict_mode=True)
+    for value in inferred.graph.value_info:
+        dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        assert all(isinstance(d, int) and d > 0 for d in dims[1:]), (value.name, dims)
+
+
+def test_onnx_runtime_equals_paddle_on_generated_images(exported, weights):
+    batch = verification_images(None, 16, None)
+    result = verify_onnx(exported, weights, batch)
+    assert result["passed"] and result["top1_agreement"] == 1.0
+    assert result["max_abs_diff"] <= 1e-4
+
+
+def test_onnx_runtime_equals_paddle_on_real_images(exported, weights, shared_data):
+    batch = verification_images(shared_data, 16, "model/weights/val_split.json")
+    assert batch.shape == (16, 3, 128, 128)
+    assert verify_onnx(exported, weights, batch)["passed"]
+
+
+def test_any_batch_size_runs(exported):
+    session = onnx_session(exported)
+    for n in (1, 3, 70):
+        assert run_onnx(session, np.zeros((n, 3, 128, 128), np.float32)).shape == (n, 10)
+
+
+def test_compare_reports_disagreement():
+    a = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    b = np.array([[1.0, 0.5], [2.0, 1.0]], np.float32)
+    assert compare(a, b) == {"n": 2, "max_abs_diff": 2.0, "top1_agreement": 0.5}
+
+
+def test_cli_onnx_writes_and_verifies(weights, tmp_path, capsys):
+    out = tmp_path / "cli.onnx"
+    code = main(["onnx", "--weights", str(weights), "--out", str(out), "--data", str(tmp_path / "absent"),
+                 "--count", "8"])
+    assert code == 0 and out.is_file()
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["verify"]["passed"] and result["verify"]["n"] == 8
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["onnx", "--weights", "{tmp}/missing.pdparams"], "missing.pdparams: no such weights file"),
+        (["onnx", "--weights", "{tmp}/corrupt.pdparams"], "corrupt.pdparams: not a Paddle .pdparams file"),
+        (["verify", "--onnx", "{tmp}/missing.onnx", "--weights", "{weights}", "--data", "{tmp}/none"],
+         "missing.onnx"),
+        (["verify", "--onnx", "{tmp}/corrupt.onnx", "--weights", "{weights}", "--data", "{tmp}/none"],
+         "corrupt.onnx: onnx.checker failed"),
+        (["engine", "--onnx", "{tmp}/missing.onnx"], "cannot build a TensorRT engine here"),
+    ],
+)
+def test_cli_errors_are_one_line(argv, message, weights, tmp_path, capsys):
+    (tmp_path / "corrupt.pdparams").write_bytes(b"\x00garbage")
+    (tmp_path / "corrupt.onnx").write_bytes(b"\x00garbage")
+    argv = [a.format(tmp=tmp_path, weights=weights) for a in argv]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1 and message in err[0]
+
+
+def test_all_stops_after_onnx_without_tensorrt(weights, tmp_path, capsys):
+    out = tmp_path / "all.onnx"
+    assert main(["all", "--weights", str(weights), "--out", str(out), "--data", str(tmp_path / "x"),
+                 "--count", "4"]) == 0
+    captured = capsys.readouterr()
+    assert "stopping after the ONNX step:" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["engine"] is None
