@@ -1,0 +1,59 @@
+"""fp32 ONNX -> fp16 ONNX, the only way to an fp16 engine in TensorRT 11 (no FP16 builder flag).
+
+Weights and activations become float16 for a strongly typed build; the input `image` and the
+output `logits` stay float32 (Cast nodes at the edges), so every backend feeds and reads the same
+arrays. The converter clamps weights to +-1e4 by default, which keeps the attention mask of -1e4
+exactly and leaves headroom below fp16's largest finite value, 65504.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from export.errors import ExportError
+
+
+def fp16_onnx_path(onnx_path: str | Path) -> Path:
+    """Where the fp16 copy of an ONNX file lives: build/alexnet_acmix.onnx -> build/alexnet_acmix.fp16.onnx."""
+    onnx_path = Path(onnx_path)
+    return onnx_path.with_name(f"{onnx_path.stem}.fp16{onnx_path.suffix}")
+
+
+def convert_fp16(onnx_in: str | Path, onnx_out: str | Path) -> Path:
+    """Write the fp16 version of `onnx_in` (float32 inputs and outputs) to `onnx_out`; returns the path."""
+    import onnx
+    from onnxconverter_common import float16
+
+    onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
+    if not onnx_in.is_file():
+        raise ExportError(f"{onnx_in}: no such ONNX file")
+    model = onnx.load(str(onnx_in))
+    name_nodes(model.graph)
+    try:
+        model = float16.convert_float_to_float16(model, keep_io_types=True)
+    except ValueError as exc:  # e.g. a model that is float16 already
+        raise ExportError(f"{onnx_in}: cannot convert to fp16 ({str(exc).splitlines()[0]})") from None
+    check_finite(model)
+    onnx.checker.check_model(model, full_check=True)
+    onnx_out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(onnx_out))
+    return onnx_out
+
+
+def name_nodes(graph) -> None:
+    """Give unnamed nodes unique names: the converter names its Cast nodes after the nodes they feed."""
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+
+
+def check_finite(model) -> None:
+    """ExportError if a float16 constant is inf or NaN (it would poison every logit)."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    tensors = list(model.graph.initializer)
+    tensors += [a.t for node in model.graph.node if node.op_type == "Constant" for a in node.attribute if a.name == "value"]
+    for tensor in tensors:
+        if tensor.data_type == TensorProto.FLOAT16 and not np.isfinite(numpy_helper.to_array(tensor)).all():
+            raise ExportError(f"fp16 constant {tensor.name or '(unnamed)'} is not finite")
