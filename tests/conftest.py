@@ -73,6 +73,31 @@ def paddle():
     return import_paddle()
 
 
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory, paddle):
+    """AlexNet-ACmix weights, seeded, with logits in a trained network's range."""
+    from model.alexnet import AlexNet_ACmix
+
+    paddle.seed(7)
+    model = AlexNet_ACmix()
+    # Freshly initialized, the network's logits span about +-50; a trained one's about +-10.
+    # Scale the last layer to the trained range so that the 1e-4 logit tolerance means the same.
+    last = model.classifier[-1]
+    last.weight.set_value(last.weight * 0.2)
+    last.bias.set_value(last.bias * 0.2)
+    path = tmp_path_factory.mktemp("weights") / "acmix.pdparams"
+    paddle.save(model.state_dict(), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def onnx_model(weights, tmp_path_factory) -> Path:
+    """Those weights exported to ONNX once per test session."""
+    from export.onnx_export import export_onnx
+
+    return export_onnx(weights, tmp_path_factory.mktemp("onnx") / "alexnet_acmix.onnx")
+
+
 @pytest.fixture
 def folder_dataset(tmp_path):
     images, labels = synthetic_images(per_class=3)

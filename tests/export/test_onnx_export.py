@@ -9,29 +9,13 @@ import onnx
 import pytest
 
 from export.__main__ import main
-from export.onnx_export import export_onnx, graph_report
+from export.onnx_export import graph_report
 from export.verify import compare, onnx_session, run_onnx, verification_images, verify_onnx
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory, paddle):
-    from model.alexnet import AlexNet_ACmix
-
-    paddle.seed(7)
-    model = AlexNet_ACmix()
-    # Freshly initialized, the network's logits span about +-50; a trained one's about +-10.
-    # Scale the last layer to the trained range so that the 1e-4 logit tolerance means the same.
-    last = model.classifier[-1]
-    last.weight.set_value(last.weight * 0.2)
-    last.bias.set_value(last.bias * 0.2)
-    path = tmp_path_factory.mktemp("weights") / "acmix.pdparams"
-    paddle.save(model.state_dict(), str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def exported(weights, tmp_path_factory):
-    return export_onnx(weights, tmp_path_factory.mktemp("onnx") / "model.onnx")
+def exported(onnx_model):
+    return onnx_model
 
 
 def test_io_names_types_and_dynamic_batch(exported):

@@ -73,7 +73,7 @@ def test_truncated_image_is_reported():
 
 def test_pixel_limit_rejects_before_decoding():
     data = encode(Image.new("L", (4000, 4000)), "PNG")  # small file, 16 Mpx once decoded
-    with pytest.raises(ImageError, match="4000x4000 = 16000000 pixels, over the limit of 1000000"):
+    with pytest.raises(ImageError, match="4000x4000 = 16000000 pixels, over the pixel limit of 1000000"):
         decode_image(data, max_pixels=1_000_000)
     assert decode_image(data, max_pixels=20_000_000).size == (4000, 4000)
 

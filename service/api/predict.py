@@ -1,0 +1,85 @@
+"""POST /predict and /predict/batch: uploaded images to CIFAR-10 labels."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, HTTPException, UploadFile
+from pydantic import BaseModel
+
+from model.preprocessing import ImageError
+from service.api.security import require_api_key
+from service.predictions import classify
+from service.state import ServiceState, StateDep
+
+router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
+
+TopK = Annotated[int, Form(ge=1, le=10, description="how many classes to return, best first")]
+
+
+class ClassProbability(BaseModel):
+    label: str
+    class_id: int
+    probability: float
+
+
+class Prediction(BaseModel):
+    label: str
+    class_id: int
+    confidence: float
+    top_k: list[ClassProbability]
+    model: str
+    backend: str
+
+
+class BatchItem(BaseModel):
+    filename: str | None
+    prediction: Prediction | None = None
+    error: str | None = None
+    status: int = 200
+
+
+class BatchPrediction(BaseModel):
+    results: list[BatchItem]
+    model: str
+    backend: str
+
+
+async def predict_one(state: ServiceState, upload: UploadFile, top_k: int, deadline: float) -> Prediction:
+    data = await upload.read()
+    try:
+        image = await state.decode(data)
+    except ImageError as exc:
+        name = f" {upload.filename!r}" if upload.filename else ""
+        raise HTTPException(400, f"file{name}: {exc}") from None
+    logits = await state.logits(image, deadline)
+    return Prediction(**classify(logits, top_k), model=state.settings.model_name, backend=state.backend_name)
+
+
+@router.post("/predict", response_model=Prediction, summary="Classify one image")
+async def predict(
+    state: StateDep,
+    file: Annotated[UploadFile, File(description="JPEG, PNG, WebP, BMP or GIF (first frame)")],
+    top_k: TopK = 5,
+) -> Prediction:
+    return await predict_one(state, file, top_k, state.deadline())
+
+
+@router.post("/predict/batch", response_model=BatchPrediction, summary="Classify several images, one result each")
+async def predict_batch(
+    state: StateDep,
+    file: Annotated[list[UploadFile], File(description="several `file` parts")],
+    top_k: TopK = 5,
+) -> BatchPrediction:
+    deadline = state.deadline()
+
+    async def one(upload: UploadFile) -> BatchItem:
+        try:
+            prediction = await predict_one(state, upload, top_k, deadline)
+        except HTTPException as exc:
+            return BatchItem(filename=upload.filename, error=exc.detail, status=exc.status_code)
+        return BatchItem(filename=upload.filename, prediction=prediction)
+
+    results = await asyncio.gather(*(one(upload) for upload in file))
+    return BatchPrediction(results=list(results), model=state.settings.model_name, backend=state.backend_name)

@@ -1,0 +1,88 @@
+"""The FastAPI app: a lifespan that loads and warms the backend, the routers, the middleware."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
+from starlette.exceptions import HTTPException
+
+from model.spec import INPUT_SHAPE
+from service.api import health, predict, v2
+from service.backends import create_backend
+from service.backends.base import BackendError
+from service.batching import DynamicBatcher
+from service.metrics import Metrics, metrics_middleware
+from service.settings import Settings
+from service.state import ServiceState
+
+log = logging.getLogger("service")
+
+
+def load(state: ServiceState, backend=None, reason: str = "") -> None:
+    """Create (unless given), load and warm up the backend: one batch of every size class it will see."""
+    if backend is None:
+        backend, reason = create_backend(state.settings)
+    backend.load()
+    for size in sorted({1, state.settings.max_batch_size}):
+        backend.infer(np.zeros((size, *INPUT_SHAPE), np.float32))
+    state.backend, state.backend_reason = backend, reason
+    log.info("backend %s ready (%s): %s", backend.name, reason, backend.description)
+
+
+def create_app(settings: Settings | None = None, backend=None, backend_reason: str = "given") -> FastAPI:
+    """The service app. `backend` (optional, not yet loaded) replaces the one the settings choose."""
+    settings = settings or Settings()
+    state = ServiceState(settings=settings, metrics=Metrics())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        try:
+            load(state, backend, backend_reason)
+        except BackendError as exc:
+            state.load_error = str(exc)
+            log.error("the backend did not load: %s", exc)
+            raise
+        state.batcher = DynamicBatcher(
+            state.backend,
+            max_batch=settings.max_batch_size,
+            max_delay_s=settings.max_queue_delay_ms / 1000,
+            max_queue=settings.max_queue_size,
+            observer=state.metrics,
+        )
+        state.batcher.start()
+        state.ready = True
+        yield
+        state.ready = False
+        state.draining = True
+        await state.batcher.close()
+        state.backend.close()
+        state.decode_pool.shutdown(wait=True)
+        log.info("drained and closed")
+
+    app = FastAPI(
+        title="AlexNet-ACmix CIFAR-10 service",
+        version="0.1.0",
+        summary="Upload an image, get its CIFAR-10 label. Dynamic batching over TensorRT or ONNX Runtime.",
+        lifespan=lifespan,
+        max_body_size=settings.max_upload_bytes,  # 413 before reading more, with or without Content-Length
+    )
+    app.state.service = state
+    app.include_router(predict.router)
+    app.include_router(v2.router)
+    app.include_router(health.router)
+    app.add_exception_handler(v2.V2Error, v2.v2_error_response)
+
+    @app.exception_handler(HTTPException)
+    async def name_the_upload_limit(request: Request, exc: HTTPException):
+        if exc.status_code == 413:
+            exc = HTTPException(413, f"request body over the upload limit of {settings.max_upload_bytes} bytes")
+        return await http_exception_handler(request, exc)
+
+    app.middleware("http")(metrics_middleware(state.metrics))
+    return app

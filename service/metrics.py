@@ -1,0 +1,71 @@
+"""Prometheus metrics of one app instance (own registry, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Match
+
+from service.batching import BatchObserver
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
+
+
+class Metrics(BatchObserver):
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("http_requests", "HTTP requests by route and status", ["route", "method", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("http_request_duration_seconds", "Request latency by route", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.queue_wait = Histogram("batch_queue_wait_seconds", "Time an image waited in the queue",
+                                    buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_size = Histogram("batch_size", "Images per backend call", buckets=BATCH_BUCKETS,
+                                    registry=self.registry)
+        self.inference = Histogram("inference_duration_seconds", "Backend time per batch",
+                                   buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.queue = Gauge("batch_queue_length", "Images waiting for a batch", registry=self.registry)
+        self.images = Counter("images_classified", "Images run through the backend", registry=self.registry)
+
+    def queue_length(self, length: int) -> None:
+        self.queue.set(length)
+
+    def batch_done(self, size: int, seconds: float, queue_waits: list[float]) -> None:
+        self.batch_size.observe(size)
+        self.inference.observe(seconds)
+        self.images.inc(size)
+        for wait in queue_waits:
+            self.queue_wait.observe(wait)
+
+    def response(self) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def route_template(request: Request) -> str:
+    """The matched route's path template (/v2/models/{model}/infer), not the raw path."""
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match == Match.FULL:
+            return getattr(route, "path", request.url.path)
+    return "unmatched"
+
+
+def metrics_middleware(metrics: Metrics):
+    async def middleware(request: Request, call_next):
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = route_template(request)
+            metrics.requests.labels(route, request.method, str(status)).inc()
+            metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+    return middleware

@@ -1,0 +1,79 @@
+"""An app over the real ONNX Runtime backend (the session's exported model), and a TestClient."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.backends.base import Backend
+from service.main import create_app
+from service.settings import Settings
+from tests.conftest import jpeg_bytes, synthetic_images
+
+
+def service_settings(onnx_model, **overrides) -> Settings:
+    values = {"backend": "onnxruntime", "onnx_path": str(onnx_model), "weights_path": "unused.pdparams",
+              "max_batch_size": 8, "max_queue_delay_ms": 5.0, "decode_threads": 2, "intra_op_threads": 2}
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def make_client(onnx_model):
+    """make_client(**settings, backend=None) -> a started TestClient; closed after the test."""
+    clients = []
+
+    def make(backend=None, **overrides):
+        app = create_app(service_settings(onnx_model, **overrides), backend=backend)
+        client = TestClient(app)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client):
+    return make_client()
+
+
+@pytest.fixture(scope="session")
+def cifar_like_jpegs() -> list[bytes]:
+    images, _ = synthetic_images(per_class=1, seed=3)
+    return [jpeg_bytes(image) for image in images]
+
+
+class SlowBackend(Backend):
+    """A fake backend for batching logic (not the real model): logits are each image's mean in
+    column 0, so a request can tell its own row; every call sleeps `delay` and is recorded."""
+
+    name = "fake"
+
+    def __init__(self, max_batch: int = 8, delay: float = 0.0, fail: bool = False):
+        super().__init__(max_batch)
+        self.delay, self.fail = delay, fail
+        self.calls: list[int] = []
+        self.lock = threading.Lock()
+
+    def _load(self):
+        self.description = "fake"
+
+    def _infer(self, batch):
+        with self.lock:
+            self.calls.append(len(batch))
+        time.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("backend exploded")
+        logits = np.zeros((len(batch), 10), np.float32)
+        logits[:, 0] = batch.mean(axis=(1, 2, 3))
+        return logits
+
+    def _close(self):
+        pass

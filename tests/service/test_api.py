@@ -1,0 +1,184 @@
+"""The HTTP API in-process (TestClient) over the real ONNX Runtime backend."""
+
+from __future__ import annotations
+
+import io
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from export.verify import onnx_session, run_onnx
+from model.preprocessing import decode_image, preprocess
+from model.spec import CLASSES
+from service.predictions import softmax
+from tests.service.conftest import SlowBackend
+
+
+def upload(data: bytes, name: str = "image.jpg", field: str = "file"):
+    return {field: (name, data, "application/octet-stream")}
+
+
+def png(size=(32, 32), color=(10, 200, 30), mode="RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color if mode == "RGB" else 0).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_predict_returns_the_models_answer(client, onnx_model, cifar_like_jpegs):
+    data = cifar_like_jpegs[3]
+    response = client.post("/predict", files=upload(data), data={"top_k": "3"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    logits = run_onnx(onnx_session(onnx_model), preprocess(decode_image(data))[None])[0]
+    probabilities = softmax(logits.astype(np.float64))
+    best = int(np.argmax(logits))
+    assert body["class_id"] == best and body["label"] == CLASSES[best]
+    assert body["confidence"] == pytest.approx(probabilities[best], rel=1e-4)
+    assert [c["class_id"] for c in body["top_k"]] == list(np.argsort(-probabilities)[:3])
+    assert body["model"] == "alexnet_acmix" and body["backend"] == "onnxruntime"
+
+
+def test_top_k_defaults_to_five_and_probabilities_sum_to_one(client, cifar_like_jpegs):
+    body = client.post("/predict", files=upload(cifar_like_jpegs[0])).json()
+    assert len(body["top_k"]) == 5
+    full = client.post("/predict", files=upload(cifar_like_jpegs[0]), data={"top_k": 10}).json()
+    assert sum(c["probability"] for c in full["top_k"]) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("fmt,mode", [("PNG", "RGBA"), ("GIF", "P"), ("BMP", "L"), ("WEBP", "RGB")])
+def test_formats_and_modes_are_accepted(client, fmt, mode):
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 24), (120, 50, 200)).convert(mode).save(buffer, format=fmt)
+    assert client.post("/predict", files=upload(buffer.getvalue(), f"x.{fmt.lower()}")).status_code == 200
+
+
+def test_batch_gives_one_result_per_file_in_order_and_isolates_bad_files(client, cifar_like_jpegs):
+    files = [("file", ("a.jpg", cifar_like_jpegs[0], "image/jpeg")),
+             ("file", ("bad.txt", b"definitely not an image", "text/plain")),
+             ("file", ("c.jpg", cifar_like_jpegs[5], "image/jpeg"))]
+    response = client.post("/predict/batch", files=files)
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [r["filename"] for r in results] == ["a.jpg", "bad.txt", "c.jpg"]
+    assert results[1]["status"] == 400 and "not a recognized image format" in results[1]["error"]
+    for i, index in ((0, 0), (2, 5)):
+        single = client.post("/predict", files=upload(cifar_like_jpegs[index])).json()
+        assert results[i]["prediction"]["class_id"] == single["class_id"]
+        assert results[i]["prediction"]["confidence"] == pytest.approx(single["confidence"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "files,data,status,message",
+    [
+        (upload(b"hello world"), None, 400, "not a recognized image format"),
+        (upload(b""), None, 400, "empty file"),
+        (upload(png()[:60]), None, 400, "corrupt or truncated"),
+        (upload(png(), field="image"), None, 422, "file"),
+        (None, None, 422, "file"),
+        (upload(png()), {"top_k": "0"}, 422, "top_k"),
+        (upload(png()), {"top_k": "11"}, 422, "top_k"),
+        (upload(png()), {"top_k": "many"}, 422, "top_k"),
+    ],
+)
+def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(client, files, data, status, message):
+    response = client.post("/predict", files=files, data=data)
+    assert response.status_code == status
+    assert message in response.text
+    assert client.post("/predict", files=upload(png())).status_code == 200
+
+
+def test_pixel_limit_and_decompression_bombs(make_client):
+    client = make_client(max_image_pixels=100_000)
+    big = png(size=(1000, 1000), mode="L")
+    response = client.post("/predict", files=upload(big))
+    assert response.status_code == 400 and "1000x1000 = 1000000 pixels, over the pixel limit of 100000" in response.text
+    # A PNG header claiming 60000x60000 with almost no data is refused before decoding.
+    bomb = png(size=(60000, 60000), mode="1")
+    assert len(bomb) < 1_000_000
+    response = client.post("/predict", files=upload(bomb))
+    assert response.status_code == 400 and "over the pixel limit" in response.text
+
+
+def test_upload_limit_413(make_client):
+    client = make_client(max_upload_bytes=50_000)
+    response = client.post("/predict", files=upload(b"\xff" * 60_000))
+    assert response.status_code == 413 and "Content Too Large" in response.text  # refused on Content-Length
+
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
+        for _ in range(20):
+            yield b"x" * 10_000
+
+    response = client.post("/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
+    assert response.status_code == 413 and "over the upload limit of 50000 bytes" in response.text
+    assert client.post("/predict", files=upload(png())).status_code == 200
+
+
+def test_api_key(make_client):
+    client = make_client(api_key="s3cret")
+    assert client.post("/predict", files=upload(png())).status_code == 401
+    assert client.post("/predict", files=upload(png()), headers={"X-API-Key": "wrong"}).status_code == 401
+    assert client.post("/predict", files=upload(png()), headers={"X-API-Key": "s3cret"}).status_code == 200
+    assert client.post("/predict", files=upload(png()), headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.post("/v2/models/alexnet_acmix/infer", json={}).status_code == 401
+    assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+
+
+def test_concurrent_requests_form_batches_visible_in_metrics(make_client, cifar_like_jpegs):
+    client = make_client(max_queue_delay_ms=50)
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(lambda d: client.post("/predict", files=upload(d)).status_code,
+                                 cifar_like_jpegs * 3))
+    assert statuses == [200] * 30
+    text = client.get("/metrics").text
+    count = float(re.search(r"^batch_size_count (\S+)$", text, re.M).group(1))
+    total = float(re.search(r"^batch_size_sum (\S+)$", text, re.M).group(1))
+    assert total >= 30 and total / count > 1.0  # warm-up not counted; requests were batched
+    assert re.search(r'^http_requests_total\{method="POST",route="/predict",status="200"\} 30\.0$', text, re.M)
+    for name in ("http_request_duration_seconds_bucket", "batch_queue_wait_seconds_bucket",
+                 "inference_duration_seconds_bucket", "batch_queue_length"):
+        assert name in text
+
+
+def test_backpressure_429_with_retry_after(make_client):
+    backend = SlowBackend(max_batch=1, delay=0.3)
+    client = make_client(backend=backend, max_batch_size=1, max_queue_size=1, max_queue_delay_ms=0)
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda _: client.post("/predict", files=upload(png())), range(6)))
+    codes = sorted(r.status_code for r in responses)
+    assert 200 in codes and 429 in codes and set(codes) <= {200, 429}
+    refused = next(r for r in responses if r.status_code == 429)
+    assert refused.headers["retry-after"] == "1" and "too many requests" in refused.json()["detail"]
+
+
+def test_deadline_504(make_client):
+    backend = SlowBackend(max_batch=1, delay=0.5)
+    client = make_client(backend=backend, max_batch_size=1, request_timeout_s=0.2)
+    response = client.post("/predict", files=upload(png()))
+    assert response.status_code == 504 and "no result within 0.2 s" in response.text
+
+
+def test_health_readiness_labels_and_docs(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["ready"] and ready["backend"] == "onnxruntime" and "ACMIX_BACKEND" in ready["backend_reason"]
+    assert client.get("/labels").json()["labels"] == list(CLASSES)
+    assert client.get("/openapi.json").json()["paths"]["/predict"]
+    assert client.get("/docs").status_code == 200
+    assert "<form" in client.get("/").text
+
+
+def test_a_backend_that_fails_to_load_stops_startup(onnx_model, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from service.backends.base import BackendError
+    from service.main import create_app
+    from tests.service.conftest import service_settings
+
+    app = create_app(service_settings(onnx_model, onnx_path=str(tmp_path / "missing.onnx"),
+                                      weights_path=str(tmp_path / "missing.pdparams")))
+    with pytest.raises(BackendError, match="missing.pdparams: no such weights file"), TestClient(app):
+        pass

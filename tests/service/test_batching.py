@@ -1,0 +1,119 @@
+"""The dynamic batcher's logic, with a fake backend (the real one is covered in test_api)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from service.batching import DynamicBatcher, QueueFullError, ShuttingDownError
+from tests.service.conftest import SlowBackend
+
+
+def image(value: float) -> np.ndarray:
+    return np.full((3, 128, 128), value, np.float32)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def started(backend, **kwargs) -> DynamicBatcher:
+    backend.load()
+    options = {"max_batch": 8, "max_delay_s": 0.02, "max_queue": 100}
+    options.update(kwargs)
+    batcher = DynamicBatcher(backend, **options)
+    batcher.start()
+    return batcher
+
+
+def test_each_request_gets_its_own_row_and_batches_form():
+    async def main():
+        backend = SlowBackend(delay=0.01)
+        batcher = await started(backend)
+        deadline = time.perf_counter() + 5
+        results = await asyncio.gather(*(batcher.infer(image(i), deadline) for i in range(20)))
+        await batcher.close()
+        return backend, results
+
+    backend, results = run(main())
+    assert [float(r[0]) for r in results] == [float(i) for i in range(20)]
+    assert sum(backend.calls) == 20 and max(backend.calls) == 8 and len(backend.calls) <= 4
+
+
+def test_a_lone_request_waits_at_most_the_queue_delay():
+    async def main():
+        backend = SlowBackend()
+        batcher = await started(backend, max_delay_s=0.05)
+        begin = time.perf_counter()
+        await batcher.infer(image(1), time.perf_counter() + 5)
+        elapsed = time.perf_counter() - begin
+        await batcher.close()
+        return backend, elapsed
+
+    backend, elapsed = run(main())
+    assert backend.calls == [1] and 0.04 <= elapsed < 0.5
+
+
+def test_full_queue_is_refused():
+    async def main():
+        backend = SlowBackend(max_batch=1, delay=0.2)
+        batcher = await started(backend, max_batch=1, max_queue=2)
+        deadline = time.perf_counter() + 5
+        first = asyncio.ensure_future(batcher.infer(image(0), deadline))
+        await asyncio.sleep(0.05)  # the first is now in the backend
+        queued = [asyncio.ensure_future(batcher.infer(image(i), deadline)) for i in (1, 2)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullError):
+            await batcher.infer(image(3), deadline)
+        results = await asyncio.gather(first, *queued)
+        await batcher.close()
+        return results
+
+    assert [float(r[0]) for r in run(main())] == [0.0, 1.0, 2.0]
+
+
+def test_deadline_passes_while_queued():
+    async def main():
+        backend = SlowBackend(max_batch=1, delay=0.3)
+        batcher = await started(backend, max_batch=1)
+        slow = asyncio.ensure_future(batcher.infer(image(0), time.perf_counter() + 5))
+        await asyncio.sleep(0.05)
+        with pytest.raises(TimeoutError):
+            await batcher.infer(image(1), time.perf_counter() + 0.1)
+        await slow
+        await batcher.close()
+        return backend
+
+    assert run(main()).calls == [1]  # the expired request was never computed
+
+
+def test_backend_failure_fails_that_batch_only():
+    async def main():
+        backend = SlowBackend(fail=True)
+        batcher = await started(backend)
+        with pytest.raises(RuntimeError, match="exploded"):
+            await batcher.infer(image(0), time.perf_counter() + 5)
+        backend.fail = False
+        result = await batcher.infer(image(4), time.perf_counter() + 5)
+        await batcher.close()
+        return result
+
+    assert float(run(main())[0]) == 4.0
+
+
+def test_close_drains_queued_requests_then_refuses():
+    async def main():
+        backend = SlowBackend(max_batch=2, delay=0.05)
+        batcher = await started(backend, max_batch=2)
+        deadline = time.perf_counter() + 5
+        pending = [asyncio.ensure_future(batcher.infer(image(i), deadline)) for i in range(6)]
+        await asyncio.sleep(0)
+        await batcher.close()
+        with pytest.raises(ShuttingDownError):
+            await batcher.infer(image(9), deadline)
+        return [float(r[0]) for r in await asyncio.gather(*pending)]
+
+    assert run(main()) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
