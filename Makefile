@@ -18,8 +18,12 @@ $(STAMP): requirements.lock pyproject.toml
 test: setup
 	$(PY) -m pytest
 
+# The service on http://127.0.0.1:8000 (ONNX Runtime here; exports the ONNX first if it is missing).
 serve: setup
-	$(PY) -m model.evaluate
+	$(PY) -m service
+
+export: setup
+	$(PY) -m export all
 
 train: setup
 	$(PY) -m model.train --resume

@@ -1,9 +1,10 @@
-"""python -m export {onnx,verify,engine,all}: Paddle weights -> ONNX -> TensorRT engine.
+"""python -m export {onnx,verify,engine,all,triton}: Paddle weights -> ONNX -> TensorRT engine.
 
     python -m export onnx    [--weights W] [--out build/alexnet_acmix.onnx]   (verifies at the end)
     python -m export verify  [--onnx O] [--weights W] [--data D]
     python -m export engine  [--onnx O] [--precision fp32|fp16] [--opt-batch 32] [--max-batch 256]
     python -m export all     weights -> ONNX -> verify -> engine where a GPU and TensorRT are present
+    python -m export triton  [--onnx O] [--engine E] [--out model_repository]   (Triton model repository)
 
 Every failure prints one line `error: ...` and exits 2.
 """
@@ -95,6 +96,20 @@ def run_all(args) -> dict:
     return result
 
 
+def run_triton(args) -> dict:
+    from export.triton import read_model_config, write_model_repository
+
+    if args.engine is not None and not Path(args.engine).is_file():
+        raise ExportError(f"{args.engine}: no such engine file")
+    engine = args.engine or default_engine_path(args.onnx, "fp32")  # the service's default engine, if built
+    path = write_model_repository(args.out, args.onnx, engine_path=engine, model_name=args.model_name,
+                                  max_batch_size=args.max_batch_size, queue_delay_us=args.queue_delay_us,
+                                  instances=args.instances, kind=args.kind)
+    platform = read_model_config(path).platform
+    print(f"wrote {path} ({platform})", file=sys.stderr)
+    return {"model_repository": str(args.out), "platform": platform}
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n\n")[0])
     commands = root.add_subparsers(dest="command", required=True)
@@ -139,6 +154,16 @@ def parser() -> argparse.ArgumentParser:
     everything.add_argument("--out", default=DEFAULT_ONNX)
     everything.add_argument("--no-verify", action="store_true")
     engine_options(everything)
+
+    triton = commands.add_parser("triton", help="write a Triton Inference Server model repository")
+    triton.add_argument("--onnx", default=DEFAULT_ONNX)
+    triton.add_argument("--engine", default=None, help="TensorRT plan (default: the fp32 engine beside the ONNX, if built)")
+    triton.add_argument("--out", default="model_repository")
+    triton.add_argument("--model-name", default="alexnet_acmix")
+    triton.add_argument("--max-batch-size", type=int, default=32)
+    triton.add_argument("--queue-delay-us", type=int, default=5000)
+    triton.add_argument("--instances", type=int, default=1)
+    triton.add_argument("--kind", default=None, choices=["gpu", "cpu"], help="default: gpu for a plan, cpu for ONNX")
     return root
 
 
@@ -146,7 +171,8 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.command == "all":
         args.onnx = args.out
-    action = {"onnx": run_onnx, "verify": run_verify, "engine": run_engine, "all": run_all}[args.command]
+    action = {"onnx": run_onnx, "verify": run_verify, "engine": run_engine, "all": run_all,
+              "triton": run_triton}[args.command]
     try:
         result = action(args)
     except ExportError as exc:

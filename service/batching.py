@@ -81,9 +81,9 @@ class DynamicBatcher:
         self.observer.queue_length(len(self._queue))
         self._wakeup.set()
         try:
-            return await asyncio.wait_for(asyncio.shield(request.future), max(deadline - time.perf_counter(), 0))
+            async with asyncio.timeout(max(deadline - time.perf_counter(), 0)):
+                return await request.future  # a timeout cancels the future: the batch skips it
         except TimeoutError:
-            request.future.cancel()
             raise TimeoutError("no result before the request deadline") from None
 
     async def close(self) -> None:

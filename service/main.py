@@ -16,7 +16,7 @@ from service.api import health, predict, v2
 from service.backends import create_backend
 from service.backends.base import BackendError
 from service.batching import DynamicBatcher
-from service.metrics import Metrics, metrics_middleware
+from service.metrics import Metrics, MetricsMiddleware
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -71,6 +71,9 @@ def create_app(settings: Settings | None = None, backend=None, backend_reason: s
         summary="Upload an image, get its CIFAR-10 label. Dynamic batching over TensorRT or ONNX Runtime.",
         lifespan=lifespan,
         max_body_size=settings.max_upload_bytes,  # 413 before reading more, with or without Content-Length
+        # Metrics are Prometheus (/metrics); FastAPI's OpenTelemetry hooks would cost an environment
+        # lookup on every request for nothing.
+        telemetry={"tracing": False, "metrics": False},
     )
     app.state.service = state
     app.include_router(predict.router)
@@ -84,5 +87,5 @@ def create_app(settings: Settings | None = None, backend=None, backend_reason: s
             exc = HTTPException(413, f"request body over the upload limit of {settings.max_upload_bytes} bytes")
         return await http_exception_handler(request, exc)
 
-    app.middleware("http")(metrics_middleware(state.metrics))
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     return app

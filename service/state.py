@@ -61,7 +61,8 @@ def decode_and_preprocess(data: bytes, max_pixels: int) -> np.ndarray:
     return preprocess(decode_image(data, max_pixels=max_pixels))
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
+    # async: FastAPI runs sync dependencies in a worker thread, a thread hop per request.
     return request.app.state.service
 
 

@@ -26,13 +26,13 @@ class Readiness(BaseModel):
 
 
 @router.get("/healthz", summary="Live: the process answers")
-def healthz() -> dict:
+async def healthz() -> dict:
     return {"status": "ok"}
 
 
 @router.get("/readyz", response_model=Readiness, summary="Ready: backend loaded and warmed up, not draining",
             responses={503: {"model": Readiness}})
-def readyz(state: StateDep):
+async def readyz(state: StateDep):
     body = Readiness(
         ready=state.ready and not state.draining,
         model=state.settings.model_name,
@@ -46,15 +46,15 @@ def readyz(state: StateDep):
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-def metrics(state: StateDep) -> Response:
+async def metrics(state: StateDep) -> Response:
     return state.metrics.response()
 
 
 @router.get("/labels", summary="The class labels, by class_id")
-def labels() -> dict:
+async def labels() -> dict:
     return {"labels": list(CLASSES)}
 
 
 @router.get("/", include_in_schema=False)
-def page() -> FileResponse:
+async def page() -> FileResponse:
     return FileResponse(PAGE, media_type="text/html")

@@ -42,17 +42,17 @@ def check_model(state: ServiceState, model: str, version: str | None = None) -> 
 
 
 @router.get("", summary="Server metadata")
-def server_metadata() -> dict:
+async def server_metadata() -> dict:
     return {"name": "alexnet-acmix-service", "version": "0.1.0", "extensions": ["binary_tensor_data", "classification"]}
 
 
 @router.get("/health/live", summary="Server live")
-def live() -> dict:
+async def live() -> dict:
     return {"live": True}
 
 
 @router.get("/health/ready", summary="Server ready")
-def ready(state: StateDep):
+async def ready(state: StateDep):
     return _readiness(state)
 
 
@@ -64,7 +64,7 @@ def _readiness(state: ServiceState):
 
 @router.get("/models/{model}", summary="Model metadata")
 @router.get("/models/{model}/versions/{version}", include_in_schema=False)
-def model_metadata(state: StateDep, model: str, version: str | None = None) -> dict:
+async def model_metadata(state: StateDep, model: str, version: str | None = None) -> dict:
     check_model(state, model, version)
     platform = "tensorrt_plan" if state.backend_name == "tensorrt" else "onnxruntime_onnx"
     return {
@@ -78,7 +78,7 @@ def model_metadata(state: StateDep, model: str, version: str | None = None) -> d
 
 @router.get("/models/{model}/ready", summary="Model ready")
 @router.get("/models/{model}/versions/{version}/ready", include_in_schema=False)
-def model_ready(state: StateDep, model: str, version: str | None = None):
+async def model_ready(state: StateDep, model: str, version: str | None = None):
     check_model(state, model, version)
     return _readiness(state)
 

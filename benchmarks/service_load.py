@@ -1,0 +1,144 @@
+"""The service under load against the raw backend, in one run.
+
+    python -m benchmarks.service_load [--onnx build/alexnet_acmix.onnx] [--concurrency 64] [--seconds 15]
+
+1. Raw backend: ONNX Runtime on the exported model at the service's max batch size (32), in this
+   process, before the server starts: images per second.
+2. The real server (`python -m service`) on loopback, driven by wrk (Debian package `wrk`; a
+   compiled load generator, so the client costs little of the two cores) with N connections each
+   POSTing a single 32x32 JPEG to /predict for T seconds: requests per second, p50/p95/p99
+   latency, errors (non-2xx and socket errors).
+
+Prints both and their ratio; writes build/bench/service_load.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tests.service.test_server import start_server, stop
+
+WRK_SCRIPT = r"""
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "multipart/form-data; boundary=benchboundary"
+local f = io.open(os.getenv("BENCH_IMAGE"), "rb")
+local image = f:read("*all")
+f:close()
+wrk.body = "--benchboundary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jpg\"\r\n" ..
+           "Content-Type: image/jpeg\r\n\r\n" .. image .. "\r\n--benchboundary--\r\n"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT requests=%d seconds=%f p50=%d p95=%d p99=%d non2xx=%d connect=%d read=%d write=%d timeout=%d\n",
+    summary.requests, summary.duration / 1e6, latency:percentile(50), latency:percentile(95),
+    latency:percentile(99), e.status, e.connect, e.read, e.write, e.timeout))
+end
+"""
+
+
+def raw_backend_throughput(onnx: Path, batch: int, seconds: float) -> float:
+    from service.backends.onnxruntime import OnnxRuntimeBackend
+
+    backend = OnnxRuntimeBackend(onnx, max_batch=batch, threads=os.cpu_count())
+    backend.load()
+    x = np.random.default_rng(0).standard_normal((batch, 3, 128, 128)).astype(np.float32)
+    backend.infer(x)
+    rates, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        started = time.perf_counter()
+        backend.infer(x)
+        rates.append(batch / (time.perf_counter() - started))
+    backend.close()
+    return statistics.median(rates)
+
+
+def sample_jpeg(path: Path) -> Path:
+    from tests.conftest import jpeg_bytes, synthetic_images
+
+    path.write_bytes(jpeg_bytes(synthetic_images(per_class=1, seed=11)[0][4]))
+    return path
+
+
+def run_wrk(url: str, connections: int, seconds: float, image: Path, script: Path) -> dict:
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script),
+               f"{url}/predict"]
+    output = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "BENCH_IMAGE": str(image)},
+                            check=True).stdout
+    match = re.search(r"RESULT (.*)", output)
+    if not match:
+        raise RuntimeError(f"unexpected wrk output:\n{output}")
+    fields = dict(item.split("=") for item in match.group(1).split())
+    requests, duration = int(fields["requests"]), float(fields["seconds"])
+    errors = sum(int(fields[k]) for k in ("non2xx", "connect", "read", "write", "timeout"))
+    return {
+        "concurrency": connections,
+        "seconds": duration,
+        "requests": requests,
+        "throughput_rps": (requests - int(fields["non2xx"])) / duration,
+        "p50_ms": int(fields["p50"]) / 1000,
+        "p95_ms": int(fields["p95"]) / 1000,
+        "p99_ms": int(fields["p99"]) / 1000,
+        "errors": errors,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--onnx", default="build/alexnet_acmix.onnx")
+    parser.add_argument("--batch", type=int, default=32, help="the service's max batch size")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[64])
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--queue-delay-ms", type=float, default=5.0)
+    parser.add_argument("--out", default="build/bench/service_load.json")
+    args = parser.parse_args(argv)
+
+    onnx = Path(args.onnx)
+    if not onnx.is_file():
+        print(f"error: {onnx}: no such ONNX file (make export, or python -m export onnx)", file=sys.stderr)
+        return 2
+    if shutil.which("wrk") is None:
+        print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+
+    print(f"raw backend: ONNX Runtime, batch {args.batch} ...", file=sys.stderr)
+    raw = raw_backend_throughput(onnx, args.batch, seconds=min(args.seconds, 10))
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        image = sample_jpeg(Path(tmp) / "x.jpg")
+        script = Path(tmp) / "post.lua"
+        script.write_text(WRK_SCRIPT)
+        process, url = start_server(onnx, max_batch_size=args.batch, max_queue_delay_ms=args.queue_delay_ms,
+                                    max_queue_size=4096, log_level="warning")
+        try:
+            run_wrk(url, 8, 2, image, script)  # warm-up
+            for connections in args.concurrency:
+                print(f"service: {connections} connections for {args.seconds:g} s ...", file=sys.stderr)
+                results.append(run_wrk(url, connections, args.seconds, image, script))
+        finally:
+            stop(process)
+
+    print(f"\nraw backend (ONNX Runtime, batch {args.batch}): {raw:.0f} img/s")
+    print(f"{'concurrency':>11} {'req/s':>8} {'ratio':>6} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'errors':>6}")
+    for r in results:
+        r["ratio_to_raw"] = r["throughput_rps"] / raw
+        print(f"{r['concurrency']:>11} {r['throughput_rps']:>8.0f} {r['ratio_to_raw']:>6.2f} {r['p50_ms']:>7.1f} "
+              f"{r['p95_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['errors']:>6}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"raw_backend_img_s": raw, "batch": args.batch, "runs": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
