@@ -31,8 +31,12 @@ train: setup
 evaluate: setup
 	$(PY) -m model.evaluate
 
-bench: setup
-	$(PY) -m model.benchmark
+# All benchmarks; figures in docs/bench/results.json and docs/bench/*.png. Needs wrk (apt-get install wrk).
+bench: setup build/alexnet_acmix.onnx
+	$(PY) -m benchmarks
+
+build/alexnet_acmix.onnx: model/weights/alexnet_acmix.pdparams | setup
+	$(PY) -m export onnx --out $@
 
 lint: setup
 	$(PY) -m ruff check .

@@ -1,0 +1,115 @@
+"""make bench: every benchmark of the project in one run, figures to a results file and PNG plots.
+
+    python -m benchmarks [--quick] [--skip paddle]
+
+1. Paddle CPU: the reference ACmix formulation against the fast one (benchmarks/paddle_acmix.py).
+2. ONNX Runtime CPU: AlexNet-ACmix against the plain AlexNet by batch size (benchmarks/onnx_runtime.py).
+3. The service under load against the raw backend, by concurrency (benchmarks/service_load.py).
+4. On a GPU host with TensorRT: the fp32 and fp16 engines by batch size (benchmarks/tensorrt_engines.py).
+
+Writes build/bench/*.json, docs/bench/results.json and docs/bench/*.png (the README shows them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+DOCS = Path("docs/bench")
+BUILD = Path("build/bench")
+
+
+def plot_throughput(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = results["onnx_runtime"]["rows"]
+    batches = [r["batch"] for r in rows]
+    ax.plot(batches, [r["alexnet_acmix_img_s"] for r in rows], "o-", label="AlexNet-ACmix, ONNX Runtime CPU")
+    ax.plot(batches, [r["alexnet_img_s"] for r in rows], "s--", label="AlexNet, ONNX Runtime CPU")
+    for name, series in (results.get("tensorrt") or {}).get("engines", {}).items():
+        ax.plot([r["batch"] for r in series], [r["img_s"] for r in series], "^-", label=f"AlexNet-ACmix, TensorRT {name}")
+    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="images / s",
+           title=f"Throughput against batch size ({results['onnx_runtime']['threads']} CPU threads)")
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_latency(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["service_load"]["runs"]
+    concurrency = [r["concurrency"] for r in runs]
+    fig, (ax_lat, ax_rps) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, style in (("p50_ms", "o-"), ("p95_ms", "s-"), ("p99_ms", "^-")):
+        ax_lat.plot(concurrency, [r[key] for r in runs], style, label=key.removesuffix("_ms"))
+    ax_lat.set(xlabel="concurrent clients", ylabel="latency (ms)", title="Service latency (single 32x32 JPEG uploads)")
+    ax_rps.plot(concurrency, [r["throughput_rps"] for r in runs], "o-", label="service (req/s)")
+    raw = results["service_load"]["raw_backend_img_s"]
+    ax_rps.axhline(raw, color="gray", linestyle="--", label=f"raw backend, batch {results['service_load']['batch']}")
+    ax_rps.axhline(0.6 * raw, color="gray", linestyle=":", label="0.6 x raw")
+    ax_rps.set(xlabel="concurrent clients", ylabel="requests / s", title="Service throughput", ylim=(0, raw * 1.1))
+    for ax in (ax_lat, ax_rps):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(concurrency, [str(c) for c in concurrency])
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["paddle", "onnx_runtime", "service", "tensorrt"])
+    parser.add_argument("--onnx", default="build/alexnet_acmix.onnx", help="the model the service benchmark serves")
+    parser.add_argument("--seconds", type=float, default=15, help="per service load level")
+    args = parser.parse_args(argv)
+
+    from benchmarks import onnx_runtime, paddle_acmix, service_load, tensorrt_engines
+
+    steps = [
+        ("paddle", lambda: paddle_acmix.main(["--out", str(BUILD / "paddle_acmix.json")])),
+        ("onnx_runtime", lambda: onnx_runtime.main(["--out", str(BUILD / "onnx_runtime.json")])),
+        ("service", lambda: service_load.main(["--onnx", args.onnx, "--seconds", str(args.seconds),
+                                               "--concurrency", "8", "16", "32", "64", "128",
+                                               "--out", str(BUILD / "service_load.json")])),
+        ("tensorrt", lambda: tensorrt_engines.main(["--onnx", args.onnx, "--out", str(BUILD / "tensorrt.json")])),
+    ]
+    for name, run in tqdm([s for s in steps if s[0] not in args.skip], desc="benchmarks", unit="benchmark"):
+        code = run()
+        if code not in (0, None) and name != "tensorrt":
+            print(f"error: the {name} benchmark failed", file=sys.stderr)
+            return 2
+
+    results = {}
+    for key, file in (("paddle_acmix", "paddle_acmix.json"), ("onnx_runtime", "onnx_runtime.json"),
+                      ("service_load", "service_load.json"), ("tensorrt", "tensorrt.json")):
+        if (BUILD / file).is_file():
+            results[key] = json.loads((BUILD / file).read_text())
+    DOCS.mkdir(parents=True, exist_ok=True)
+    (DOCS / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if "onnx_runtime" in results:
+        plot_throughput(results, DOCS / "throughput_vs_batch.png")
+    if "service_load" in results:
+        plot_latency(results, DOCS / "service_latency_vs_concurrency.png")
+    print(f"wrote {DOCS / 'results.json'} and the plots in {DOCS}/", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

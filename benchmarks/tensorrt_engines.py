@@ -1,0 +1,63 @@
+"""TensorRT fp32 and fp16 engines of AlexNet-ACmix, throughput by batch size (GPU host only).
+
+    python -m benchmarks.tensorrt_engines [--onnx build/alexnet_acmix.onnx] [--batches 1 8 32 128 256]
+
+Builds (or reuses, per their metadata) both engines with export/engine.py, then times
+TensorRTBackend.infer, which includes the host<->device copies the service pays. Without a GPU
+and TensorRT it says why and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--onnx", default="build/alexnet_acmix.onnx")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128, 256])
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--out", default="build/bench/tensorrt.json")
+    args = parser.parse_args(argv)
+
+    from export.engine import ensure_engine, tensorrt_status
+
+    available, reason = tensorrt_status()
+    if not available:
+        print(f"TensorRT benchmark skipped: {reason}", file=sys.stderr)
+        return 0
+    from service.backends.tensorrt import TensorRTBackend
+
+    engines = {}
+    for precision in ("fp32", "fp16"):
+        path, _ = ensure_engine(args.onnx, Path(args.onnx).with_suffix(f".{precision}.plan"), precision=precision,
+                                max_batch=max(args.batches), rebuild=True)
+        backend = TensorRTBackend(path, max(args.batches))
+        backend.load()
+        series = []
+        for batch in args.batches:
+            x = np.random.default_rng(0).standard_normal((batch, 3, 128, 128)).astype(np.float32)
+            backend.infer(x)
+            rates, end = [], time.perf_counter() + args.seconds
+            while time.perf_counter() < end:
+                started = time.perf_counter()
+                backend.infer(x)
+                rates.append(batch / (time.perf_counter() - started))
+            series.append({"batch": batch, "img_s": statistics.median(rates)})
+            print(f"TensorRT {precision} batch {batch}: {series[-1]['img_s']:.0f} img/s")
+        backend.close()
+        engines[precision] = series
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"engines": engines}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
