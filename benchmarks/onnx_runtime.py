@@ -3,9 +3,11 @@
     python -m benchmarks.onnx_runtime [--batches 1 8 32 128] [--seconds 3]
 
 Both networks go through export/onnx_export.py (paddle.jit.save, paddle2onnx, onnxslim) with
-seeded random weights (speed does not depend on the values), then run in one process with the
-service's session options, alternating between the two so machine load hits both alike.
-Prints images/s per batch size and the ratio; writes build/bench/onnx_runtime.json.
+seeded random weights (speed does not depend on the values), then run in one process with ONNX
+Runtime's default session options, in short alternating blocks (a pause before each lets the other
+session's threads stop spinning) so that machine load hits both alike. Prints images/s per batch
+size and the ratio; writes build/bench/onnx_runtime.json. (The service turns thread spinning off,
+since it shares the cores with HTTP handling; benchmarks/service_load.py measures that setting.)
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from export.onnx_export import export_onnx
 from model.runtime import available_cores, import_paddle
-from service.backends.onnxruntime import OnnxRuntimeBackend
+from model.spec import INPUT_NAME, OUTPUT_NAME
 
 
 def export_both(folder: Path) -> dict[str, Path]:
@@ -37,17 +40,18 @@ def export_both(folder: Path) -> dict[str, Path]:
     return paths
 
 
-def measure(backends: dict, batch: int, seconds: float) -> dict[str, float]:
+def measure(sessions: dict, batch: int, seconds: float, rounds: int = 4) -> dict[str, float]:
     x = np.random.default_rng(0).standard_normal((batch, 3, 128, 128)).astype(np.float32)
-    rates = {name: [] for name in backends}
-    for backend in backends.values():
-        backend.infer(x)
-    end = time.perf_counter() + seconds * len(backends)
-    while time.perf_counter() < end:
-        for name, backend in backends.items():
-            started = time.perf_counter()
-            backend.infer(x)
-            rates[name].append(batch / (time.perf_counter() - started))
+    rates = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            time.sleep(0.2)
+            session.run([OUTPUT_NAME], {INPUT_NAME: x})
+            end = time.perf_counter() + seconds / rounds
+            while time.perf_counter() < end:
+                started = time.perf_counter()
+                session.run([OUTPUT_NAME], {INPUT_NAME: x})
+                rates[name].append(batch / (time.perf_counter() - started))
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
@@ -60,13 +64,13 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = export_both(Path(tmp))
-        backends = {arch: OnnxRuntimeBackend(path, max(args.batches), threads=available_cores())
+        import onnxruntime as ort
+
+        sessions = {arch: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
                     for arch, path in paths.items()}
-        for backend in backends.values():
-            backend.load()
         rows = []
-        for batch in args.batches:
-            rates = measure(backends, batch, args.seconds)
+        for batch in tqdm(args.batches, desc="batch sizes"):
+            rates = measure(sessions, batch, args.seconds)
             rows.append({"batch": batch, "alexnet_acmix_img_s": rates["alexnet_acmix"],
                          "alexnet_img_s": rates["alexnet"], "ratio": rates["alexnet_acmix"] / rates["alexnet"]})
     print(f"{'batch':>5} {'ACmix img/s':>12} {'AlexNet img/s':>14} {'ratio':>6}")

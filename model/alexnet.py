@@ -150,11 +150,20 @@ class ACmix(nn.Layer):
         out_att = paddle.matmul(v, attn, transpose_y=True).reshape([0, self.out_planes, size, size])
 
         # Stage II, convolution: fc mixes the 3*head projections into k*k shifted copies.
-        f_all = self.fc(qkv.reshape([0, 3 * head, head_dim, length]))
-        f_conv = f_all.transpose([0, 2, 1, 3]).reshape([0, -1, size, size])
-        out_conv = self.dep_conv(f_conv)
-
-        return self.rate1 * out_att + self.rate2 * out_conv
+        # fc as a matmul: as a 1x1 convolution over a head_dim x L "image" it costs more than the
+        # dense projections in ONNX Runtime (layout reorders of an odd shape).
+        mix = self.fc.weight.reshape([self.kernel_conv**2, 3 * head])
+        f_all = paddle.matmul(mix, qkv.reshape([0, 3 * head, head_dim * length]))
+        f_conv = f_all.reshape([0, -1, head_dim, length]).transpose([0, 2, 1, 3]).reshape([0, -1, size, size])
+        # rate2 scales dep_conv's (small) weights instead of its output: one multiply less per call.
+        out_conv = F.conv2d(
+            f_conv,
+            self.dep_conv.weight * self.rate2,
+            self.dep_conv.bias * self.rate2,
+            padding=self.kernel_conv // 2,
+            groups=head_dim,
+        )
+        return self.rate1 * out_att + out_conv
 
 
 def _stem() -> list[nn.Layer]:
