@@ -34,36 +34,61 @@ def load(state: ServiceState, backend=None, reason: str = "") -> None:
     log.info("backend %s ready (%s): %s", backend.name, reason, backend.description)
 
 
-def create_app(settings: Settings | None = None, backend=None, backend_reason: str = "given") -> FastAPI:
-    """The service app. `backend` (optional, not yet loaded) replaces the one the settings choose."""
-    settings = settings or Settings()
-    state = ServiceState(settings=settings, metrics=Metrics())
+def open_service(state: ServiceState, backend=None, reason: str = "given", batcher=None) -> None:
+    """Load and warm the backend and start batching; the service is then ready.
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
-        try:
-            load(state, backend, backend_reason)
-        except BackendError as exc:
-            state.load_error = str(exc)
-            log.error("the backend did not load: %s", exc)
-            raise
-        state.batcher = DynamicBatcher(
+    `batcher` replaces the DynamicBatcher (Ray Serve passes one over @serve.batch); anything with
+    `async infer(image, deadline) -> logits` and `async close()`.
+    """
+    settings = state.settings
+    state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+    try:
+        load(state, backend, reason)
+    except BackendError as exc:
+        state.load_error = str(exc)
+        log.error("the backend did not load: %s", exc)
+        raise
+    if batcher is None:
+        batcher = DynamicBatcher(
             state.backend,
             max_batch=settings.max_batch_size,
             max_delay_s=settings.max_queue_delay_ms / 1000,
             max_queue=settings.max_queue_size,
             observer=state.metrics,
         )
-        state.batcher.start()
-        state.ready = True
+        batcher.start()
+    state.batcher = batcher
+    state.ready = True
+
+
+async def close_service(state: ServiceState) -> None:
+    """Readiness false, finish what is queued, release the backend."""
+    state.ready = False
+    state.draining = True
+    await state.batcher.close()
+    state.backend.close()
+    state.decode_pool.shutdown(wait=True)
+    log.info("drained and closed")
+
+
+def create_app(
+    settings: Settings | None = None, backend=None, backend_reason: str = "given", manage_lifespan: bool = True
+) -> FastAPI:
+    """The service app. `backend` (optional, not yet loaded) replaces the one the settings choose.
+
+    manage_lifespan=False leaves open_service/close_service to the caller (Ray Serve replicas).
+    """
+    settings = settings or Settings()
+    state = ServiceState(settings=settings, metrics=Metrics())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not manage_lifespan:
+            yield
+            return
+        open_service(state, backend, backend_reason)
         yield
-        state.ready = False
-        state.draining = True
-        await state.batcher.close()
-        state.backend.close()
-        state.decode_pool.shutdown(wait=True)
-        log.info("drained and closed")
+        await close_service(state)
 
     app = FastAPI(
         title="AlexNet-ACmix CIFAR-10 service",

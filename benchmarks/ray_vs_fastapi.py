@@ -1,0 +1,98 @@
+"""Ray Serve (2 replicas) against the single FastAPI process, under the same load, in one run.
+
+    python -m benchmarks.ray_vs_fastapi [--onnx build/alexnet_acmix.onnx] [--concurrency 64] [--seconds 15]
+
+Both serve the same ONNX with ONNX Runtime; wrk drives each in turn with N connections POSTing a
+single 32x32 JPEG to /predict. Prints throughput and p50/p99 for both; writes
+build/bench/ray_vs_fastapi.json. On this 2-core machine the 2 replicas share the cores with each
+other, Ray's proxy and the load generator, so no gain is expected here; see the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from benchmarks.service_load import WRK_SCRIPT, run_wrk, sample_jpeg
+from tests.service.test_server import free_port, start_server, stop
+
+
+def start_ray(onnx: Path, port: int, replicas: int, folder: Path) -> subprocess.Popen:
+    config = {
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{
+            "name": "alexnet_acmix", "route_prefix": "/", "import_path": "service.ray_app:app",
+            "runtime_env": {"env_vars": {
+                "ACMIX_BACKEND": "onnxruntime", "ACMIX_ONNX_PATH": str(onnx.resolve()),
+                "ACMIX_RAY_REPLICAS": str(replicas), "ACMIX_RAY_CPUS_PER_REPLICA": str(1 / replicas),
+                "ACMIX_INTRA_OP_THREADS": "1", "ACMIX_DECODE_THREADS": "1", "ACMIX_LOG_LEVEL": "warning"}},
+        }],
+    }
+    path = folder / "serve.json"
+    path.write_text(json.dumps(config))
+    serve = Path(sys.executable).parent / "serve"
+    process = subprocess.Popen([str(serve), "run", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    os.killpg(process.pid, signal.SIGTERM)
+    raise RuntimeError("Ray Serve did not become ready in 180 s")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--onnx", default="build/alexnet_acmix.onnx")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--out", default="build/bench/ray_vs_fastapi.json")
+    args = parser.parse_args(argv)
+    onnx = Path(args.onnx)
+    if not onnx.is_file():
+        print(f"error: {onnx}: no such ONNX file", file=sys.stderr)
+        return 2
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        image = sample_jpeg(Path(tmp) / "x.jpg")
+        script = Path(tmp) / "post.lua"
+        script.write_text(WRK_SCRIPT)
+        process, url = start_server(onnx, log_level="warning")
+        try:
+            run_wrk(url, 8, 2, image, script)
+            results["fastapi"] = run_wrk(url, args.concurrency, args.seconds, image, script)
+        finally:
+            stop(process)
+        port = free_port()
+        ray = start_ray(onnx, port, args.replicas, Path(tmp))
+        try:
+            url = f"http://127.0.0.1:{port}"
+            run_wrk(url, 8, 2, image, script)
+            results[f"ray_{args.replicas}_replicas"] = run_wrk(url, args.concurrency, args.seconds, image, script)
+        finally:
+            os.killpg(ray.pid, signal.SIGINT)
+            ray.wait(timeout=60)
+    print(f"{'server':>16} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6}")
+    for name, r in results.items():
+        print(f"{name:>16} {r['throughput_rps']:>7.0f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['errors']:>6}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

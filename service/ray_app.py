@@ -1,0 +1,102 @@
+"""Ray Serve deployment of the same service: same backends, preprocessing and HTTP API.
+
+    serve run service.ray_app:app                  # local Ray, settings from ACMIX_* variables
+    serve run service/ray_serve.yaml               # a cluster (see the file for replicas, GPUs)
+
+Each replica runs the FastAPI app of service/main.py through @serve.ingress with its own backend;
+batching is Ray's @serve.batch (max batch size and wait from the same settings) instead of the
+DynamicBatcher. Replicas: ACMIX_RAY_REPLICAS (a number, or "auto" for autoscaling between 1 and
+ACMIX_RAY_MAX_REPLICAS); a TensorRT backend asks Ray for one GPU per replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import numpy as np
+from ray import serve
+
+from service.backends import choose_backend
+from service.main import close_service, create_app, open_service
+from service.settings import Settings
+
+settings = Settings()
+_replica_app = None
+
+
+def replica_app():
+    """This replica's FastAPI app, built once in the replica process (Ray calls it, so does __init__)."""
+    global _replica_app
+    if _replica_app is None:
+        _replica_app = create_app(settings, manage_lifespan=False)
+        _replica_app.middleware("http")(served_by)
+    return _replica_app
+
+
+class ServeBatcher:
+    """The service's batcher interface over a @serve.batch method of the replica."""
+
+    def __init__(self, batch_method):
+        self.batch_method = batch_method
+
+    def __len__(self) -> int:
+        return 0  # Ray keeps the queue
+
+    async def infer(self, image: np.ndarray, deadline: float) -> np.ndarray:
+        remaining = max(deadline - time.perf_counter(), 0)
+        async with asyncio.timeout(remaining):
+            return await self.batch_method(image)
+
+    async def close(self) -> None:
+        """Ray drains a replica's requests before it stops it."""
+
+
+async def served_by(request, call_next):
+    """Names the replica that answered (header x-served-by), to see the load spread."""
+    response = await call_next(request)
+    response.headers["x-served-by"] = serve.get_replica_context().replica_id.unique_id
+    return response
+
+
+def deployment_options(settings: Settings) -> dict:
+    backend, _ = choose_backend(settings.backend)
+    replicas = os.environ.get("ACMIX_RAY_REPLICAS", "2")
+    options: dict = {
+        "ray_actor_options": {"num_gpus": 1} if backend == "tensorrt" else {
+            "num_cpus": float(os.environ.get("ACMIX_RAY_CPUS_PER_REPLICA", "1"))},
+        "max_ongoing_requests": settings.max_queue_size,
+    }
+    if replicas == "auto":
+        options["autoscaling_config"] = {
+            "min_replicas": 1,
+            "max_replicas": int(os.environ.get("ACMIX_RAY_MAX_REPLICAS", "4")),
+            "target_ongoing_requests": 2 * settings.max_batch_size,
+        }
+    else:
+        options["num_replicas"] = int(replicas)
+    return options
+
+
+@serve.deployment(**deployment_options(settings))
+@serve.ingress(replica_app)
+class Classifier:
+    def __init__(self):
+        self.state = replica_app().state.service
+        open_service(self.state, batcher=ServeBatcher(self.infer_batch))
+        self.infer_batch.set_max_batch_size(settings.max_batch_size)
+        self.infer_batch.set_batch_wait_timeout_s(settings.max_queue_delay_ms / 1000)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def infer_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        loop = asyncio.get_running_loop()
+        logits = await loop.run_in_executor(None, self.state.backend.infer, np.stack(images))
+        self.state.metrics.batch_done(len(images), 0.0, [])
+        return list(logits)
+
+    async def __del__(self):
+        await close_service(self.state)
+
+
+app = Classifier.bind()

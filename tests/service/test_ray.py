@@ -1,0 +1,63 @@
+"""Ray Serve: a local Ray instance with 2 replicas of service/ray_app.py on the ONNX Runtime backend."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from export.verify import onnx_session, run_onnx
+from model.preprocessing import decode_image, preprocess
+from tests.service.test_server import free_port
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def ray_service(onnx_model):
+    from ray import serve
+
+    env = {"ACMIX_BACKEND": "onnxruntime", "ACMIX_ONNX_PATH": str(onnx_model), "ACMIX_MAX_BATCH_SIZE": "8",
+           "ACMIX_RAY_REPLICAS": "2", "ACMIX_RAY_CPUS_PER_REPLICA": "0.5", "ACMIX_DECODE_THREADS": "1",
+           "ACMIX_INTRA_OP_THREADS": "1", "ACMIX_MAX_QUEUE_DELAY_MS": "20"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        ray_app = importlib.import_module("service.ray_app")
+        serve.run(ray_app.app, name="alexnet_acmix", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def test_two_replicas_answer_predict_correctly_and_share_the_load(ray_service, onnx_model, cifar_like_jpegs):
+    expected = run_onnx(onnx_session(onnx_model), np.stack([preprocess(decode_image(d)) for d in cifar_like_jpegs]))
+
+    def post(i):
+        response = httpx.post(f"{ray_service}/predict", files={"file": ("x.jpg", cifar_like_jpegs[i], "image/jpeg")},
+                              timeout=60)
+        return i, response
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(post, [i % len(cifar_like_jpegs) for i in range(60)]))
+    replicas = set()
+    for i, response in results:
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["class_id"] == int(expected[i].argmax()) and body["backend"] == "onnxruntime"
+        replicas.add(response.headers["x-served-by"])
+    assert len(replicas) == 2
+    assert httpx.get(f"{ray_service}/readyz").json()["ready"]
