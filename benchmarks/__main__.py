@@ -36,11 +36,11 @@ def plot_throughput(results: dict, path: Path) -> None:
     ax.plot(batches, [r["alexnet_img_s"] for r in rows], "s--", label="AlexNet, ONNX Runtime CPU")
     for name, series in (results.get("tensorrt") or {}).get("engines", {}).items():
         ax.plot([r["batch"] for r in series], [r["img_s"] for r in series], "^-", label=f"AlexNet-ACmix, TensorRT {name}")
-    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="images / s",
+    ax.set(xscale="log", xlabel="batch size", ylabel="images / s", ylim=(0, None),
            title=f"Throughput against batch size ({results['onnx_runtime']['threads']} CPU threads)")
     ax.set_xticks(batches, [str(b) for b in batches])
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
