@@ -57,6 +57,25 @@ def run_verify(args) -> dict:
             f"{args.onnx} disagrees with Paddle: max |logit diff| {result['max_abs_diff']:.2e}, "
             f"top-1 agreement {result['top1_agreement']:.2%}"
         )
+    if getattr(args, "fp16", False):
+        result["fp16"] = verify_fp16(args.onnx, batch)
+    return result
+
+
+def verify_fp16(onnx_path: str, batch) -> dict:
+    """The fp16 ONNX (what an fp16 engine is built from) against the fp32 one, in ONNX Runtime."""
+    from export.fp16 import convert_fp16, fp16_onnx_path
+    from export.verify import compare, onnx_session, run_onnx
+
+    half = convert_fp16(onnx_path, fp16_onnx_path(onnx_path))
+    result = compare(run_onnx(onnx_session(onnx_path), batch), run_onnx(onnx_session(half), batch))
+    print(
+        f"verify {half}: ONNX Runtime fp16 vs fp32 on {result['n']} images: max |logit diff| "
+        f"{result['max_abs_diff']:.2e}, top-1 agreement {result['top1_agreement']:.2%}",
+        file=sys.stderr,
+    )
+    if result["top1_agreement"] < 0.995:
+        raise ExportError(f"{half} agrees with the fp32 model on only {result['top1_agreement']:.2%} of top-1")
     return result
 
 
@@ -122,6 +141,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--data", default=DEFAULT_DATA, help="images to verify on (generated ones when absent)")
         p.add_argument("--split-file", default=DEFAULT_SPLIT_FILE, help="verify on these held-out images")
         p.add_argument("--count", type=int, default=256, help="how many images")
+        p.add_argument("--fp16", action="store_true", help="also convert to fp16 ONNX and check it against fp32")
 
     def engine_options(p):
         p.add_argument("--engine", default=None, help="engine file (default: beside the ONNX, .<precision>.plan)")

@@ -109,3 +109,27 @@ def test_all_stops_after_onnx_without_tensorrt(weights, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "stopping after the ONNX step:" in captured.err
     assert json.loads(captured.out.strip().splitlines()[-1])["engine"] is None
+
+
+def test_fp16_model_runs_in_onnx_runtime_and_agrees(exported, tmp_path):
+    from export.fp16 import convert_fp16
+
+    half = convert_fp16(exported, tmp_path / "model.fp16.onnx")
+    report = graph_report(onnx.load(str(half)))
+    assert report["inputs"] == {"image": ("FLOAT", ["batch", 3, 128, 128])}  # I/O stay float32
+    assert report["outputs"] == {"logits": ("FLOAT", ["batch", 10])}
+    batch = verification_images(None, 32, None)
+    full, reduced = run_onnx(onnx_session(exported), batch), run_onnx(onnx_session(half), batch)
+    result = compare(full, reduced)
+    assert result["max_abs_diff"] < 0.1 and result["top1_agreement"] >= 0.95
+
+
+def test_cli_verify_fp16(weights, onnx_model, tmp_path, capsys):
+    import shutil
+
+    onnx_copy = tmp_path / "m.onnx"
+    shutil.copy(onnx_model, onnx_copy)
+    assert main(["verify", "--onnx", str(onnx_copy), "--weights", str(weights), "--data", str(tmp_path / "none"),
+                 "--count", "16", "--fp16"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["fp16"]["top1_agreement"] >= 0.995 and (tmp_path / "m.fp16.onnx").is_file()
