@@ -58,24 +58,9 @@ def run_verify(args) -> dict:
             f"top-1 agreement {result['top1_agreement']:.2%}"
         )
     if getattr(args, "fp16", False):
+        from export.verify import verify_fp16
+
         result["fp16"] = verify_fp16(args.onnx, batch)
-    return result
-
-
-def verify_fp16(onnx_path: str, batch) -> dict:
-    """The fp16 ONNX (what an fp16 engine is built from) against the fp32 one, in ONNX Runtime."""
-    from export.fp16 import convert_fp16, fp16_onnx_path
-    from export.verify import compare, onnx_session, run_onnx
-
-    half = convert_fp16(onnx_path, fp16_onnx_path(onnx_path))
-    result = compare(run_onnx(onnx_session(onnx_path), batch), run_onnx(onnx_session(half), batch))
-    print(
-        f"verify {half}: ONNX Runtime fp16 vs fp32 on {result['n']} images: max |logit diff| "
-        f"{result['max_abs_diff']:.2e}, top-1 agreement {result['top1_agreement']:.2%}",
-        file=sys.stderr,
-    )
-    if result["top1_agreement"] < 0.995:
-        raise ExportError(f"{half} agrees with the fp32 model on only {result['top1_agreement']:.2%} of top-1")
     return result
 
 
@@ -99,7 +84,11 @@ def run_engine(args) -> dict:
         force=args.force,
     )
     print(f"{how}: {path}", file=sys.stderr)
-    return {"engine": str(path), "status": how}
+    from export.verify import verification_images, verify_engine
+
+    split_file = args.split_file if Path(args.split_file).is_file() else None
+    batch = verification_images(args.data, args.count, split_file)
+    return {"engine": str(path), "status": how, "verify": verify_engine(path, args.onnx, args.precision, batch)}
 
 
 def run_all(args) -> dict:
@@ -164,9 +153,10 @@ def parser() -> argparse.ArgumentParser:
     verify_options(verify)
     verify.add_argument("--onnx", default=DEFAULT_ONNX)
 
-    engine = commands.add_parser("engine", help="build a TensorRT engine from the ONNX (GPU host)")
+    engine = commands.add_parser("engine", help="build a TensorRT engine from the ONNX, verify it (GPU host)")
     engine.add_argument("--onnx", default=DEFAULT_ONNX)
     engine_options(engine)
+    verify_options(engine)
 
     everything = commands.add_parser("all", help="onnx, verify, then engine where possible")
     paddle_options(everything)

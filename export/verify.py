@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,8 @@ from export.errors import ExportError
 from model.spec import INPUT_NAME, OUTPUT_NAME
 
 MAX_LOGIT_DIFF = 1e-4
+# Top-1 agreement with ONNX Runtime's fp32 model that an engine (or fp16 ONNX) must reach.
+MIN_TOP1_AGREEMENT = {"fp32": 0.999, "fp16": 0.995}
 
 
 def onnx_session(path: str | Path, providers: list[str] | None = None):
@@ -80,4 +83,35 @@ def verify_onnx(onnx_path, weights, batch: np.ndarray, arch: str = "alexnet_acmi
         )
     result = compare(expected, run_onnx(onnx_session(onnx_path), batch))
     result["passed"] = result["max_abs_diff"] <= MAX_LOGIT_DIFF and result["top1_agreement"] == 1.0
+    return result
+
+
+def verify_fp16(onnx_path, batch: np.ndarray) -> dict:
+    """The fp16 ONNX (what an fp16 engine is built from) against the fp32 one, in ONNX Runtime."""
+    from export.fp16 import convert_fp16, fp16_onnx_path
+
+    half = convert_fp16(onnx_path, fp16_onnx_path(onnx_path))
+    result = compare(run_onnx(onnx_session(onnx_path), batch), run_onnx(onnx_session(half), batch))
+    return _report(f"{half}: ONNX Runtime fp16 vs fp32", result, MIN_TOP1_AGREEMENT["fp16"])
+
+
+def verify_engine(engine_path, onnx_path, precision: str, batch: np.ndarray) -> dict:
+    """A TensorRT engine against ONNX Runtime's fp32 model on `batch` (GPU host)."""
+    from service.backends.tensorrt import TensorRTBackend
+
+    with TensorRTBackend(engine_path, max_batch=64) as engine:
+        logits = np.concatenate([engine.infer(batch[i : i + 64]) for i in range(0, len(batch), 64)])
+    result = compare(run_onnx(onnx_session(onnx_path), batch), logits)
+    return _report(f"{engine_path}: TensorRT {precision} vs ONNX Runtime", result, MIN_TOP1_AGREEMENT[precision])
+
+
+def _report(what: str, result: dict, minimum: float) -> dict:
+    print(
+        f"verify {what} on {result['n']} images: max |logit diff| {result['max_abs_diff']:.2e}, "
+        f"top-1 agreement {result['top1_agreement']:.2%} (needs {minimum:.1%})",
+        file=sys.stderr,
+    )
+    result["passed"] = result["top1_agreement"] >= minimum
+    if not result["passed"]:
+        raise ExportError(f"{what}: top-1 agreement {result['top1_agreement']:.2%} is below {minimum:.1%}")
     return result

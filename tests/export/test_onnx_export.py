@@ -133,3 +133,22 @@ def test_cli_verify_fp16(weights, onnx_model, tmp_path, capsys):
                  "--count", "16", "--fp16"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["fp16"]["top1_agreement"] >= 0.995 and (tmp_path / "m.fp16.onnx").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_engine_of_the_model_agrees_with_onnx_runtime_on_real_images(onnx_model, shared_data, tmp_path, precision,
+                                                                    capsys):
+    import shutil
+
+    from export.engine import tensorrt_status
+
+    available, reason = tensorrt_status()
+    if not available:
+        pytest.skip(f"needs TensorRT and a CUDA GPU: {reason}")
+    onnx_copy = tmp_path / "model.onnx"
+    shutil.copy(onnx_model, onnx_copy)
+    assert main(["engine", "--onnx", str(onnx_copy), "--precision", precision, "--max-batch", "64",
+                 "--data", str(shared_data), "--count", "1000", "--timing-cache", str(tmp_path / "cache")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["verify"]["passed"] and result["verify"]["n"] == 1000
