@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.service_load import WRK_SCRIPT, run_wrk, sample_jpeg
-from tests.service.test_server import free_port, start_server, stop
+from service.launch import free_port, start_server, stop
 
 
 def start_ray(onnx: Path, port: int, replicas: int, folder: Path) -> subprocess.Popen:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.service.test_server import start_server, stop
+from service.launch import start_server, stop
 
 WRK_SCRIPT = r"""
 wrk.method = "POST"
@@ -64,9 +64,17 @@ def raw_backend_throughput(onnx: Path, batch: int, seconds: float) -> float:
 
 
 def sample_jpeg(path: Path) -> Path:
-    from tests.conftest import jpeg_bytes, synthetic_images
+    """A 32x32 JPEG like CIFAR-10's (smooth color regions plus noise), seeded."""
+    import io
 
-    path.write_bytes(jpeg_bytes(synthetic_images(per_class=1, seed=11)[0][4]))
+    from PIL import Image
+
+    rng = np.random.default_rng(11)
+    gradient = np.linspace(0, 1, 32)[None, :, None] * rng.integers(60, 200, 3)[None, None, :]
+    pixels = np.clip(gradient + rng.normal(0, 20, (32, 32, 3)) + 30, 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=75)
+    path.write_bytes(buffer.getvalue())
     return path
 
 

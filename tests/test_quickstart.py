@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.test_server import free_port
+from service.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

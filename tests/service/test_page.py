@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 
-from tests.service.test_server import start_server, stop
+from service.launch import stop
+from tests.service.test_server import start_server
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(

@@ -12,7 +12,7 @@ import pytest
 
 from export.verify import onnx_session, run_onnx
 from model.preprocessing import decode_image, preprocess
-from tests.service.test_server import free_port
+from service.launch import free_port
 
 ray = pytest.importorskip("ray")
 

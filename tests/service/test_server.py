@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -17,45 +12,13 @@ import pytest
 
 from export.verify import onnx_session, run_onnx
 from model.preprocessing import decode_image, preprocess
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from service import launch
+from service.launch import stop
 
 
-def start_server(onnx_model, **env_overrides) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "ACMIX_BACKEND": "onnxruntime", "ACMIX_ONNX_PATH": str(onnx_model),
-           "ACMIX_MAX_BATCH_SIZE": "8", "ACMIX_LOG_LEVEL": "warning"}
-    env.update({f"ACMIX_{k.upper()}": str(v) for k, v in env_overrides.items()})
-    process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port)], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited: {process.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("the server did not become ready in 90 s")
-
-
-def stop(process: subprocess.Popen) -> int:
-    process.send_signal(signal.SIGTERM)
-    try:
-        return process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        return -9
+def start_server(onnx_model, **settings):
+    """The server with the suite's small batches unless a test asks otherwise."""
+    return launch.start_server(onnx_model, **{"max_batch_size": 8, **settings})
 
 
 @pytest.fixture(scope="module")
