@@ -5,7 +5,8 @@
 1. Paddle CPU: the reference ACmix formulation against the fast one (benchmarks/paddle_acmix.py).
 2. ONNX Runtime CPU: AlexNet-ACmix against the plain AlexNet by batch size (benchmarks/onnx_runtime.py).
 3. The service under load against the raw backend, by concurrency (benchmarks/service_load.py).
-4. On a GPU host with TensorRT: the fp32 and fp16 engines by batch size (benchmarks/tensorrt_engines.py).
+4. Ray Serve with 2 replicas against the single FastAPI process (benchmarks/ray_vs_fastapi.py).
+5. On a GPU host with TensorRT: the fp32 and fp16 engines by batch size (benchmarks/tensorrt_engines.py).
 
 Writes build/bench/*.json, docs/bench/results.json and docs/bench/*.png (the README shows them).
 """
@@ -75,12 +76,12 @@ def plot_latency(results: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--skip", nargs="*", default=[], choices=["paddle", "onnx_runtime", "service", "tensorrt"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["paddle", "onnx_runtime", "service", "ray", "tensorrt"])
     parser.add_argument("--onnx", default="build/alexnet_acmix.onnx", help="the model the service benchmark serves")
     parser.add_argument("--seconds", type=float, default=15, help="per service load level")
     args = parser.parse_args(argv)
 
-    from benchmarks import onnx_runtime, paddle_acmix, service_load, tensorrt_engines
+    from benchmarks import onnx_runtime, paddle_acmix, ray_vs_fastapi, service_load, tensorrt_engines
 
     steps = [
         ("paddle", lambda: paddle_acmix.main(["--out", str(BUILD / "paddle_acmix.json")])),
@@ -88,6 +89,8 @@ def main(argv=None) -> int:
         ("service", lambda: service_load.main(["--onnx", args.onnx, "--seconds", str(args.seconds),
                                                "--concurrency", "8", "16", "32", "64", "128",
                                                "--out", str(BUILD / "service_load.json")])),
+        ("ray", lambda: ray_vs_fastapi.main(["--onnx", args.onnx, "--seconds", str(args.seconds),
+                                             "--out", str(BUILD / "ray_vs_fastapi.json")])),
         ("tensorrt", lambda: tensorrt_engines.main(["--onnx", args.onnx, "--out", str(BUILD / "tensorrt.json")])),
     ]
     for name, run in tqdm([s for s in steps if s[0] not in args.skip], desc="benchmarks", unit="benchmark"):
@@ -98,7 +101,8 @@ def main(argv=None) -> int:
 
     results = {}
     for key, file in (("paddle_acmix", "paddle_acmix.json"), ("onnx_runtime", "onnx_runtime.json"),
-                      ("service_load", "service_load.json"), ("tensorrt", "tensorrt.json")):
+                      ("service_load", "service_load.json"), ("ray_vs_fastapi", "ray_vs_fastapi.json"),
+                      ("tensorrt", "tensorrt.json")):
         if (BUILD / file).is_file():
             results[key] = json.loads((BUILD / file).read_text())
     DOCS.mkdir(parents=True, exist_ok=True)
