@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         if not Path(args.weights).is_file():
             raise DataError(f"{args.weights}: no such weights file")
         data = open_dataset(args.data, split=split, val_split=args.split_file)
-        paddle = import_paddle()  # noqa: F841 - sets threads before the model runs
+        import_paddle()  # threads for every core, before the model runs
         from model.predict import load_weights, predict_logits
 
         model = load_weights(args.arch, args.weights)

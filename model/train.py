@@ -285,10 +285,8 @@ def main(argv=None) -> int:
         max_steps_per_epoch=args.max_steps_per_epoch,
     )
     try:
-        for name in ("init_weights",):
-            value = getattr(args, name)
-            if value and not Path(value).is_file():
-                raise DataError(f"{value}: no such file")
+        if args.init_weights and not Path(args.init_weights).is_file():
+            raise DataError(f"{args.init_weights}: no such file")
         train_data, val_data = load_train_val(args.data, args.split_file, args.val_per_class, args.seed)
         out = Path(args.out or f"runs/{args.arch}")
         record = train(

@@ -11,7 +11,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import Depends, HTTPException, Request
 
-from model.preprocessing import ImageError, decode_image, preprocess
+from model.preprocessing import decode_image, preprocess
 from service.backends.base import Backend
 from service.batching import DynamicBatcher, QueueFullError, ShuttingDownError
 from service.metrics import Metrics
@@ -67,5 +67,3 @@ async def get_state(request: Request) -> ServiceState:
 
 
 StateDep = Annotated[ServiceState, Depends(get_state)]
-
-__all__ = ["ImageError", "ServiceState", "StateDep", "get_state"]
