@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.service_load import WRK_SCRIPT, run_wrk, sample_jpeg
+from benchmarks.service_load import WRK_SCRIPT, preflight, run_wrk, sample_jpeg
 from service.launch import free_port, start_server, stop
 
 
@@ -63,8 +63,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="build/bench/ray_vs_fastapi.json")
     args = parser.parse_args(argv)
     onnx = Path(args.onnx)
-    if not onnx.is_file():
-        print(f"error: {onnx}: no such ONNX file", file=sys.stderr)
+    problem = preflight(onnx)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

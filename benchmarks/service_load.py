@@ -101,6 +101,15 @@ def run_wrk(url: str, connections: int, seconds: float, image: Path, script: Pat
     }
 
 
+def preflight(onnx: Path) -> str | None:
+    """Why a load benchmark cannot run here (no ONNX, no wrk), or None."""
+    if not onnx.is_file():
+        return f"{onnx}: no such ONNX file (make export, or python -m export onnx)"
+    if shutil.which("wrk") is None:
+        return "wrk is not installed (apt-get install wrk)"
+    return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--onnx", default="build/alexnet_acmix.onnx")
@@ -112,11 +121,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     onnx = Path(args.onnx)
-    if not onnx.is_file():
-        print(f"error: {onnx}: no such ONNX file (make export, or python -m export onnx)", file=sys.stderr)
-        return 2
-    if shutil.which("wrk") is None:
-        print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+    problem = preflight(onnx)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
 
     print(f"raw backend: ONNX Runtime, batch {args.batch} ...", file=sys.stderr)

@@ -91,8 +91,9 @@ class Classifier:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def infer_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         logits = await loop.run_in_executor(None, self.state.backend.infer, np.stack(images))
-        self.state.metrics.batch_done(len(images), 0.0, [])
+        self.state.metrics.batch_done(len(images), time.perf_counter() - started, [])
         return list(logits)
 
     async def __del__(self):
