@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip", nargs="*", default=[], choices=["paddle", "onnx_runtime", "service", "ray", "tensorrt"])
     parser.add_argument("--onnx", default="build/alexnet_acmix.onnx", help="the model the service benchmark serves")
-    parser.add_argument("--seconds", type=float, default=15, help="per service load level")
+    parser.add_argument("--seconds", type=float, default=10, help="per service load level and round")
     args = parser.parse_args(argv)
 
     from benchmarks import onnx_runtime, paddle_acmix, ray_vs_fastapi, service_load, tensorrt_engines

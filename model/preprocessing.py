@@ -6,6 +6,7 @@ Evaluation, export verification and the service all call `preprocess`; training 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 
@@ -25,22 +26,14 @@ class ImageError(ValueError):
     """The bytes are not an image this model can take; the message says why."""
 
 
-def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
-    """Decode image bytes (first frame of animations) to RGB; ImageError with the cause otherwise."""
-    if not data:
-        raise ImageError("empty file")
+@contextlib.contextmanager
+def _naming_the_cause():
+    """Pillow's exceptions, for undecodable bytes, as ImageError with the cause."""
     try:
         with warnings.catch_warnings():
-            # Pillow warns, then errors, on decompression bombs; the explicit limit below decides.
+            # Pillow warns, then errors, on decompression bombs; open_image's explicit limit decides.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise ImageError(
-                    f"image is {width}x{height} = {width * height} pixels, over the pixel limit of {max_pixels}"
-                )
-            frame = next(ImageSequence.Iterator(image))
-            frame.load()
+            yield
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -49,7 +42,31 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
         raise ImageError(f"image is over the pixel limit (a decompression bomb?): {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"corrupt or truncated image: {exc}") from None
+
+
+def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Read the header only: format and size known and checked, no pixel decoded yet."""
+    if not data:
+        raise ImageError("empty file")
+    with _naming_the_cause():
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageError(f"image is {width}x{height} = {width * height} pixels, over the pixel limit of {max_pixels}")
+    return image
+
+
+def load_rgb(image: Image.Image) -> Image.Image:
+    """Decode an opened image (first frame of animations) to RGB; ImageError with the cause."""
+    with _naming_the_cause():
+        frame = next(ImageSequence.Iterator(image))
+        frame.load()
     return to_rgb(frame)
+
+
+def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Decode image bytes (first frame of animations) to RGB; ImageError with the cause otherwise."""
+    return load_rgb(open_image(data, max_pixels))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -1,10 +1,12 @@
 """Dynamic batching: one bounded queue, batches cut by size or by the oldest request's wait.
 
 Requests (one preprocessed image each) wait in a queue; a batch goes to the backend when it
-holds max_batch images or its oldest has waited max_delay. The backend runs in one worker
-thread, off the event loop, one batch at a time (it uses every core itself); the next batch fills
-meanwhile. Each request's future gets exactly its own row of logits. A request whose deadline
-passes while queued is dropped before inference and answered 504 by its handler.
+holds max_batch images or its oldest has waited max_delay. Inference runs off the event loop in
+`workers` threads, one batch each: with two, one batch computes while the replies of the last
+one go out and the next one fills, so the cores do not idle between batches (a backend that
+cannot run concurrently, such as TensorRT's one context and stream, gets one). Each request's
+future gets exactly its own row of logits. A request whose deadline passes while queued is
+dropped before inference and answered 504 by its handler.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class DynamicBatcher:
         max_delay_s: float,
         max_queue: int,
         observer: BatchObserver | None = None,
+        workers: int = 1,
     ):
         self.backend = backend
         self.max_batch = max_batch
@@ -60,12 +63,14 @@ class DynamicBatcher:
         self.observer = observer or BatchObserver()
         self._queue: deque[_Request] = deque()
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-        self._task: asyncio.Task | None = None
+        self.workers = workers if backend.concurrent else 1
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="inference")
+        self._tasks: list[asyncio.Task] = []
         self._closing = False
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run(), name=f"batcher-{i}") for i in range(self.workers)]
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -87,11 +92,10 @@ class DynamicBatcher:
             raise TimeoutError("no result before the request deadline") from None
 
     async def close(self) -> None:
-        """Take no new requests, finish the queued ones, stop the worker."""
+        """Take no new requests, finish the queued ones, stop the workers."""
         self._closing = True
         self._wakeup.set()
-        if self._task is not None:
-            await self._task
+        await asyncio.gather(*self._tasks)
         self._executor.shutdown(wait=True)
 
     async def _run(self) -> None:
@@ -110,9 +114,7 @@ class DynamicBatcher:
             started = time.perf_counter()
             waits = [started - r.enqueued for r in batch]
             try:
-                logits = await loop.run_in_executor(
-                    self._executor, self.backend.infer, np.stack([r.image for r in batch])
-                )
+                logits = await loop.run_in_executor(self._executor, self._infer, [r.image for r in batch])
             except Exception as exc:  # a failing backend fails this batch's requests, not the loop
                 for request in batch:
                     if not request.future.done():
@@ -123,9 +125,14 @@ class DynamicBatcher:
                 if not request.future.done():
                     request.future.set_result(row)
 
+    def _infer(self, images: list[np.ndarray]) -> np.ndarray:
+        # In the worker thread: stacking a batch is a copy the event loop need not make.
+        return self.backend.infer(np.stack(images))
+
     async def _wait_for_batch(self) -> None:
-        """Until the queue holds a full batch, the oldest has waited max_delay, or we are closing."""
-        while len(self._queue) < self.max_batch and not self._closing:
+        """Until the queue holds a full batch, the oldest has waited max_delay, or we are closing
+        (or another worker took the queue meanwhile)."""
+        while self._queue and len(self._queue) < self.max_batch and not self._closing:
             remaining = self._queue[0].enqueued + self.max_delay_s - time.perf_counter()
             if remaining <= 0:
                 return

@@ -55,6 +55,7 @@ def open_service(state: ServiceState, backend=None, reason: str = "given", batch
             max_delay_s=settings.max_queue_delay_ms / 1000,
             max_queue=settings.max_queue_size,
             observer=state.metrics,
+            workers=settings.inference_workers,
         )
         batcher.start()
     state.batcher = batcher
@@ -98,7 +99,7 @@ def create_app(
         max_body_size=settings.max_upload_bytes,  # 413 before reading more, with or without Content-Length
         # Metrics are Prometheus (/metrics); FastAPI's OpenTelemetry hooks would cost an environment
         # lookup on every request for nothing.
-        telemetry={"tracing": False, "metrics": False},
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.service = state
     app.include_router(predict.router)

@@ -30,7 +30,17 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="larger bodies get 413")
     max_image_pixels: int = Field(40_000_000, ge=1, description="larger images (decoded size) get 400")
     decode_threads: int = Field(default_factory=available_cores, ge=1, description="threads decoding images")
-    intra_op_threads: int = Field(default_factory=available_cores, ge=1, description="ONNX Runtime threads")
+    inline_decode_pixels: int = Field(
+        128 * 128, ge=0, description="images up to this size are decoded on the event loop (cheaper than a thread hop)"
+    )
+    inference_workers: int = Field(
+        2, ge=1, description="batches computed at once (ONNX Runtime; TensorRT runs one), so cores never wait"
+    )
+    intra_op_threads: int = Field(
+        default_factory=lambda data: max(1, available_cores() // data["inference_workers"]),
+        ge=1,
+        description="ONNX Runtime threads per batch; default: cores / inference_workers",
+    )
     api_key: str | None = Field(None, description="when set, requests need header X-API-Key (or Bearer token)")
 
     host: str = "127.0.0.1"

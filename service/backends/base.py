@@ -22,6 +22,8 @@ class Backend(abc.ABC):
     """Subclasses set `name` and implement _load, _infer and _close."""
 
     name: str = "backend"
+    # Whether infer may run in several threads at once (the batcher's inference workers).
+    concurrent: bool = False
 
     def __init__(self, max_batch: int):
         self.max_batch = max_batch

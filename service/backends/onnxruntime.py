@@ -12,6 +12,7 @@ from service.backends.base import Backend, BackendError
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    concurrent = True  # InferenceSession.run is thread-safe
 
     def __init__(self, onnx_path: str | Path, max_batch: int, threads: int | None = None):
         super().__init__(max_batch)

@@ -26,6 +26,7 @@ ROW_SHAPES = {INPUT_NAME: INPUT_SHAPE, OUTPUT_NAME: (NUM_CLASSES,)}
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    concurrent = False  # one execution context, one stream, one set of buffers
 
     def __init__(self, engine_path: str | Path, max_batch: int):
         super().__init__(max_batch)

@@ -52,15 +52,17 @@ def cifar_like_jpegs() -> list[bytes]:
 
 class SlowBackend(Backend):
     """A fake backend for batching logic (not the real model): logits are each image's mean in
-    column 0, so a request can tell its own row; every call sleeps `delay` and is recorded."""
+    column 0, so a request can tell its own row; every call sleeps `delay` and is recorded, with
+    the most calls ever in flight at once."""
 
     name = "fake"
 
-    def __init__(self, max_batch: int = 8, delay: float = 0.0, fail: bool = False):
+    def __init__(self, max_batch: int = 8, delay: float = 0.0, fail: bool = False, concurrent: bool = False):
         super().__init__(max_batch)
-        self.delay, self.fail = delay, fail
+        self.delay, self.fail, self.concurrent = delay, fail, concurrent
         self.calls: list[int] = []
         self.lock = threading.Lock()
+        self.in_flight = self.most_in_flight = 0
 
     def _load(self):
         self.description = "fake"
@@ -68,7 +70,11 @@ class SlowBackend(Backend):
     def _infer(self, batch):
         with self.lock:
             self.calls.append(len(batch))
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
         time.sleep(self.delay)
+        with self.lock:
+            self.in_flight -= 1
         if self.fail:
             raise RuntimeError("backend exploded")
         logits = np.zeros((len(batch), 10), np.float32)

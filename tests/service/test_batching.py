@@ -104,10 +104,11 @@ def test_backend_failure_fails_that_batch_only():
     assert float(run(main())[0]) == 4.0
 
 
-def test_close_drains_queued_requests_then_refuses():
+@pytest.mark.parametrize("workers", [1, 2])
+def test_close_drains_queued_requests_then_refuses(workers):
     async def main():
-        backend = SlowBackend(max_batch=2, delay=0.05)
-        batcher = await started(backend, max_batch=2)
+        backend = SlowBackend(max_batch=2, delay=0.05, concurrent=True)
+        batcher = await started(backend, max_batch=2, workers=workers)
         deadline = time.perf_counter() + 5
         pending = [asyncio.ensure_future(batcher.infer(image(i), deadline)) for i in range(6)]
         await asyncio.sleep(0)
@@ -117,3 +118,49 @@ def test_close_drains_queued_requests_then_refuses():
         return [float(r[0]) for r in await asyncio.gather(*pending)]
 
     assert run(main()) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def test_two_workers_compute_two_batches_at_once():
+    async def main():
+        backend = SlowBackend(max_batch=4, delay=0.1, concurrent=True)
+        batcher = await started(backend, max_batch=4, workers=2)
+        deadline = time.perf_counter() + 5
+        results = await asyncio.gather(*(batcher.infer(image(i), deadline) for i in range(16)))
+        await batcher.close()
+        return backend, results
+
+    backend, results = run(main())
+    assert [float(r[0]) for r in results] == [float(i) for i in range(16)]
+    assert sum(backend.calls) == 16 and backend.most_in_flight == 2
+
+
+def test_a_backend_that_cannot_run_concurrently_gets_one_worker():
+    async def main():
+        backend = SlowBackend(max_batch=4, delay=0.05)  # like TensorRT's one context and stream
+        batcher = await started(backend, max_batch=4, workers=2)
+        deadline = time.perf_counter() + 5
+        await asyncio.gather(*(batcher.infer(image(i), deadline) for i in range(16)))
+        await batcher.close()
+        return backend, batcher
+
+    backend, batcher = run(main())
+    assert batcher.workers == 1 and backend.most_in_flight == 1 and sum(backend.calls) == 16
+
+
+def test_two_workers_share_a_trickling_queue():
+    # Both workers wait on a partial batch; whichever cuts it, the other must find the queue
+    # empty and wait again, not fail.
+    async def main():
+        backend = SlowBackend(max_batch=4, delay=0.03, concurrent=True)
+        batcher = await started(backend, max_batch=4, max_delay_s=0.02, workers=2)
+        deadline = time.perf_counter() + 5
+        pending = []
+        for i in range(24):
+            pending.append(asyncio.ensure_future(batcher.infer(image(i), deadline)))
+            await asyncio.sleep(0.004)
+        results = await asyncio.gather(*pending)
+        await batcher.close()
+        return backend, results
+
+    backend, results = run(main())
+    assert [float(r[0]) for r in results] == [float(i) for i in range(24)] and sum(backend.calls) == 24
