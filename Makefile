@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test serve train evaluate export bench lint clean
+.PHONY: setup test serve train ship evaluate export bench lint clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ export: setup
 
 train: setup
 	$(PY) -m model.train --resume
+
+# The run's best weights into model/weights/, evaluated, with a fresh model card.
+ship: setup
+	$(PY) -m model.ship
 
 evaluate: setup
 	$(PY) -m model.evaluate

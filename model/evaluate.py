@@ -67,6 +67,29 @@ def plot_confusion(matrix: np.ndarray, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def evaluate(weights: str, data: str, split: str, split_file: str, confusion: Path, arch: str = "alexnet_acmix",
+             batch_size: int = 256) -> dict:
+    """Top-1, per-class accuracy and confusion matrix of `weights` on `data` [split]; writes the
+    confusion-matrix PNG. DataError or ValueError name what is wrong with the inputs."""
+    if not Path(weights).is_file():
+        raise DataError(f"{weights}: no such weights file")
+    images = open_dataset(data, split=split, val_split=split_file)
+    import_paddle()  # threads for every core, before the model runs
+    from model.predict import load_weights, predict_logits
+
+    model = load_weights(arch, weights)
+    logits = predict_logits(model, images.images, batch_size, progress="evaluating")
+    result = summarize(images.labels, logits.argmax(axis=1))
+    result.update({"weights": str(weights), "data": str(data), "split": split})
+    confusion.parent.mkdir(parents=True, exist_ok=True)
+    plot_confusion(
+        np.array(result["confusion_matrix"]), confusion,
+        f"{Path(weights).name} on {Path(data).name} [{split}]: top-1 {result['accuracy']:.4f}",
+    )
+    result["confusion_png"] = str(confusion)
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", default=DEFAULT_WEIGHTS)
@@ -84,27 +107,12 @@ def main(argv=None) -> int:
     if split is None:
         split = "val" if args.data == DEFAULT_DATA else "all"
     try:
-        if not Path(args.weights).is_file():
-            raise DataError(f"{args.weights}: no such weights file")
-        data = open_dataset(args.data, split=split, val_split=args.split_file)
-        import_paddle()  # threads for every core, before the model runs
-        from model.predict import load_weights, predict_logits
-
-        model = load_weights(args.arch, args.weights)
-        logits = predict_logits(model, data.images, args.batch_size, progress="evaluating")
+        result = evaluate(args.weights, args.data, split, args.split_file, Path(args.confusion), args.arch,
+                          args.batch_size)
     except (DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-    result = summarize(data.labels, logits.argmax(axis=1))
-    result.update({"weights": args.weights, "data": args.data, "split": split})
     confusion = Path(args.confusion)
-    confusion.parent.mkdir(parents=True, exist_ok=True)
-    plot_confusion(
-        np.array(result["confusion_matrix"]), confusion,
-        f"{Path(args.weights).name} on {Path(args.data).name} [{split}]: top-1 {result['accuracy']:.4f}",
-    )
-    result["confusion_png"] = str(confusion)
     print(f"top-1 accuracy {result['accuracy']:.4f} on {result['n']} images ({args.data}, split {split})")
     for name, accuracy in result["per_class"].items():
         print(f"  {name:<11} {accuracy:.4f}" if accuracy is not None else f"  {name:<11} -")

@@ -1,0 +1,61 @@
+"""python -m model.ship: a run's best weights into a weights folder, evaluated, with their card."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from model.data import DataError
+from model.ship import main, ship
+from model.train import plot_curves
+
+
+def history_entry(epoch: int, val_accuracy: float) -> dict:
+    return {"epoch": epoch, "lr": 1e-3, "train_loss": 2.0 - epoch / 10, "train_accuracy": 0.2 + epoch / 20,
+            "val_loss": 1.9 - epoch / 10, "val_accuracy": val_accuracy, "train_images_per_s": 50.0,
+            "epoch_seconds": 660.0 + epoch}
+
+
+@pytest.fixture
+def run(paddle, tmp_path):
+    """A training run's folder as model.train leaves it: 2 of 50 epochs, best epoch 2."""
+    from model.alexnet import AlexNet_ACmix
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    paddle.seed(3)
+    paddle.save(AlexNet_ACmix().state_dict(), str(folder / "best.pdparams"))
+    history = [history_entry(1, 0.31), history_entry(2, 0.42)]
+    config = {"arch": "alexnet_acmix", "epochs": 50, "batch_size": 128, "lr": 0.001, "weight_decay": 1e-05,
+              "label_smoothing": 0.1, "seed": 42, "max_steps_per_epoch": None}
+    (folder / "metrics.json").write_text(json.dumps({"config": config, "history": history,
+                                                     "best": {"epoch": 2, "val_accuracy": 0.42}}))
+    plot_curves(history, folder / "curves.png")
+    return folder
+
+
+def test_ship_copies_the_best_weights_and_writes_a_card_of_their_figures(run, folder_dataset, tmp_path):
+    root, _ = folder_dataset
+    out = tmp_path / "weights"
+    evaluation = ship(run, str(root), "unused.json", out=out, split="all")
+
+    assert (out / "alexnet_acmix.pdparams").read_bytes() == (run / "best.pdparams").read_bytes()
+    assert json.loads((out / "training_metrics.json").read_text())["best"]["epoch"] == 2
+    for png in ("learning_curves.png", "confusion_matrix.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (out / "README.md").read_text()
+    assert f"**{evaluation['accuracy']:.4f}**" in card
+    assert "| epochs trained / planned | 2 / 50 (best: epoch 2) |" in card
+    assert "after epoch 2 of a 50-epoch run" in card
+    assert all(f"| {name} | {value:.4f} |" in card for name, value in evaluation["per_class"].items())
+    assert "| 2 | 1.00e-03 | 1.8000 | 0.3000 | 1.7000 | 0.4200 | 11.0 |" in card
+    assert evaluation["n"] == 30
+
+
+def test_a_folder_that_is_no_run_is_refused_with_its_name(tmp_path, capsys):
+    with pytest.raises(DataError, match="metrics.json: missing"):
+        ship(tmp_path, "data", "split.json", out=tmp_path / "weights")
+    assert main(["--run", str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: ")
+    assert not (tmp_path / "weights").exists()
