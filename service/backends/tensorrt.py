@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.engine import cuda_call, import_cudart
+from export.engine import cuda_call, import_cudart, stream_handle
 from model.spec import INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME
 from service.backends.base import Backend, BackendError
 
@@ -33,6 +33,7 @@ class TensorRTBackend(Backend):
         self.engine_path = Path(engine_path)
         self._cudart = None
         self._runtime = self._engine = self._context = self._stream = None
+        self._stream_handle = 0
         self._host: dict[str, np.ndarray] = {}  # tensor name -> numpy view of pinned memory
         self._pinned: list[int] = []  # cudaMallocHost pointers
         self._device: dict[str, int] = {}  # tensor name -> cudaMalloc pointer
@@ -75,6 +76,7 @@ class TensorRTBackend(Backend):
         """A stream, then pinned host and device buffers of max_batch rows per tensor, bound by name."""
         cudart = self._cudart
         self._stream = cuda_call(cudart.cudaStreamCreate())
+        self._stream_handle = stream_handle(self._stream)
         for name, row in ROW_SHAPES.items():
             shape = (self.max_batch, *row)
             nbytes = int(np.prod(shape)) * 4  # float32
@@ -94,7 +96,7 @@ class TensorRTBackend(Backend):
                 raise BackendError(f"TensorRT rejected the input shape {list(batch.shape)}")
             cuda_call(cudart.cudaMemcpyAsync(self._device[INPUT_NAME], host_in.ctypes.data, batch.nbytes,
                                              cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream))
-            if not self._context.execute_async_v3(int(self._stream)):
+            if not self._context.execute_async_v3(self._stream_handle):
                 raise BackendError("TensorRT execute_async_v3 failed")
             out_bytes = n * NUM_CLASSES * 4
             cuda_call(cudart.cudaMemcpyAsync(host_out.ctypes.data, self._device[OUTPUT_NAME], out_bytes,
@@ -105,6 +107,11 @@ class TensorRTBackend(Backend):
     def _close(self) -> None:
         """Free every buffer and the stream (even after a failure), then drop context, engine, runtime."""
         cudart, errors = self._cudart, []
+        if self._stream is not None:  # a failed batch may have left copies or a kernel queued
+            try:
+                cuda_call(cudart.cudaStreamSynchronize(self._stream))
+            except RuntimeError as exc:
+                errors.append(str(exc))
         frees = [(cudart.cudaFree, p) for p in self._device.values()] + [(cudart.cudaFreeHost, p) for p in self._pinned]
         if self._stream is not None:
             frees.append((cudart.cudaStreamDestroy, self._stream))

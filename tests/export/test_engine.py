@@ -14,8 +14,10 @@ from export.engine import (
     engine_metadata_path,
     engine_status,
     ensure_engine,
+    load_timing_cache,
     read_metadata,
     sha256_file,
+    strongly_typed_flags,
     tensorrt_status,
     write_metadata,
 )
@@ -172,6 +174,56 @@ def test_cuda_call():
     assert cuda_call((Err.cudaSuccess, 7, 8)) == (7, 8)
     with pytest.raises(RuntimeError, match="CUDA error 2 \\(cudaErrorMemoryAllocation\\)"):
         cuda_call((Err.cudaErrorMemoryAllocation, 0))
+
+
+class FakeBuilderConfig:
+    """Stands in for IBuilderConfig's timing-cache calls (the logic around them is what is tested):
+    create_timing_cache returns None for bytes it cannot read, set_timing_cache False for a cache
+    from another device, as the bindings document."""
+
+    def __init__(self, readable: bool = True, matches: bool = True):
+        self.readable, self.matches, self.installed = readable, matches, []
+
+    def create_timing_cache(self, data: bytes):
+        return ("cache", data) if self.readable or not data else None
+
+    def set_timing_cache(self, cache, ignore_mismatch: bool) -> bool:
+        if cache is None:
+            raise TypeError("incompatible function arguments")
+        assert ignore_mismatch is False
+        ok = self.matches or cache == ("cache", b"")
+        if ok:
+            self.installed.append(cache)
+        return ok
+
+
+@pytest.mark.parametrize("readable, matches, expected", [
+    (True, True, ("cache", b"timings")),  # reused
+    (False, True, ("cache", b"")),  # corrupt file: start afresh
+    (True, False, ("cache", b"")),  # another GPU or version: start afresh
+])
+def test_timing_cache_is_reused_or_started_afresh(tmp_path, readable, matches, expected):
+    path = tmp_path / "timing.cache"
+    path.write_bytes(b"timings")
+    config = FakeBuilderConfig(readable, matches)
+    load_timing_cache(config, path)
+    assert config.installed == [expected]
+
+
+def test_strongly_typed_flag_where_tensorrt_has_it():
+    class WithFlag(enum.IntEnum):  # stands in for trt.NetworkDefinitionCreationFlag
+        PREFER_AOT_PYTHON_PLUGINS = 1
+        STRONGLY_TYPED = 2
+
+    class Without(enum.IntEnum):
+        PREFER_AOT_PYTHON_PLUGINS = 1
+
+    class FakeTensorRT:
+        NetworkDefinitionCreationFlag = WithFlag
+
+    assert strongly_typed_flags(FakeTensorRT) == 1 << 2
+    FakeTensorRT.NetworkDefinitionCreationFlag = Without
+    assert strongly_typed_flags(FakeTensorRT) == 0
 
 
 def test_fp16_onnx_path():
