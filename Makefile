@@ -25,8 +25,10 @@ serve: setup
 export: setup
 	$(PY) -m export all
 
+# Resumes the run's checkpoint; on a machine without one, continues the shipped run instead.
 train: setup
-	$(PY) -m model.train --resume
+	if [ -f runs/alexnet_acmix/last.pdparams ]; then $(PY) -m model.train --resume; \
+	else $(PY) -m model.train --continue-from model/weights; fi
 
 # The run's best weights into model/weights/, evaluated, with a fresh model card.
 ship: setup

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from model.data import DataError
 from model.evaluate import DEFAULT_DATA, DEFAULT_SPLIT_FILE, evaluate
+from model.train import SHIPPED_METRICS, SHIPPED_WEIGHTS
 
 WEIGHTS_DIR = Path("model/weights")
 TARGET_ACCURACY = 0.82
@@ -70,7 +71,8 @@ in PaddlePaddle {paddle_version} on this project's 2-core CPU machine.
 
 ```sh
 python -m model.train --epochs {planned}            # then, after every interruption:
-python -m model.train --epochs {planned} --resume   # (make train)
+python -m model.train --epochs {planned} --resume   # (make train; on a fresh machine it runs
+                                                     #  --continue-from model/weights instead)
 python -m model.ship                  # best weights, metrics, curves and this card into model/weights/
 ```
 
@@ -112,10 +114,10 @@ def ship(run: Path, data: str, split_file: str, out: Path = WEIGHTS_DIR, split: 
             raise DataError(f"{path}: missing; is {run} a training run (python -m model.train --out {run})?")
     metrics = json.loads(metrics_file.read_text())
     out.mkdir(parents=True, exist_ok=True)
-    weights = out / "alexnet_acmix.pdparams"
+    weights = out / SHIPPED_WEIGHTS
     shutil.copyfile(best, weights)
     shutil.copyfile(run / "curves.png", out / "learning_curves.png")
-    shutil.copyfile(metrics_file, out / "training_metrics.json")
+    shutil.copyfile(metrics_file, out / SHIPPED_METRICS)
     evaluation = evaluate(str(weights), data, split, split_file, out / "confusion_matrix.png")
 
     import paddle

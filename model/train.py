@@ -1,18 +1,22 @@
 """Train AlexNet-ACmix (or the plain AlexNet) on CIFAR-10.
 
     python -m model.train [--epochs 50] [--out runs/alexnet_acmix] [--resume] [--init-weights W]
+                          [--continue-from model/weights]
 
 The reference recipe by default: Adam 1e-3, weight decay 1e-5, cosine decay per step over the
 whole run, label smoothing 0.1, batch 128. 5,000 training images (500 per class, seeded) are
 held out for validation and never trained on; the list is written to --split-file and reused.
 Every epoch writes a checkpoint (last.*), the best weights on validation (best.pdparams),
-metrics.json and curves.png into --out. --resume continues from last.*.
+metrics.json and curves.png into --out. --resume continues from last.*; where no checkpoint is
+left (a fresh machine), --continue-from model/weights continues the shipped run after its best
+epoch (see `train`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import queue
 import sys
 import threading
@@ -141,10 +145,14 @@ def train(
     init_weights: str | None = None,
     augment=None,
     until_epoch: int | None = None,
+    continue_from: Path | None = None,
 ) -> dict:
     """Run (or continue) training; returns the metrics record (also in out/metrics.json).
 
     until_epoch stops early (after that epoch's checkpoint), to be continued with resume.
+    continue_from (a folder that model.ship wrote: SHIPPED_WEIGHTS and SHIPPED_METRICS) continues
+    the shipped run after its best epoch when no checkpoint is left: same history, schedule and
+    batches; only Adam's moments, which are not shipped, start afresh.
     """
     paddle = import_paddle()
     from model.alexnet import build_model
@@ -178,6 +186,11 @@ def train(
         if record["config"] != asdict(config):
             raise ValueError(f"{out} holds a run with another configuration: {record['config']}")
         print(f"resuming after epoch {len(record['history'])} from {out}", file=sys.stderr)
+    elif continue_from is not None:
+        record = continue_shipped(model, scheduler, Path(continue_from), config, steps_per_epoch)
+        paddle.save(model.state_dict(), str(out / "best.pdparams"))
+        print(f"continuing after epoch {len(record['history'])} from {continue_from} (fresh Adam moments)",
+              file=sys.stderr)
 
     last_epoch = min(config.epochs, until_epoch or config.epochs)
     for epoch in range(len(record["history"]) + 1, last_epoch + 1):
@@ -237,6 +250,31 @@ def train(
     return record
 
 
+SHIPPED_WEIGHTS = "alexnet_acmix.pdparams"
+SHIPPED_METRICS = "training_metrics.json"
+
+
+def continue_shipped(model, scheduler, folder: Path, config: TrainConfig, steps_per_epoch: int) -> dict:
+    """Load shipped weights into `model`, set the schedule after their epoch; returns the record."""
+    import paddle
+
+    weights, metrics = folder / SHIPPED_WEIGHTS, folder / SHIPPED_METRICS
+    for path in (weights, metrics):
+        if not path.is_file():
+            raise DataError(f"{path}: missing; {folder} holds no shipped run (python -m model.ship writes one)")
+    record = json.loads(metrics.read_text())
+    if record["config"] != asdict(config):
+        raise ValueError(f"{metrics} is a run with another configuration: {record['config']}")
+    epoch = record["best"]["epoch"]  # the shipped weights are the best epoch's
+    record["history"] = record["history"][:epoch]
+    model.set_state_dict(paddle.load(str(weights)))
+    step = epoch * steps_per_epoch
+    # Paddle's cosine schedule is recursive in its last value: set both, from the closed form.
+    lr = scheduler.eta_min + (scheduler.base_lr - scheduler.eta_min) * (1 + math.cos(math.pi * step / scheduler.T_max)) / 2
+    scheduler.set_state_dict({"last_epoch": step, "last_lr": lr})
+    return record
+
+
 def load_train_val(data_path: str, split_file: str, per_class: int, seed: int):
     """The training and held-out validation images; creates the split file on first use."""
     data = open_dataset(data_path, split="train")
@@ -271,6 +309,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="run folder (default runs/<arch>)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last.*")
     parser.add_argument("--init-weights", default=None, help="start from these weights (warm start)")
+    parser.add_argument("--continue-from", default=None,
+                        help="continue a shipped run (e.g. model/weights) after its best epoch, when no checkpoint is left")
     parser.add_argument("--until-epoch", type=int, default=None, help="stop after this epoch (continue with --resume)")
     args = parser.parse_args(argv)
 
@@ -292,6 +332,7 @@ def main(argv=None) -> int:
         record = train(
             config, train_data, val_data, out,
             resume=args.resume, init_weights=args.init_weights, until_epoch=args.until_epoch,
+            continue_from=Path(args.continue_from) if args.continue_from else None,
         )
     except (DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,3 +80,45 @@ def test_cli_reports_a_missing_data_set_in_one_line(capsys, tmp_path):
     assert main(["--data", str(tmp_path / "none.tar.gz"), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {tmp_path / 'none.tar.gz'}: no such file or directory"]
+
+
+def shipped_folder(run: Path, folder: Path, best_epoch: int) -> Path:
+    """What model.ship leaves, from a run's last checkpoint declared its best epoch."""
+    import shutil
+
+    from model.train import SHIPPED_METRICS, SHIPPED_WEIGHTS
+
+    folder.mkdir()
+    shutil.copyfile(run / "last.pdparams", folder / SHIPPED_WEIGHTS)
+    record = json.loads((run / "metrics.json").read_text())
+    record["best"] = {"epoch": best_epoch, "val_accuracy": record["history"][best_epoch - 1]["val_accuracy"]}
+    (folder / SHIPPED_METRICS).write_text(json.dumps(record))
+    return folder
+
+
+def test_continue_from_shipped_weights_keeps_history_and_schedule(paddle, data, tmp_path):
+    from model.train import train
+
+    straight = train(config(epochs=3), *data, tmp_path / "straight")
+    train(config(epochs=3), *data, tmp_path / "first", until_epoch=2)
+    shipped = shipped_folder(tmp_path / "first", tmp_path / "shipped", best_epoch=2)
+    record = train(config(epochs=3), *data, tmp_path / "fresh", continue_from=shipped)
+    assert [h["epoch"] for h in record["history"]] == [1, 2, 3]
+    first = json.loads((tmp_path / "first" / "metrics.json").read_text())
+    assert record["history"][:2] == first["history"]
+    assert record["history"][-1]["lr"] == pytest.approx(straight["history"][-1]["lr"], rel=1e-6)
+    # Same weights and batches, fresh Adam moments: close to the uninterrupted run, not identical.
+    assert record["history"][-1]["train_loss"] == pytest.approx(straight["history"][-1]["train_loss"], rel=0.2)
+    assert (tmp_path / "fresh" / "best.pdparams").is_file()
+
+
+def test_continue_from_refuses_a_folder_without_a_shipped_run_or_another_config(paddle, data, tmp_path):
+    from model.data import DataError
+    from model.train import train
+
+    with pytest.raises(DataError, match="alexnet_acmix.pdparams: missing"):
+        train(config(epochs=2), *data, tmp_path / "a", continue_from=tmp_path)
+    train(config(epochs=2), *data, tmp_path / "first", until_epoch=1)
+    shipped = shipped_folder(tmp_path / "first", tmp_path / "shipped", best_epoch=1)
+    with pytest.raises(ValueError, match="another configuration"):
+        train(config(epochs=2, lr=5e-4), *data, tmp_path / "b", continue_from=shipped)
