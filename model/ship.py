@@ -70,10 +70,9 @@ in PaddlePaddle {paddle_version} on this project's 2-core CPU machine.
 ## How it was trained
 
 ```sh
-python -m model.train --epochs {planned}            # then, after every interruption:
-python -m model.train --epochs {planned} --resume   # (make train; on a fresh machine it runs
-                                                     #  --continue-from model/weights instead)
-python -m model.ship                  # best weights, metrics, curves and this card into model/weights/
+python -m model.train --epochs {planned}           # then, after every interruption:
+python -m model.train --epochs {planned} --resume  # make train (without a checkpoint: --continue-from model/weights)
+python -m model.ship                       # best weights, metrics, curves and this card into model/weights/
 ```
 
 * Data: `{Path(evaluation["data"]).name}` (the 50,000 CIFAR-10 training images), read in place. 5,000
