@@ -39,9 +39,8 @@ def epoch_table(history: list[dict]) -> str:
 
 def status_line(best_epoch: int, done: int, planned: int, accuracy: float) -> str:
     if done < planned:
-        return (f"**Work in progress:** these are the best weights after epoch {done} of a {planned}-epoch run "
-                f"(the reference recipe; best: epoch {best_epoch}); the run goes on in later sessions with "
-                f"`make train`.")
+        return (f"**Work in progress:** the best weights (epoch {best_epoch}) of the first {done} epochs of a "
+                f"{planned}-epoch run (the reference recipe); the run goes on in later sessions with `make train`.")
     if accuracy < TARGET_ACCURACY:
         return f"The {planned}-epoch run is complete; its best epoch ({best_epoch}) is below the target."
     return f"The {planned}-epoch run is complete; these are its best weights (epoch {best_epoch})."

@@ -47,7 +47,7 @@ def test_ship_copies_the_best_weights_and_writes_a_card_of_their_figures(run, fo
     card = (out / "README.md").read_text()
     assert f"**{evaluation['accuracy']:.4f}**" in card
     assert "| epochs trained / planned | 2 / 50 (best: epoch 2) |" in card
-    assert "after epoch 2 of a 50-epoch run" in card
+    assert "the best weights (epoch 2) of the first 2 epochs of a 50-epoch run" in card
     assert all(f"| {name} | {value:.4f} |" in card for name, value in evaluation["per_class"].items())
     assert "| 2 | 1.00e-03 | 1.8000 | 0.3000 | 1.7000 | 0.4200 | 11.0 |" in card
     assert evaluation["n"] == 30
