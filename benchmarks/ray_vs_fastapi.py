@@ -17,13 +17,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
-
-from benchmarks.service_load import WRK_SCRIPT, preflight, run_wrk, sample_jpeg
-from service.launch import free_port, start_server, stop
+from benchmarks.service_load import preflight, run_wrk, wrk_inputs
+from service.launch import free_port, start_server, stop, wait_ready
 
 
 def start_ray(onnx: Path, port: int, replicas: int, folder: Path) -> subprocess.Popen:
@@ -42,16 +39,10 @@ def start_ray(onnx: Path, port: int, replicas: int, folder: Path) -> subprocess.
     serve = Path(sys.executable).parent / "serve"
     process = subprocess.Popen([str(serve), "run", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, start_new_session=True)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    os.killpg(process.pid, signal.SIGTERM)
-    raise RuntimeError("Ray Serve did not become ready in 180 s")
+    if not wait_ready(f"http://127.0.0.1:{port}", process, timeout=180, interval=1):
+        os.killpg(process.pid, signal.SIGTERM)
+        raise RuntimeError("Ray Serve did not become ready in 180 s")
+    return process
 
 
 def main(argv=None) -> int:
@@ -69,9 +60,7 @@ def main(argv=None) -> int:
         return 2
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        image = sample_jpeg(Path(tmp) / "x.jpg")
-        script = Path(tmp) / "post.lua"
-        script.write_text(WRK_SCRIPT)
+        image, script = wrk_inputs(Path(tmp))
         process, url = start_server(onnx, log_level="warning")
         try:
             run_wrk(url, 8, 2, image, script)

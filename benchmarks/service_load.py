@@ -82,6 +82,13 @@ def sample_jpeg(path: Path) -> Path:
     return path
 
 
+def wrk_inputs(folder: Path) -> tuple[Path, Path]:
+    """(the sample JPEG, wrk's POST script) written into `folder`."""
+    script = folder / "post.lua"
+    script.write_text(WRK_SCRIPT)
+    return sample_jpeg(folder / "x.jpg"), script
+
+
 def run_wrk(url: str, connections: int, seconds: float, image: Path, script: Path) -> dict:
     command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script),
                f"{url}/predict"]
@@ -150,9 +157,7 @@ def main(argv=None) -> int:
 
     rounds, raws = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        image = sample_jpeg(Path(tmp) / "x.jpg")
-        script = Path(tmp) / "post.lua"
-        script.write_text(WRK_SCRIPT)
+        image, script = wrk_inputs(Path(tmp))
         process, url = start_server(onnx, max_batch_size=args.batch, max_queue_delay_ms=args.queue_delay_ms,
                                     max_queue_size=4096, log_level="warning")
         try:

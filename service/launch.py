@@ -33,18 +33,27 @@ def start_server(onnx_path, timeout: float = 90, **settings) -> tuple[subprocess
     process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port)], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
+    if not wait_ready(url, process, timeout):
+        process.kill()
+        raise RuntimeError(f"the server did not become ready in {timeout:g} s")
+    return process, url
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout: float, interval: float = 0.2) -> bool:
+    """Poll {url}/readyz until it answers 200 (True) or `timeout` passes (False); RuntimeError,
+    with its output where it is captured, if the process exits first."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the server exited: {process.stdout.read()}")
+            output = process.stdout.read() if process.stdout else ""
+            raise RuntimeError(f"the server exited with status {process.returncode}: {output}")
         try:
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return process, url
+                return True
         except httpx.HTTPError:
             pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"the server did not become ready in {timeout:g} s")
+        time.sleep(interval)
+    return False
 
 
 def stop(process: subprocess.Popen) -> int:
