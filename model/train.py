@@ -183,8 +183,7 @@ def train(
         model.set_state_dict(paddle.load(str(out / "last.pdparams")))
         load_optimizer_state(model, optimizer, paddle.load(str(out / "last.pdopt")))
         record = json.loads((out / "metrics.json").read_text())
-        if record["config"] != asdict(config):
-            raise ValueError(f"{out} holds a run with another configuration: {record['config']}")
+        check_same_config(record, config, out)
         print(f"resuming after epoch {len(record['history'])} from {out}", file=sys.stderr)
     elif continue_from is not None:
         record = continue_shipped(model, scheduler, Path(continue_from), config, steps_per_epoch)
@@ -250,6 +249,12 @@ def train(
     return record
 
 
+def check_same_config(record: dict, config: TrainConfig, source: Path) -> None:
+    """ValueError unless the run recorded in `source` used this configuration."""
+    if record["config"] != asdict(config):
+        raise ValueError(f"{source} holds a run with another configuration: {record['config']}")
+
+
 SHIPPED_WEIGHTS = "alexnet_acmix.pdparams"
 SHIPPED_METRICS = "training_metrics.json"
 
@@ -263,8 +268,7 @@ def continue_shipped(model, scheduler, folder: Path, config: TrainConfig, steps_
         if not path.is_file():
             raise DataError(f"{path}: missing; {folder} holds no shipped run (python -m model.ship writes one)")
     record = json.loads(metrics.read_text())
-    if record["config"] != asdict(config):
-        raise ValueError(f"{metrics} is a run with another configuration: {record['config']}")
+    check_same_config(record, config, metrics)
     epoch = record["best"]["epoch"]  # the shipped weights are the best epoch's
     record["history"] = record["history"][:epoch]
     model.set_state_dict(paddle.load(str(weights)))
