@@ -34,10 +34,20 @@ def test_graph_is_clean(exported):
 
 def test_attention_is_matmuls_not_unfold(exported):
     ops = graph_report(onnx.load(str(exported)))["ops"]
-    assert ops["Softmax"] == 3 and ops["MatMul"] == 3 * 3 + 3  # per ACmix: 2 attention + fc; 3 classifier
-    assert not {"Im2Col", "Col2Im", "Gather", "GatherND", "ScatterND", "Loop", "If"} & set(ops)
-    # The three q/k/v projections of each ACmix run as one convolution.
-    assert ops["Conv"] == 2 + 3 * 2  # stem, then projection + dep_conv per ACmix; conv_p folded away
+    assert ops["Softmax"] == 3 and ops["MatMul"] == 3 * 2 + 3  # per ACmix: 2 attention; 3 classifier
+    assert not {"Im2Col", "Col2Im", "Gather", "GatherND", "ScatterND", "Split", "Loop", "If"} & set(ops)
+    # Per ACmix and per q, k, v: a 1x1 projection and a grouped convolution (fc folded into dep_conv).
+    assert ops["Conv"] == 2 + 3 * 3 * 2  # the stem, then the ACmix layers; conv_p folded away
+
+
+def test_convolution_path_groups_fit_onnx_runtime_blocks(exported):
+    model = onnx.load(str(exported))
+    shapes = {init.name: list(init.dims) for init in model.graph.initializer}
+    grouped = [(node, shapes[node.input[1]]) for node in model.graph.node if node.op_type == "Conv"
+               and any(a.name == "group" and a.i > 1 for a in node.attribute)]
+    # [out, in per group, 3, 3]: 4 head dimensions of 4 heads per group, 16 channels in and out.
+    assert [weight for _, weight in grouped] == [[192, 16, 3, 3]] * 6 + [[128, 16, 3, 3]] * 3
+    assert [a.i for node, _ in grouped for a in node.attribute if a.name == "group"] == [12] * 6 + [8] * 3
 
 
 def test_intermediate_shapes_are_static_but_batch(exported):

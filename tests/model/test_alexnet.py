@@ -55,6 +55,19 @@ def test_acmix_layer_equals_the_oracle(paddle, in_planes, out_planes):
     assert relative_error(fast(x).numpy(), reference(x).numpy()) <= 1e-5
 
 
+@pytest.mark.parametrize("in_planes,out_planes", [(128, 192), (16, 24)])  # 4 and 1 head dims per group
+def test_acmix_as_traced_for_export_equals_the_oracle(paddle, in_planes, out_planes):
+    from model.alexnet import ACmix
+
+    reference, fast = oracle.ACmix(in_planes, out_planes), ACmix(in_planes, out_planes)
+    state = random_state(reference, seed=in_planes)
+    reference.set_state_dict(state)
+    fast.set_state_dict(state)
+    traced = paddle.jit.to_static(fast, full_graph=True)
+    x = paddle.to_tensor(np.random.default_rng(2).standard_normal((2, in_planes, 7, 7)).astype("float32"))
+    assert relative_error(traced(x).numpy(), reference(x).numpy()) <= 1e-5
+
+
 def test_acmix_gradients_equal_the_oracle(paddle):
     from model.alexnet import ACmix
 
