@@ -110,6 +110,11 @@ def graph_report(model) -> dict:
         if i < len(node.input) and node.input[i] and node.input[i] not in initializers
     ]
 
+    constant = set(initializers)
+    for node in graph.node:  # topological order: a node fed only by constants is one itself
+        if node.op_type == "Constant" or all(name in constant for name in node.input if name):
+            constant.update(node.output)
+
     def dims(value):
         return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
 
@@ -121,5 +126,7 @@ def graph_report(model) -> dict:
         "unused_initializers": sorted(initializers - consumed),
         "dynamic_shape_operands": dynamic_operands,
         "shape_computation": [n.name for n in graph.node if n.op_type in ("Shape", "ConstantOfShape", "Range")],
+        # Work that depends on weights only and would be redone on every call, e.g. unfolded weight products.
+        "constant_computation": [f"{n.op_type}:{n.name}" for n in graph.node if set(n.output) <= constant],
         "produced": len(produced),
     }

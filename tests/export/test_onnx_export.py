@@ -29,7 +29,22 @@ def test_graph_is_clean(exported):
     assert "Identity" not in report["ops"]
     assert report["dead_nodes"] == [] and report["unused_initializers"] == []
     assert report["shape_computation"] == []  # no Shape/ConstantOfShape/Range: shapes are static
+    assert report["constant_computation"] == []  # weight products (fc into dep_conv, rate2) folded
     assert report["dynamic_shape_operands"] == []  # Pad/Slice/Squeeze/Reshape operands are initializers
+
+
+def test_graph_report_finds_unclean_graphs():
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.eye(2, dtype=np.float32), "w")
+    nodes = [helper.make_node("Mul", ["w", "w"], ["w2"], name="product"),  # weights only: per call
+             helper.make_node("MatMul", ["x", "w2"], ["y"], name="matmul"),
+             helper.make_node("Relu", ["x"], ["unused"], name="dead")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])], [weight])
+    report = graph_report(helper.make_model(graph))
+    assert report["constant_computation"] == ["Mul:product"]
+    assert report["dead_nodes"] == ["dead"]
 
 
 def test_attention_is_matmuls_not_unfold(exported):
