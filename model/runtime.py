@@ -14,9 +14,9 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def is_amd_cpu() -> bool:
+def is_amd_cpu(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
     try:
-        with open("/proc/cpuinfo") as cpuinfo:
+        with open(cpuinfo_path) as cpuinfo:
             return any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in cpuinfo)
     except OSError:  # not Linux
         return False

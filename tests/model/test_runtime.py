@@ -22,15 +22,10 @@ def test_mkl_kernel_choice(monkeypatch, amd, preset, expected):
     assert runtime.os.environ.get("MKL_DEBUG_CPU_TYPE") == expected
 
 
-def test_cpu_vendor_is_read_from_cpuinfo(monkeypatch, tmp_path):
+def test_cpu_vendor_is_read_from_cpuinfo(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
-    real_open = open
-
-    def fake_open(path, *args, **kwargs):  # a fake /proc/cpuinfo, everything else as is
-        return real_open(cpuinfo if path == "/proc/cpuinfo" else path, *args, **kwargs)
-
-    monkeypatch.setattr("builtins.open", fake_open)
     cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n")
-    assert runtime.is_amd_cpu()
+    assert runtime.is_amd_cpu(str(cpuinfo))
     cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel Xeon\n")
-    assert not runtime.is_amd_cpu()
+    assert not runtime.is_amd_cpu(str(cpuinfo))
+    assert not runtime.is_amd_cpu(str(tmp_path / "absent"))
