@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import queue
 import sys
 import threading
@@ -184,6 +185,7 @@ def train(
         load_optimizer_state(model, optimizer, paddle.load(str(out / "last.pdopt")))
         record = json.loads((out / "metrics.json").read_text())
         check_same_config(record, config, out)
+        check_checkpoint(scheduler, record, steps_per_epoch, out)
         print(f"resuming after epoch {len(record['history'])} from {out}", file=sys.stderr)
     elif continue_from is not None:
         record = continue_shipped(model, scheduler, Path(continue_from), config, steps_per_epoch)
@@ -235,10 +237,11 @@ def train(
         record["history"].append(entry)
         if record["best"] is None or entry["val_accuracy"] > record["best"]["val_accuracy"]:
             record["best"] = {"epoch": epoch, "val_accuracy": entry["val_accuracy"]}
-            paddle.save(model.state_dict(), str(out / "best.pdparams"))
-        paddle.save(model.state_dict(), str(out / "last.pdparams"))
-        paddle.save(optimizer_state(model, optimizer), str(out / "last.pdopt"))
-        (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+            save_replacing(out / "best.pdparams", lambda tmp: paddle.save(model.state_dict(), tmp))
+        save_replacing(out / "last.pdparams", lambda tmp: paddle.save(model.state_dict(), tmp))
+        save_replacing(out / "last.pdopt", lambda tmp: paddle.save(optimizer_state(model, optimizer), tmp))
+        # Written last: metrics.json says which epoch the checkpoint holds (see check_checkpoint).
+        save_replacing(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
         plot_curves(record["history"], out / "curves.png")
         print(
             f"epoch {epoch}: train loss {entry['train_loss']:.4f} acc {entry['train_accuracy']:.4f} | "
@@ -247,6 +250,27 @@ def train(
             file=sys.stderr,
         )
     return record
+
+
+def save_replacing(path: Path, write) -> None:
+    """write(tmp) then rename over path: a run killed mid-save leaves the previous file whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def check_checkpoint(scheduler, record: dict, steps_per_epoch: int, out: Path) -> None:
+    """ValueError unless the loaded checkpoint is the epoch metrics.json ends with.
+
+    They differ only when a run was killed between writing the two.
+    """
+    done = len(record["history"])
+    if scheduler.last_epoch != done * steps_per_epoch:
+        raise ValueError(
+            f"{out}: last.pdopt is at step {scheduler.last_epoch}, metrics.json records {done} epochs "
+            f"of {steps_per_epoch} steps (the run was stopped while saving); move last.* away and continue "
+            "the shipped run with --continue-from model/weights"
+        )
 
 
 def check_same_config(record: dict, config: TrainConfig, source: Path) -> None:

@@ -56,6 +56,40 @@ def test_resume_continues_where_it_stopped(paddle, data, tmp_path):
     assert resumed["history"][-1]["train_loss"] == pytest.approx(straight["history"][-1]["train_loss"], rel=1e-3)
 
 
+def test_a_run_killed_while_saving_leaves_the_previous_checkpoint_resumable(paddle, data, tmp_path, monkeypatch):
+    import model.train as train_module
+
+    straight = train_module.train(config(epochs=2), *data, tmp_path / "straight")
+    real_save = paddle.save
+
+    def dies_on_the_second_epochs_weights(obj, path):
+        if json.loads((tmp_path / "split" / "metrics.json").read_text())["history"] and "last.pdparams" in path:
+            real_save(obj, path)
+            Path(path).write_bytes(Path(path).read_bytes()[:100])  # a partly written file
+            raise KeyboardInterrupt
+        real_save(obj, path)
+
+    train_module.train(config(epochs=2), *data, tmp_path / "split", until_epoch=1)
+    monkeypatch.setattr(paddle, "save", dies_on_the_second_epochs_weights)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(config(epochs=2), *data, tmp_path / "split", resume=True)
+    monkeypatch.setattr(paddle, "save", real_save)
+    resumed = train_module.train(config(epochs=2), *data, tmp_path / "split", resume=True)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    assert resumed["history"][-1]["train_loss"] == pytest.approx(straight["history"][-1]["train_loss"], rel=1e-3)
+
+
+def test_resume_refuses_a_checkpoint_ahead_of_its_metrics(paddle, data, tmp_path):
+    from model.train import train
+
+    train(config(epochs=2), *data, tmp_path)
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    record["history"] = record["history"][:1]  # as if killed after last.pdopt, before metrics.json
+    (tmp_path / "metrics.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="last.pdopt is at step 8, metrics.json records 1 epochs of 4 steps"):
+        train(config(epochs=2), *data, tmp_path, resume=True)
+
+
 def test_resume_refuses_another_configuration(paddle, data, tmp_path):
     from model.train import train
 
