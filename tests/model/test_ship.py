@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +61,18 @@ def test_a_folder_that_is_no_run_is_refused_with_its_name(tmp_path, capsys):
     assert main(["--run", str(tmp_path / "nothing")]) == 2
     assert capsys.readouterr().err.strip().startswith("error: ")
     assert not (tmp_path / "weights").exists()
+
+
+def test_the_readme_quotes_the_shipped_weights():
+    """The README's model line is edited by hand after `make ship`; it must name the shipped run."""
+    from model.ship import WEIGHTS_DIR
+    from model.train import SHIPPED_METRICS
+
+    root = Path(__file__).resolve().parents[2]
+    metrics = json.loads((root / WEIGHTS_DIR / SHIPPED_METRICS).read_text())
+    quoted = re.search(r"validation accuracy \*\*(0\.\d{3})\*\* \(best epoch (\d+) of the first (\d+)",
+                       (root / "README.md").read_text())
+    assert quoted, "README.md: no 'validation accuracy **0.xxx** (best epoch N of the first M' line"
+    assert float(quoted[1]) == round(metrics["best"]["val_accuracy"], 3)
+    assert int(quoted[2]) == metrics["best"]["epoch"]
+    assert int(quoted[3]) == len(metrics["history"])
