@@ -22,6 +22,7 @@ import queue
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -235,13 +236,18 @@ def train(
             "epoch_seconds": time.perf_counter() - started,
         }
         record["history"].append(entry)
+        weights = model.state_dict()
         if record["best"] is None or entry["val_accuracy"] > record["best"]["val_accuracy"]:
             record["best"] = {"epoch": epoch, "val_accuracy": entry["val_accuracy"]}
-            save_replacing(out / "best.pdparams", lambda tmp: paddle.save(model.state_dict(), tmp))
-        save_replacing(out / "last.pdparams", lambda tmp: paddle.save(model.state_dict(), tmp))
-        save_replacing(out / "last.pdopt", lambda tmp: paddle.save(optimizer_state(model, optimizer), tmp))
+            with replacing(out / "best.pdparams") as tmp:
+                paddle.save(weights, tmp)
+        with replacing(out / "last.pdparams") as tmp:
+            paddle.save(weights, tmp)
+        with replacing(out / "last.pdopt") as tmp:
+            paddle.save(optimizer_state(model, optimizer), tmp)
         # Written last: metrics.json says which epoch the checkpoint holds (see check_checkpoint).
-        save_replacing(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
+        with replacing(out / "metrics.json") as tmp:
+            Path(tmp).write_text(json.dumps(record, indent=2) + "\n")
         plot_curves(record["history"], out / "curves.png")
         print(
             f"epoch {epoch}: train loss {entry['train_loss']:.4f} acc {entry['train_accuracy']:.4f} | "
@@ -252,10 +258,12 @@ def train(
     return record
 
 
-def save_replacing(path: Path, write) -> None:
-    """write(tmp) then rename over path: a run killed mid-save leaves the previous file whole."""
+@contextmanager
+def replacing(path: Path):
+    """Yields a path beside `path` to write to, renamed over it once written: a run killed
+    mid-save leaves the previous file whole."""
     tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
+    yield str(tmp)
     os.replace(tmp, path)
 
 
