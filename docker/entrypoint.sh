@@ -2,7 +2,7 @@
 # Entrypoint of both images (docker/Dockerfile.gpu, docker/Dockerfile.cpu). Settings come from the
 # ACMIX_ environment variables (service/settings.py); the defaults below are the service's own.
 #
-#   serve (default)   export the ONNX if it is missing, build the TensorRT engine if it is missing
+#   serve (default)   export the ONNX if it is missing or from other weights, build the TensorRT engine if it is missing
 #                     or stale (TensorRT backend only), then run the service
 #   onnx              only the ONNX step
 #   engine [OPTION]   the ONNX step, then `python -m export engine` with extra options (e.g. --force)
@@ -23,13 +23,10 @@ log() {
     echo "entrypoint: $*" >&2
 }
 
-# The ONNX model, exported from the shipped Paddle weights (and verified against Paddle) when missing.
+# The ONNX model, exported from the shipped Paddle weights (and verified against Paddle) when it is
+# missing or was exported from other weights (an image with new weights over an old volume).
 prepare_onnx() {
-    if [ -f "$ACMIX_ONNX_PATH" ]; then
-        return
-    fi
-    log "$ACMIX_ONNX_PATH is missing: exporting it from $ACMIX_WEIGHTS_PATH"
-    python -m export onnx --weights "$ACMIX_WEIGHTS_PATH" --out "$ACMIX_ONNX_PATH"
+    python -m export onnx --weights "$ACMIX_WEIGHTS_PATH" --out "$ACMIX_ONNX_PATH" --if-stale
 }
 
 # `python -m export engine` calls export.engine.ensure_engine with rebuild=True: an engine that

@@ -1,6 +1,6 @@
 """python -m export {onnx,verify,engine,all,triton}: Paddle weights -> ONNX -> TensorRT engine.
 
-    python -m export onnx    [--weights W] [--out build/alexnet_acmix.onnx]   (verifies at the end)
+    python -m export onnx    [--weights W] [--out build/alexnet_acmix.onnx] [--if-stale]   (verifies at the end)
     python -m export verify  [--onnx O] [--weights W] [--data D]
     python -m export engine  [--onnx O] [--precision fp32|fp16] [--opt-batch 32] [--max-batch 256]
     python -m export all     weights -> ONNX -> verify -> engine where a GPU and TensorRT are present
@@ -29,8 +29,14 @@ def default_engine_path(onnx: str, precision: str) -> str:
 
 
 def run_onnx(args) -> dict:
-    from export.onnx_export import export_onnx
+    from export.onnx_export import export_onnx, onnx_staleness
 
+    if args.if_stale:
+        why = onnx_staleness(args.out, args.weights)
+        if why is None:
+            print(f"{args.out} is current (exported from {args.weights}); kept", file=sys.stderr)
+            return {"onnx": str(args.out), "kept": True}
+        print(f"{why}: exporting it", file=sys.stderr)
     path = export_onnx(args.weights, args.out, arch=args.arch)
     print(f"wrote {path}", file=sys.stderr)
     result = {"onnx": str(path)}
@@ -147,6 +153,8 @@ def parser() -> argparse.ArgumentParser:
     verify_options(onnx)
     onnx.add_argument("--out", default=DEFAULT_ONNX)
     onnx.add_argument("--no-verify", action="store_true")
+    onnx.add_argument("--if-stale", action="store_true",
+                      help="only if --out is missing or was exported from other weights (its metadata says)")
 
     verify = commands.add_parser("verify", help="ONNX Runtime against Paddle on real images")
     paddle_options(verify)
@@ -163,6 +171,7 @@ def parser() -> argparse.ArgumentParser:
     verify_options(everything)
     everything.add_argument("--out", default=DEFAULT_ONNX)
     everything.add_argument("--no-verify", action="store_true")
+    everything.add_argument("--if-stale", action="store_true", help="as for onnx")
     engine_options(everything)
 
     triton = commands.add_parser("triton", help="write a Triton Inference Server model repository")

@@ -12,11 +12,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from export.engine import sha256_file
 from export.errors import ExportError
 from model.spec import INPUT_NAME, OUTPUT_NAME
 
 BATCH_DIM = "batch"
 OPSET = 17
+# Metadata: the sha256 of the .pdparams the graph was exported from, so that a service can tell
+# an ONNX file left from older weights.
+WEIGHTS_DIGEST = "weights_sha256"
 # Ops whose shape-like operands TensorRT's ONNX parser needs as initializers, not tensors.
 STATIC_OPERANDS = {"Pad": [1], "Slice": [1, 2, 3, 4], "Squeeze": [1], "Unsqueeze": [1], "ReduceSum": [1],
                    "Reshape": [1]}
@@ -53,6 +57,7 @@ def export_onnx(weights: str | Path, out: str | Path, arch: str = "alexnet_acmix
             graph = onnxslim.slim(onnx.load(str(raw)))
             steps.update()
         graph = name_io(graph)
+        graph.metadata_props.add(key=WEIGHTS_DIGEST, value=sha256_file(weights))
         onnx.checker.check_model(graph, full_check=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         onnx.save(graph, str(out))
@@ -78,6 +83,26 @@ def _paddle2onnx(prefix: str, out: Path) -> None:
             enable_onnx_checker=True,
             enable_optimize=True,
         )
+
+
+def exported_from(onnx_path: str | Path) -> str | None:
+    """The sha256 of the weights an ONNX file was exported from; None where it does not say."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return next((prop.value for prop in model.metadata_props if prop.key == WEIGHTS_DIGEST), None)
+
+
+def onnx_staleness(onnx_path: str | Path, weights: str | Path) -> str | None:
+    """Why `onnx_path` needs exporting (again) from `weights`; None if it can be used as it is.
+
+    An ONNX file that does not say which weights it came from (brought by a user) is used as it is.
+    """
+    if not Path(onnx_path).is_file():
+        return f"{onnx_path} is missing"
+    if Path(weights).is_file() and exported_from(onnx_path) not in (None, sha256_file(weights)):
+        return f"{onnx_path} was exported from other weights than {weights}"
+    return None
 
 
 def name_io(model):

@@ -16,7 +16,7 @@ class Settings(BaseSettings):
     backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
         "auto", description="auto: TensorRT where a GPU and TensorRT are present, else ONNX Runtime"
     )
-    weights_path: str = Field("model/weights/alexnet_acmix.pdparams", description="exported to ONNX if it is missing")
+    weights_path: str = Field("model/weights/alexnet_acmix.pdparams", description="exported to ONNX if that is missing or from other weights")
     onnx_path: str = Field("build/alexnet_acmix.onnx", description="the ONNX model (ONNX Runtime, engine builds)")
     engine_path: str = Field("build/alexnet_acmix.fp32.plan", description="the TensorRT engine")
     engine_precision: Literal["fp32", "fp16"] = "fp32"

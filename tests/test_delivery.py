@@ -340,6 +340,7 @@ def test_entrypoint_tensorrt_exports_builds_then_serves(tmp_path):
     assert len(calls) == 3, calls
     onnx = check_export(calls[0], "onnx")
     assert onnx.out == "/engines/alexnet_acmix.onnx" and onnx.weights == "model/weights/alexnet_acmix.pdparams"
+    assert onnx.if_stale
     engine = check_export(calls[1], "engine")
     assert (engine.onnx, engine.engine, engine.precision) == (
         "/engines/alexnet_acmix.onnx", "/engines/alexnet_acmix.fp32.plan", "fp16")
@@ -349,13 +350,15 @@ def test_entrypoint_tensorrt_exports_builds_then_serves(tmp_path):
     check_service(calls[2])
 
 
-def test_entrypoint_onnxruntime_skips_the_engine_and_an_existing_onnx(tmp_path):
+def test_entrypoint_onnxruntime_skips_the_engine(tmp_path):
     onnx = tmp_path / "model.onnx"
     onnx.write_bytes(b"onnx")
     calls = run_entrypoint(tmp_path, ["serve"], {**CONTAINER_ENV, "ACMIX_BACKEND": "onnxruntime",
                                                  "ACMIX_ONNX_PATH": str(onnx)})
-    assert len(calls) == 1
-    check_service(calls[0])
+    assert len(calls) == 2
+    # An existing ONNX file is kept unless it came from other weights: export decides (--if-stale).
+    assert check_export(calls[0], "onnx").if_stale
+    check_service(calls[1])
 
 
 def test_entrypoint_auto_without_tensorrt_serves_on_onnxruntime(tmp_path):

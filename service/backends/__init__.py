@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 from service.backends.base import Backend, BackendError
 
@@ -24,13 +23,15 @@ def choose_backend(requested: str) -> tuple[str, str]:
 
 
 def ensure_onnx(settings) -> None:
-    """Export the shipped weights to ONNX when the ONNX file is missing, saying so."""
-    if Path(settings.onnx_path).is_file():
-        return
-    log.warning("%s is missing: exporting it from %s", settings.onnx_path, settings.weights_path)
+    """Export the shipped weights to ONNX when the ONNX file is missing or was exported from other
+    weights (export.onnx_export.onnx_staleness), saying so."""
     from export.errors import ExportError
-    from export.onnx_export import export_onnx
+    from export.onnx_export import export_onnx, onnx_staleness
 
+    why = onnx_staleness(settings.onnx_path, settings.weights_path)
+    if why is None:
+        return
+    log.warning("%s: exporting it from %s", why, settings.weights_path)
     try:
         export_onnx(settings.weights_path, settings.onnx_path)
     except ExportError as exc:

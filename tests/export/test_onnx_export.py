@@ -106,6 +106,27 @@ def test_cli_onnx_writes_and_verifies(weights, tmp_path, capsys):
     assert result["verify"]["passed"] and result["verify"]["n"] == 8
 
 
+def test_cli_onnx_if_stale_keeps_a_current_file_and_exports_one_of_other_weights(paddle, onnx_model, weights,
+                                                                                  tmp_path, capsys):
+    import shutil
+
+    from export.engine import sha256_file
+    from export.onnx_export import exported_from
+
+    out = shutil.copyfile(onnx_model, tmp_path / "model.onnx")
+    assert main(["onnx", "--weights", str(weights), "--out", str(out), "--if-stale"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"onnx": str(out), "kept": True}
+    assert out.read_bytes() == onnx_model.read_bytes()
+
+    state = paddle.load(str(weights))
+    state["classifier.6.bias"] = state["classifier.6.bias"] + 1.0  # newer weights
+    newer = tmp_path / "newer.pdparams"
+    paddle.save(state, str(newer))
+    assert main(["onnx", "--weights", str(newer), "--out", str(out), "--if-stale", "--no-verify"]) == 0
+    assert f"{out} was exported from other weights than {newer}: exporting it" in capsys.readouterr().err
+    assert exported_from(out) == sha256_file(newer)
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
