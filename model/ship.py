@@ -18,7 +18,7 @@ from pathlib import Path
 
 from model.data import DataError
 from model.evaluate import DEFAULT_DATA, DEFAULT_SPLIT_FILE, evaluate
-from model.train import SHIPPED_METRICS, SHIPPED_WEIGHTS
+from model.train import SHIPPED_METRICS, SHIPPED_WEIGHTS, recorded_config
 
 WEIGHTS_DIR = Path("model/weights")
 TARGET_ACCURACY = 0.82
@@ -37,51 +37,82 @@ def epoch_table(history: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def status_line(best_epoch: int, done: int, planned: int, accuracy: float) -> str:
-    if done < planned:
-        return (f"**Work in progress:** the best weights (epoch {best_epoch}) of the first {done} epochs of a "
-                f"{planned}-epoch run (the reference recipe); the run goes on in later sessions with `make train`.")
-    if accuracy < TARGET_ACCURACY:
-        return f"The {planned}-epoch run is complete; its best epoch ({best_epoch}) is below the target."
-    return f"The {planned}-epoch run is complete; these are its best weights (epoch {best_epoch})."
+def status_line(metrics: dict, accuracy: float) -> str:
+    history, planned, best = metrics["history"], metrics["config"]["epochs"], metrics["best"]["epoch"]
+    parent = metrics.get("parent")
+    if parent:
+        run = (f"a fine-tune ({planned} epochs, lighter augmentation) of the best weights (epoch "
+               f"{parent['best']['epoch']}, validation accuracy {parent['best']['val_accuracy']:.4f}) of a "
+               f"{parent['config']['epochs']}-epoch run")
+        again = "make finetune"
+    else:
+        run, again = f"a {planned}-epoch run (the reference recipe)", "make train"
+    if len(history) < planned:
+        return (f"**Work in progress:** the best weights (epoch {best}) of the first {len(history)} epochs of "
+                f"{run}; it goes on in later sessions with `{again}`.")
+    verdict = "below the target" if accuracy < TARGET_ACCURACY else "its best weights"
+    return f"Complete: the best weights (epoch {best}) of {run}; {verdict}."
+
+
+def augmentation_text(config: dict) -> str:
+    rotation = f"rotation ±{config['rotation']:g}°" if config["rotation"] else "no rotation"
+    return (f"resize 130, color jitter {config['jitter']:g} (brightness, contrast, saturation), random resized "
+            f"crop 128 (scale {config['crop_scale_min']:g}–1), horizontal flip, {rotation}")
+
+
+def recipe_text(config: dict) -> str:
+    return (f"Adam, lr {config['lr']:g} with cosine decay per step over the {config['epochs']} epochs, weight decay "
+            f"{config['weight_decay']:g}, label smoothing {config['label_smoothing']:g}, batch "
+            f"{config['batch_size']} (drop last), dropout 0.5; augmentation: {augmentation_text(config)}; seed "
+            f"{config['seed']}")
 
 
 def model_card(metrics: dict, evaluation: dict, paddle_version: str) -> str:
-    config, history, best = metrics["config"], metrics["history"], metrics["best"]
-    done, planned = len(history), config["epochs"]
+    config, history, best = recorded_config(metrics), metrics["history"], metrics["best"]
+    parent = metrics.get("parent")
+    stages = ([(parent, recorded_config(parent), "the first run")] if parent else []) + [
+        (metrics, config, "the fine-tune" if parent else "the run")]
+    reference = "the first run" if parent else "the run"
     recent = sorted(h["epoch_seconds"] for h in history[-5:])
     minutes = recent[len(recent) // 2] / 60
     per_class = "\n".join(f"| {name} | {value:.4f} |" for name, value in evaluation["per_class"].items()
                           if value is not None)
+    trained = " + ".join(f"{len(record['history'])} / {cfg['epochs']}" for record, cfg, _ in stages)
+    recipes = "\n".join(f"* Recipe of {name}: {recipe_text(cfg)}." for _, cfg, name in stages)
+    tables = "\n\n".join(f"Epochs of {name}:\n\n{epoch_table(record['history'])}" for record, _, name in stages)
+    first = stages[0][1]
+    commands = [f"python -m model.train --epochs {first['epochs']}  # then, after every interruption:",
+                "make train       # --resume (without a checkpoint: --continue-from model/weights)"]
+    if parent:
+        commands.append("make finetune    # the fine-tune of runs/alexnet_acmix/best.pdparams")
+    commands.append(f"make ship RUN={'runs/alexnet_acmix_finetune' if parent else 'runs/alexnet_acmix'}"
+                    "  # best weights, metrics, curves and this card into model/weights/")
+    commands = "\n".join(commands)
     return f"""# Model card: `alexnet_acmix.pdparams`
 
 AlexNet-ACmix (7,051,159 parameters, `model/alexnet.py`) for CIFAR-10 at 128×128 input, trained
 in PaddlePaddle {paddle_version} on this project's 2-core CPU machine.
-{status_line(best["epoch"], done, planned, evaluation["accuracy"])} Target: validation accuracy ≥
+{status_line(metrics, evaluation["accuracy"])} Target: validation accuracy ≥
 {TARGET_ACCURACY} (the reference reports 0.818 after 50 epochs on a V100, selected on the test split).
 
 | figure | value |
 |---|---|
 | validation accuracy ({evaluation["n"]:,} held-out training images) | **{evaluation["accuracy"]:.4f}** |
-| epochs trained / planned | {done} / {planned} (best: epoch {best["epoch"]}) |
+| epochs trained / planned | {trained} (best: epoch {best["epoch"]}{" of the fine-tune" if parent else ""}) |
 | test accuracy | measured independently (the test split is withheld here) |
 
 ## How it was trained
 
 ```sh
-python -m model.train --epochs {planned}           # then, after every interruption:
-python -m model.train --epochs {planned} --resume  # make train (without a checkpoint: --continue-from model/weights)
-python -m model.ship                       # best weights, metrics, curves and this card into model/weights/
+{commands}
 ```
 
 * Data: `{Path(evaluation["data"]).name}` (the 50,000 CIFAR-10 training images), read in place. 5,000
   of them (500 per class, seed {config["seed"]}) are held out for validation and model selection and
   never trained on: `model/weights/val_split.json` lists them.
-* Recipe (the reference notebook's): Adam, lr {config["lr"]:g} with cosine decay per step over the
-  {planned} epochs, weight decay {config["weight_decay"]:g}, label smoothing {config["label_smoothing"]:g},
-  batch {config["batch_size"]} (drop last), dropout 0.5; augmentation: resize 130, color jitter 0.2
-  (brightness, contrast, saturation), random resized crop 128 (scale 0.6–1), horizontal flip,
-  rotation ±20°; seed {config["seed"]}, per-epoch seeds so that a resumed run draws the same batches.
+{recipes}
+  The recipe of {reference} is the reference notebook's. Per-epoch seeds make a resumed run draw
+  the same batches.
 * Speed: about {minutes:.0f} min per epoch lately (median of the last {len(recent)}) on 2 CPU cores,
   with the fast ACmix formulation (the reference formulation would take about 2 hours per epoch).
 
@@ -96,7 +127,7 @@ Evaluated with `python -m model.evaluate --json` (defaults: these weights, the h
 ![learning curves](learning_curves.png)
 ![confusion matrix](confusion_matrix.png)
 
-{epoch_table(history)}
+{tables}
 
 Training accuracy is measured on augmented batches, with dropout, so it runs below validation
 accuracy, as in the reference. Minutes include validation, and time the machine spent on other

@@ -4,12 +4,17 @@
                           [--continue-from model/weights]
 
 The reference recipe by default: Adam 1e-3, weight decay 1e-5, cosine decay per step over the
-whole run, label smoothing 0.1, batch 128. 5,000 training images (500 per class, seeded) are
-held out for validation and never trained on; the list is written to --split-file and reused.
-Every epoch writes a checkpoint (last.*), the best weights on validation (best.pdparams),
-metrics.json and curves.png into --out. --resume continues from last.*; where no checkpoint is
-left (a fresh machine), --continue-from model/weights continues the shipped run after its best
-epoch (see `train`).
+whole run, label smoothing 0.1, batch 128, the reference's augmentation. 5,000 training images
+(500 per class, seeded) are held out for validation and never trained on; the list is written to
+--split-file and reused. Every epoch writes a checkpoint (last.*), the best weights on validation
+(best.pdparams), metrics.json and curves.png into --out. --resume continues from last.*; where no
+checkpoint is left (a fresh machine), --continue-from model/weights continues the shipped run
+after its best epoch (see `train`). Both take the run's recorded configuration; a flag given
+that differs from it is refused.
+
+--init-weights starts a new run (its own schedule) from a run's best.pdparams or shipped weights,
+e.g. the fine-tune stage with lighter augmentation (`make finetune`); the run it starts from is
+kept in its record as "parent", for the model card and the learning curves.
 """
 
 from __future__ import annotations
@@ -47,6 +52,20 @@ class TrainConfig:
     label_smoothing: float = 0.1
     seed: int = 42
     max_steps_per_epoch: int | None = None
+    # Augmentation strength; the defaults are the reference's (model/augmentation.py).
+    crop_scale_min: float = 0.6
+    rotation: float = 20.0
+    jitter: float = 0.2
+    init_weights: str | None = None
+
+    def augmentation(self) -> TrainAugmentation:
+        return TrainAugmentation(jitter=self.jitter, crop_scale=(self.crop_scale_min, 1.0), rotation=self.rotation)
+
+
+def recorded_config(record: dict) -> dict:
+    """A run record's configuration; fields added since it was written take their defaults,
+    which are what such a run used."""
+    return {**asdict(TrainConfig()), **record["config"]}
 
 
 def smoothed_cross_entropy(logits, labels, smoothing: float):
@@ -116,12 +135,15 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
     optimizer.set_state_dict(_rename_prefixes(state, {n: p.name for n, p in model.named_parameters()}))
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
+def plot_curves(history: list[dict], path: Path, parent: dict | None = None) -> None:
+    """Loss and accuracy per epoch; a run started from another's (parent's) best weights is drawn after it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    offset = len(parent["history"]) if parent else 0
+    history = (parent["history"] if parent else []) + [{**h, "epoch": h["epoch"] + offset} for h in history]
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
@@ -131,6 +153,8 @@ def plot_curves(history: list[dict], path: Path) -> None:
     ax_acc.plot(epochs, [h["val_accuracy"] for h in history], "o-", label="validation")
     ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy", title="Accuracy")
     for ax in (ax_loss, ax_acc):
+        if offset:
+            ax.axvline(offset + 0.5, color="gray", linestyle="--", label=f"from the weights of epoch {parent['best']['epoch']}")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -144,7 +168,6 @@ def train(
     val_data: LabeledImages,
     out: Path,
     resume: bool = False,
-    init_weights: str | None = None,
     augment=None,
     until_epoch: int | None = None,
     continue_from: Path | None = None,
@@ -160,7 +183,7 @@ def train(
     from model.alexnet import build_model
 
     out.mkdir(parents=True, exist_ok=True)
-    augment = augment or TrainAugmentation()
+    augment = augment or config.augmentation()
     steps_per_epoch = len(train_data) // config.batch_size
     if config.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
@@ -169,8 +192,6 @@ def train(
 
     paddle.seed(config.seed)
     model = build_model(config.arch)
-    if init_weights:
-        model.set_state_dict(paddle.load(init_weights))
     scheduler = paddle.optimizer.lr.CosineAnnealingDecay(config.lr, T_max=steps_per_epoch * config.epochs)
     # Multi-tensor Adam: Paddle 3.3's per-parameter CPU Adam kernel leaves the process running
     # every later convolution about twice as slow (measured); the fused one does not.
@@ -193,6 +214,9 @@ def train(
         paddle.save(model.state_dict(), str(out / "best.pdparams"))
         print(f"continuing after epoch {len(record['history'])} from {continue_from} (fresh Adam moments)",
               file=sys.stderr)
+    elif config.init_weights:
+        model.set_state_dict(paddle.load(config.init_weights))
+        record["parent"] = parent_record(Path(config.init_weights))
 
     last_epoch = min(config.epochs, until_epoch or config.epochs)
     for epoch in range(len(record["history"]) + 1, last_epoch + 1):
@@ -248,7 +272,7 @@ def train(
         # Written last: metrics.json says which epoch the checkpoint holds (see check_checkpoint).
         with replacing(out / "metrics.json") as tmp:
             Path(tmp).write_text(json.dumps(record, indent=2) + "\n")
-        plot_curves(record["history"], out / "curves.png")
+        plot_curves(record["history"], out / "curves.png", record.get("parent"))
         print(
             f"epoch {epoch}: train loss {entry['train_loss']:.4f} acc {entry['train_accuracy']:.4f} | "
             f"val loss {entry['val_loss']:.4f} acc {entry['val_accuracy']:.4f} | "
@@ -283,8 +307,19 @@ def check_checkpoint(scheduler, record: dict, steps_per_epoch: int, out: Path) -
 
 def check_same_config(record: dict, config: TrainConfig, source: Path) -> None:
     """ValueError unless the run recorded in `source` used this configuration."""
-    if record["config"] != asdict(config):
-        raise ValueError(f"{source} holds a run with another configuration: {record['config']}")
+    recorded = recorded_config(record)
+    if recorded != asdict(config):
+        differ = ", ".join(f"{k}={v!r}" for k, v in recorded.items() if asdict(config)[k] != v)
+        raise ValueError(f"{source} holds a run with another configuration ({differ})")
+
+
+def parent_record(weights: Path) -> dict | None:
+    """The record of the run whose best weights `weights` are (a run's best.pdparams, or shipped
+    weights), or None for other weights."""
+    beside = {"best.pdparams": "metrics.json", SHIPPED_WEIGHTS: SHIPPED_METRICS}.get(weights.name)
+    if beside is None or not (weights.parent / beside).is_file():
+        return None
+    return json.loads((weights.parent / beside).read_text())
 
 
 SHIPPED_WEIGHTS = "alexnet_acmix.pdparams"
@@ -311,6 +346,15 @@ def continue_shipped(model, scheduler, folder: Path, config: TrainConfig, steps_
     return record
 
 
+def continued_config(out: Path, resume: bool, continue_from: str | None) -> dict:
+    """The recorded configuration of the run that --resume or --continue-from continues ({} for none)."""
+    if resume and (out / "metrics.json").is_file():
+        return recorded_config(json.loads((out / "metrics.json").read_text()))
+    if continue_from and (Path(continue_from) / SHIPPED_METRICS).is_file():
+        return recorded_config(json.loads((Path(continue_from) / SHIPPED_METRICS).read_text()))
+    return {}
+
+
 def load_train_val(data_path: str, split_file: str, per_class: int, seed: int):
     """The training and held-out validation images; creates the split file on first use."""
     data = open_dataset(data_path, split="train")
@@ -328,46 +372,50 @@ def load_train_val(data_path: str, split_file: str, per_class: int, seed: int):
     return data.subset(train_idx), data.subset(val_idx)
 
 
+RECIPE_FLAGS = ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "seed", "max_steps_per_epoch",
+                "crop_scale_min", "rotation", "jitter", "init_weights")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
     defaults = TrainConfig()
+    # Recipe flags default to None: unset, they take the recorded run's value (--resume,
+    # --continue-from) or TrainConfig's.
     parser.add_argument("--data", default=DEFAULT_DATA, help="CIFAR-10 training images (either format)")
     parser.add_argument("--arch", default=defaults.arch, choices=["alexnet_acmix", "alexnet"])
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="for quick trials")
+    parser.add_argument("--epochs", type=int, help=f"default {defaults.epochs}")
+    parser.add_argument("--batch-size", type=int, help=f"default {defaults.batch_size}")
+    parser.add_argument("--lr", type=float, help=f"peak learning rate, default {defaults.lr:g}")
+    parser.add_argument("--weight-decay", type=float, help=f"default {defaults.weight_decay:g}")
+    parser.add_argument("--label-smoothing", type=float, help=f"default {defaults.label_smoothing:g}")
+    parser.add_argument("--seed", type=int, help=f"default {defaults.seed}")
+    parser.add_argument("--max-steps-per-epoch", type=int, help="for quick trials")
+    parser.add_argument("--crop-scale-min", type=float, help=f"random resized crop's smallest area, default {defaults.crop_scale_min:g}")
+    parser.add_argument("--rotation", type=float, help=f"largest rotation in degrees, default {defaults.rotation:g}")
+    parser.add_argument("--jitter", type=float, help=f"color jitter strength, default {defaults.jitter:g}")
+    parser.add_argument("--init-weights", help="start a new run from these weights (a run's best.pdparams or shipped weights)")
     parser.add_argument("--split-file", default=DEFAULT_SPLIT, help="validation split record (created if absent)")
     parser.add_argument("--val-per-class", type=int, default=500)
     parser.add_argument("--out", default=None, help="run folder (default runs/<arch>)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last.*")
-    parser.add_argument("--init-weights", default=None, help="start from these weights (warm start)")
     parser.add_argument("--continue-from", default=None,
                         help="continue a shipped run (e.g. model/weights) after its best epoch, when no checkpoint is left")
     parser.add_argument("--until-epoch", type=int, default=None, help="stop after this epoch (continue with --resume)")
     args = parser.parse_args(argv)
+    out = Path(args.out or f"runs/{args.arch}")
 
-    config = TrainConfig(
-        arch=args.arch,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing,
-        seed=args.seed,
-        max_steps_per_epoch=args.max_steps_per_epoch,
-    )
     try:
+        config = TrainConfig(**{
+            **asdict(defaults),
+            **continued_config(out, args.resume, args.continue_from),
+            "arch": args.arch,
+            **{flag: getattr(args, flag) for flag in RECIPE_FLAGS if getattr(args, flag) is not None},
+        })
         if args.init_weights and not Path(args.init_weights).is_file():
             raise DataError(f"{args.init_weights}: no such file")
-        train_data, val_data = load_train_val(args.data, args.split_file, args.val_per_class, args.seed)
-        out = Path(args.out or f"runs/{args.arch}")
+        train_data, val_data = load_train_val(args.data, args.split_file, args.val_per_class, config.seed)
         record = train(
-            config, train_data, val_data, out,
-            resume=args.resume, init_weights=args.init_weights, until_epoch=args.until_epoch,
+            config, train_data, val_data, out, resume=args.resume, until_epoch=args.until_epoch,
             continue_from=Path(args.continue_from) if args.continue_from else None,
         )
     except (DataError, ValueError) as exc:

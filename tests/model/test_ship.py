@@ -55,6 +55,29 @@ def test_ship_copies_the_best_weights_and_writes_a_card_of_their_figures(run, fo
     assert evaluation["n"] == 30
 
 
+def test_the_card_of_a_fine_tune_names_both_stages(run, folder_dataset, tmp_path):
+    root, _ = folder_dataset
+    first = json.loads((run / "metrics.json").read_text())
+    first["history"] = [history_entry(epoch, 0.3 + epoch / 100) for epoch in range(1, 51)]
+    first["best"] = {"epoch": 50, "val_accuracy": 0.8}
+    finetune = {"config": {**first["config"], "epochs": 8, "lr": 1e-4, "crop_scale_min": 0.8, "rotation": 0.0,
+                           "jitter": 0.1, "init_weights": "runs/alexnet_acmix/best.pdparams"},
+                "history": [history_entry(1, 0.81), history_entry(2, 0.82)],
+                "best": {"epoch": 2, "val_accuracy": 0.82}, "parent": first}
+    (run / "metrics.json").write_text(json.dumps(finetune))
+
+    ship(run, str(root), "unused.json", out=tmp_path / "weights", split="all")
+    card = (tmp_path / "weights" / "README.md").read_text()
+    assert ("**Work in progress:** the best weights (epoch 2) of the first 2 epochs of a fine-tune "
+            "(8 epochs, lighter augmentation) of the best weights (epoch 50, validation accuracy 0.8000) of a 50-epoch run") in card
+    assert "| epochs trained / planned | 50 / 50 + 2 / 8 (best: epoch 2 of the fine-tune) |" in card
+    assert "random resized crop 128 (scale 0.6–1), horizontal flip, rotation ±20°" in card
+    assert "lr 0.0001 with cosine decay per step over the 8 epochs" in card
+    assert "random resized crop 128 (scale 0.8–1), horizontal flip, no rotation" in card
+    assert "| 50 | 1.00e-03 |" in card.split("Epochs of the fine-tune")[0]
+    assert "| 2 | 1.00e-03 | 1.8000 | 0.3000 | 1.7000 | 0.8200 |" in card.split("Epochs of the fine-tune")[1]
+
+
 def test_a_folder_that_is_no_run_is_refused_with_its_name(tmp_path, capsys):
     with pytest.raises(DataError, match="metrics.json: missing"):
         ship(tmp_path, "data", "split.json", out=tmp_path / "weights")

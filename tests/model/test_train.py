@@ -155,3 +155,58 @@ def test_continue_from_refuses_a_folder_without_a_shipped_run_or_another_config(
     shipped = shipped_folder(tmp_path / "first", tmp_path / "shipped", best_epoch=1)
     with pytest.raises(ValueError, match="another configuration"):
         train(config(epochs=2, lr=5e-4), *data, tmp_path / "b", continue_from=shipped)
+
+
+def test_init_weights_starts_a_new_run_that_records_its_parent(paddle, data, tmp_path):
+    from model.train import train
+
+    first = train(config(epochs=2), *data, tmp_path / "first")
+    finetune = config(epochs=2, lr=1e-4, rotation=0.0, crop_scale_min=0.8, jitter=0.1,
+                      init_weights=str(tmp_path / "first" / "best.pdparams"))
+    record = train(finetune, *data, tmp_path / "finetune")
+    assert record["parent"] == first
+    assert [h["epoch"] for h in record["history"]] == [1, 2]
+    # Its own cosine schedule from 1e-4: halfway after epoch 1 of 2.
+    assert record["history"][0]["lr"] == pytest.approx(0.5e-4, rel=1e-6)
+    # It started from the parent's weights, not from a fresh initialization.
+    assert record["history"][0]["train_loss"] < first["history"][0]["train_loss"]
+    assert json.loads((tmp_path / "finetune" / "metrics.json").read_text())["config"]["rotation"] == 0.0
+
+
+def test_the_augmentation_follows_the_configuration():
+    from model.train import TrainConfig
+
+    augment = TrainConfig(crop_scale_min=0.8, rotation=0.0, jitter=0.1).augmentation()
+    assert (augment.crop_scale, augment.rotation, augment.jitter) == ((0.8, 1.0), 0.0, 0.1)
+    reference = TrainConfig().augmentation()
+    assert (reference.crop_scale, reference.rotation, reference.jitter) == ((0.6, 1.0), 20.0, 0.2)
+
+
+def test_a_record_written_before_the_augmentation_fields_reads_as_the_reference_recipe(tmp_path):
+    from model.train import TrainConfig, check_same_config
+
+    old = {"config": {"arch": "alexnet_acmix", "epochs": 50, "batch_size": 128, "lr": 0.001, "weight_decay": 1e-05,
+                      "label_smoothing": 0.1, "seed": 42, "max_steps_per_epoch": None}}
+    check_same_config(old, TrainConfig(), tmp_path)
+    with pytest.raises(ValueError, match=r"another configuration \(rotation=20.0\)"):
+        check_same_config(old, TrainConfig(rotation=0.0), tmp_path)
+
+
+def test_cli_resume_takes_the_recorded_configuration_and_refuses_a_differing_flag(paddle, folder_dataset, tmp_path,
+                                                                                  capsys):
+    from model.train import main
+
+    root, _ = folder_dataset
+    out = tmp_path / "run"
+    common = ["--data", str(root), "--split-file", str(tmp_path / "split.json"), "--val-per-class", "1",
+              "--out", str(out)]
+    assert main([*common, "--epochs", "2", "--batch-size", "4", "--lr", "5e-4", "--rotation", "0",
+                 "--until-epoch", "1"]) == 0
+    assert main([*common, "--resume"]) == 0  # no recipe flags: the recorded ones
+    record = json.loads((out / "metrics.json").read_text())
+    assert len(record["history"]) == 2
+    assert (record["config"]["lr"], record["config"]["rotation"], record["config"]["batch_size"]) == (5e-4, 0.0, 4)
+    capsys.readouterr()
+    assert main([*common, "--resume", "--lr", "1e-3"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {out} holds a run with another configuration (lr=0.0005)"]
