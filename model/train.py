@@ -336,6 +336,9 @@ def continue_shipped(model, scheduler, folder: Path, config: TrainConfig, steps_
             raise DataError(f"{path}: missing; {folder} holds no shipped run (python -m model.ship writes one)")
     record = json.loads(metrics.read_text())
     check_same_config(record, config, metrics)
+    if len(record["history"]) >= config.epochs:
+        raise ValueError(f"{metrics}: its run is complete ({config.epochs} epochs); nothing to continue "
+                         "(a new run starts from its weights with --init-weights)")
     epoch = record["best"]["epoch"]  # the shipped weights are the best epoch's
     record["history"] = record["history"][:epoch]
     model.set_state_dict(paddle.load(str(weights)))

@@ -157,6 +157,15 @@ def test_continue_from_refuses_a_folder_without_a_shipped_run_or_another_config(
         train(config(epochs=2, lr=5e-4), *data, tmp_path / "b", continue_from=shipped)
 
 
+def test_continue_from_refuses_a_complete_run(paddle, data, tmp_path):
+    from model.train import train
+
+    train(config(epochs=2), *data, tmp_path / "first")
+    shipped = shipped_folder(tmp_path / "first", tmp_path / "shipped", best_epoch=1)
+    with pytest.raises(ValueError, match=r"its run is complete \(2 epochs\); nothing to continue"):
+        train(config(epochs=2), *data, tmp_path / "again", continue_from=shipped)
+
+
 def test_init_weights_starts_a_new_run_that_records_its_parent(paddle, data, tmp_path):
     from model.train import train
 
