@@ -14,11 +14,12 @@ import argparse
 import json
 import shutil
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from model.data import DataError
 from model.evaluate import DEFAULT_DATA, DEFAULT_SPLIT_FILE, evaluate
-from model.train import SHIPPED_METRICS, SHIPPED_WEIGHTS, recorded_config
+from model.train import RECIPE_FLAGS, SHIPPED_METRICS, SHIPPED_WEIGHTS, TrainConfig, recorded_config
 
 WEIGHTS_DIR = Path("model/weights")
 TARGET_ACCURACY = 0.82
@@ -67,7 +68,20 @@ def recipe_text(config: dict) -> str:
             f"{config['seed']}")
 
 
-def model_card(metrics: dict, evaluation: dict, paddle_version: str) -> str:
+def train_command(config: dict, out: Path) -> str:
+    """The `python -m model.train` command line of a run's configuration, into `out`."""
+    defaults = asdict(TrainConfig())
+    command = ["python -m model.train"]
+    if out != Path("runs") / config["arch"]:
+        command.append(f"--out {out}")
+    for name in RECIPE_FLAGS:
+        if config[name] != defaults[name]:
+            value = f"{config[name]:g}" if isinstance(config[name], float) else config[name]
+            command.append(f"--{name.replace('_', '-')} {value}")
+    return " ".join(command)
+
+
+def model_card(metrics: dict, evaluation: dict, paddle_version: str, run: Path) -> str:
     config, history, best = recorded_config(metrics), metrics["history"], metrics["best"]
     parent = metrics.get("parent")
     stages = ([(parent, recorded_config(parent), "the first run")] if parent else []) + [
@@ -80,13 +94,11 @@ def model_card(metrics: dict, evaluation: dict, paddle_version: str) -> str:
     trained = " + ".join(f"{len(record['history'])} / {cfg['epochs']}" for record, cfg, _ in stages)
     recipes = "\n".join(f"* Recipe of {name}: {recipe_text(cfg)}." for _, cfg, name in stages)
     tables = "\n\n".join(f"Epochs of {name}:\n\n{epoch_table(record['history'])}" for record, _, name in stages)
-    first = stages[0][1]
-    commands = [f"python -m model.train --epochs {first['epochs']}  # then, after every interruption:",
-                "make train       # --resume (without a checkpoint: --continue-from model/weights)"]
+    commands = []
     if parent:
-        commands.append("make finetune    # the fine-tune of runs/alexnet_acmix/best.pdparams")
-    commands.append(f"make ship RUN={'runs/alexnet_acmix_finetune' if parent else 'runs/alexnet_acmix'}"
-                    "  # best weights, metrics, curves and this card into model/weights/")
+        commands.append(train_command(stages[0][1], Path(config["init_weights"]).parent) + "  # then: make train")
+    commands.append(train_command(config, run) + ("  # then: make finetune" if parent else "  # then: make train"))
+    commands.append(f"python -m model.ship --run {run}")
     commands = "\n".join(commands)
     return f"""# Model card: `alexnet_acmix.pdparams`
 
@@ -151,7 +163,7 @@ def ship(run: Path, data: str, split_file: str, out: Path = WEIGHTS_DIR, split: 
 
     import paddle
 
-    (out / "README.md").write_text(model_card(metrics, evaluation, paddle.__version__))
+    (out / "README.md").write_text(model_card(metrics, evaluation, paddle.__version__, run))
     return evaluation
 
 

@@ -71,6 +71,9 @@ def test_the_card_of_a_fine_tune_names_both_stages(run, folder_dataset, tmp_path
     assert ("**Work in progress:** the best weights (epoch 2) of the first 2 epochs of a fine-tune "
             "(8 epochs, lighter augmentation) of the best weights (epoch 50, validation accuracy 0.8000) of a 50-epoch run") in card
     assert "| epochs trained / planned | 50 / 50 + 2 / 8 (best: epoch 2 of the fine-tune) |" in card
+    assert "python -m model.train  # then: make train\n" in card  # the first run: the defaults
+    assert (f"python -m model.train --out {run} --epochs 8 --lr 0.0001 --crop-scale-min 0.8 --rotation 0 --jitter 0.1 "
+            "--init-weights runs/alexnet_acmix/best.pdparams  # then: make finetune") in card
     assert "random resized crop 128 (scale 0.6–1), horizontal flip, rotation ±20°" in card
     assert "lr 0.0001 with cosine decay per step over the 8 epochs" in card
     assert "random resized crop 128 (scale 0.8–1), horizontal flip, no rotation" in card
