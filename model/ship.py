@@ -86,7 +86,6 @@ def model_card(metrics: dict, evaluation: dict, paddle_version: str, run: Path) 
     parent = metrics.get("parent")
     stages = ([(parent, recorded_config(parent), "the first run")] if parent else []) + [
         (metrics, config, "the fine-tune" if parent else "the run")]
-    reference = "the first run" if parent else "the run"
     recent = sorted(h["epoch_seconds"] for h in history[-5:])
     minutes = recent[len(recent) // 2] / 60
     per_class = "\n".join(f"| {name} | {value:.4f} |" for name, value in evaluation["per_class"].items()
@@ -123,7 +122,7 @@ in PaddlePaddle {paddle_version} on this project's 2-core CPU machine.
   of them (500 per class, seed {config["seed"]}) are held out for validation and model selection and
   never trained on: `model/weights/val_split.json` lists them.
 {recipes}
-  The recipe of {reference} is the reference notebook's. Per-epoch seeds make a resumed run draw
+  The recipe of {stages[0][2]} is the reference notebook's. Per-epoch seeds make a resumed run draw
   the same batches.
 * Speed: about {minutes:.0f} min per epoch lately (median of the last {len(recent)}) on 2 CPU cores,
   with the fast ACmix formulation (the reference formulation would take about 2 hours per epoch).

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -307,9 +307,9 @@ def check_checkpoint(scheduler, record: dict, steps_per_epoch: int, out: Path) -
 
 def check_same_config(record: dict, config: TrainConfig, source: Path) -> None:
     """ValueError unless the run recorded in `source` used this configuration."""
-    recorded = recorded_config(record)
-    if recorded != asdict(config):
-        differ = ", ".join(f"{k}={v!r}" for k, v in recorded.items() if asdict(config)[k] != v)
+    recorded, wanted = recorded_config(record), asdict(config)
+    if recorded != wanted:
+        differ = ", ".join(f"{k}={v!r}" for k, v in recorded.items() if wanted[k] != v)
         raise ValueError(f"{source} holds a run with another configuration ({differ})")
 
 
@@ -375,8 +375,8 @@ def load_train_val(data_path: str, split_file: str, per_class: int, seed: int):
     return data.subset(train_idx), data.subset(val_idx)
 
 
-RECIPE_FLAGS = ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "seed", "max_steps_per_epoch",
-                "crop_scale_min", "rotation", "jitter", "init_weights")
+# Every TrainConfig field but the architecture, which also names the run folder.
+RECIPE_FLAGS = tuple(field.name for field in fields(TrainConfig) if field.name != "arch")
 
 
 def main(argv=None) -> int:
