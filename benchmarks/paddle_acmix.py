@@ -1,11 +1,19 @@
-"""Paddle CPU: the reference ACmix formulation against model/alexnet.py, in one run.
+"""Paddle CPU: training and inference speed of model/alexnet.py against its baselines, in one run.
 
-    python -m benchmarks.paddle_acmix [--batch 128] [--repeats 3]
+    python -m benchmarks.paddle_acmix [--batch 128] [--rounds 3] [--steps 5]
 
-Inference (eval, no grad) and one training step (forward, backward, Adam) of the whole
-AlexNet-ACmix at the same batch, in blocks that alternate the two models (each block: one
-untimed call, then timed ones) so load on this shared machine hits both alike. Prints medians
-and the speed-up ratios; writes build/bench/paddle_acmix.json.
+* Training: the training loop as `python -m model.train` runs it (batches augmented in a thread by
+  model.train.train_batches, forward, backward, the optimizer) over 32x32 images, for the
+  previous training path (benchmarks/previous_training.py: the eager forward and the reference
+  augmentation at 128x128 before this work) and for the current one (model/alexnet.py, the
+  translation augmentation at 32x32 with JPEG re-encoding). Seconds per step.
+* Inference (eval, no grad): the reference notebook's ACmix formulation (model/reference_acmix.py)
+  against the current one.
+
+Each measurement runs in a process of its own, as training does (two models in one process slow
+each other down through Paddle's allocator: measured 0.85 s against 1.01 s per step for the same
+model), and rounds alternate the variants, so that load on this shared machine hits them alike.
+Prints the CPU, medians and ratios; writes build/bench/paddle_acmix.json.
 """
 
 from __future__ import annotations
@@ -13,81 +21,109 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from model.runtime import available_cores, import_paddle
+from runtime.cpu import cpu_info, describe
+
+TASKS = {"train_step": ("previous", "current"), "inference": ("reference", "current")}
+
+
+def measure(task: str, variant: str, batch: int, steps: int) -> list[float]:
+    """Seconds per training step or per inference call of one variant, after one untimed one."""
+    from model.runtime import import_paddle
+
+    paddle = import_paddle()
+    from model.alexnet import AlexNet_ACmix
+
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    if task == "inference":
+        if variant == "reference":
+            from model.reference_acmix import AlexNet_ACmix as ReferenceAlexNet_ACmix
+
+            model, steps = ReferenceAlexNet_ACmix(), min(steps, 2)  # ~25x slower: fewer calls
+        else:
+            model = AlexNet_ACmix()
+        model.eval()
+        x = paddle.to_tensor(rng.standard_normal((batch, 3, 128, 128)).astype("float32"))
+        times = []
+        with paddle.no_grad():
+            for i in range(steps + 1):
+                started = time.perf_counter()
+                model(x)
+                if i:
+                    times.append(time.perf_counter() - started)
+        return times
+
+    from model.augmentation import ReferenceAugmentation, TranslateAugmentation
+    from model.data import LabeledImages
+    from model.train import smoothed_cross_entropy, train_batches
+
+    if variant == "previous":
+        from benchmarks.previous_training import previous_model
+
+        model, augment = previous_model(), ReferenceAugmentation()
+    else:
+        model, augment = AlexNet_ACmix(), TranslateAugmentation(jpeg=0.5)
+    optimizer = paddle.optimizer.Adam(parameters=model.parameters(), weight_decay=1e-5, use_multi_tensor=True)
+    count = batch * (steps + 1)
+    images = LabeledImages(list(rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)),
+                           rng.integers(0, 10, count), [str(i) for i in range(count)])
+    model.train()
+    times, started = [], time.perf_counter()
+    for step, (xb, yb) in enumerate(train_batches(images, batch, augment, np.random.default_rng(1), steps + 1)):
+        loss = smoothed_cross_entropy(model(paddle.to_tensor(xb)), paddle.to_tensor(yb), 0.1)
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        float(loss)
+        now = time.perf_counter()
+        if step:
+            times.append(now - started)
+        started = now
+    return times
+
+
+def in_child(task: str, variant: str, batch: int, steps: int) -> list[float]:
+    command = [sys.executable, "-m", "benchmarks.paddle_acmix", "--child", f"{task}:{variant}", "--batch", str(batch),
+               "--steps", str(steps)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="processes per variant, alternating")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (calls) per process")
     parser.add_argument("--out", default="build/bench/paddle_acmix.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # task:variant, measured in this process
     args = parser.parse_args(argv)
+    if args.child:
+        task, variant = args.child.split(":")
+        print(json.dumps(measure(task, variant, args.batch, args.steps)))
+        return 0
 
-    paddle = import_paddle()
-    from model.alexnet import AlexNet_ACmix
-    from model.train import smoothed_cross_entropy
-    from tests.model.reference_acmix import AlexNet_ACmix as ReferenceAlexNet_ACmix
+    print(f"CPU: {describe()}")
+    runs = [(task, variant) for _ in range(args.rounds) for task, variants in TASKS.items() for variant in variants]
+    times = {(task, variant): [] for task, variants in TASKS.items() for variant in variants}
+    for task, variant in tqdm(runs, desc="measuring", unit="process"):
+        times[(task, variant)] += in_child(task, variant, args.batch, args.steps)
 
-    paddle.seed(0)
-    models = {"reference": ReferenceAlexNet_ACmix(), "fast": AlexNet_ACmix()}
-    models["fast"].set_state_dict(models["reference"].state_dict())
-    rng = np.random.default_rng(0)
-    x = paddle.to_tensor(rng.standard_normal((args.batch, 3, 128, 128)).astype("float32"))
-    y = paddle.to_tensor(rng.integers(0, 10, args.batch))
-    optimizers = {
-        name: paddle.optimizer.Adam(parameters=m.parameters(), weight_decay=1e-5, use_multi_tensor=True)
-        for name, m in models.items()
-    }
-
-    def infer(name):
-        model = models[name]
-        model.eval()
-        with paddle.no_grad():
-            model(x)
-
-    def train_step(name):
-        model, optimizer = models[name], optimizers[name]
-        model.train()
-        smoothed_cross_entropy(model(x), y, 0.1).backward()
-        optimizer.step()
-        optimizer.clear_grad()
-
-    # Blocks: one model, one task, an untimed call first (a call right after the other model pays
-    # for the memory that one released), then timed calls; the reference is ~10x slower, so fewer.
-    timed_calls = {"reference": 1, "fast": 3}
-    times = {(task, name): [] for task in ("inference", "train_step") for name in models}
-    blocks = [(task, name) for _ in range(args.repeats) for task in ("inference", "train_step") for name in models]
-    with tqdm(total=sum(1 + timed_calls[name] for _, name in blocks), desc="measuring", unit="run") as bar:
-        for task, name in blocks:
-            run = infer if task == "inference" else train_step
-            run(name)
-            bar.update()
-            for _ in range(timed_calls[name]):
-                started = time.perf_counter()
-                run(name)
-                times[(task, name)].append(time.perf_counter() - started)
-                bar.update()
-
-    result = {"batch": args.batch, "repeats": args.repeats, "threads": available_cores()}
-    for task in ("inference", "train_step"):
-        ref, fast = (statistics.median(times[(task, n)]) for n in ("reference", "fast"))
-        result[task] = {
-            "reference_s": ref,
-            "fast_s": fast,
-            "reference_img_s": args.batch / ref,
-            "fast_img_s": args.batch / fast,
-            "speedup": ref / fast,
-        }
-        print(
-            f"{task:<11} batch {args.batch}: reference {ref:6.2f} s ({args.batch / ref:6.1f} img/s)  "
-            f"fast {fast:6.2f} s ({args.batch / fast:6.1f} img/s)  speed-up {ref / fast:5.1f}x"
-        )
+    result = {"cpu": cpu_info(), "batch": args.batch, "rounds": args.rounds, "steps": args.steps}
+    for task, (base, new) in TASKS.items():
+        old_s, new_s = (statistics.median(times[(task, n)]) for n in (base, new))
+        result[task] = {f"{base}_s": old_s, f"{new}_s": new_s, f"{base}_img_s": args.batch / old_s,
+                        f"{new}_img_s": args.batch / new_s, "speedup": old_s / new_s,
+                        "samples": {n: len(times[(task, n)]) for n in (base, new)}}
+        print(f"{task:<11} batch {args.batch}: {base} {old_s:6.2f} s ({args.batch / old_s:6.1f} img/s)  "
+              f"{new} {new_s:6.2f} s ({args.batch / new_s:6.1f} img/s)  speed-up {old_s / new_s:5.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.service_load import preflight, run_wrk, wrk_inputs
-from service.launch import free_port, start_server, stop, wait_ready
+from harness.server import free_port, start_server, stop, wait_ready
 
 
 def start_ray(onnx: Path, port: int, replicas: int, folder: Path) -> subprocess.Popen:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.launch import start_server, stop
+from harness.server import start_server, stop
 
 WRK_SCRIPT = r"""
 wrk.method = "POST"
@@ -52,7 +52,7 @@ end
 
 
 def raw_backend_throughput(onnx: Path, batch: int, seconds: float) -> float:
-    from service.backends.onnxruntime import OnnxRuntimeBackend
+    from runtime.onnxruntime import OnnxRuntimeBackend
 
     backend = OnnxRuntimeBackend(onnx, max_batch=batch, threads=os.cpu_count())
     backend.load()

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     if not available:
         print(f"TensorRT benchmark skipped: {reason}", file=sys.stderr)
         return 0
-    from service.backends.tensorrt import TensorRTBackend
+    from runtime.tensorrt import TensorRTBackend
 
     engines = {}
     for precision in ("fp32", "fp16"):

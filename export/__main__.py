@@ -1,12 +1,14 @@
 """python -m export {onnx,verify,engine,all,triton}: Paddle weights -> ONNX -> TensorRT engine.
 
-    python -m export onnx    [--weights W] [--out build/alexnet_acmix.onnx] [--if-stale]   (verifies at the end)
+    python -m export onnx    [--weights W] [--out build/alexnet_acmix.onnx] [--if-stale]     fp32, verified
+    python -m export onnx    --precision fp16|int8 [--from-onnx O] [--out ...]              derived, verified
     python -m export verify  [--onnx O] [--weights W] [--data D]
-    python -m export engine  [--onnx O] [--precision fp32|fp16] [--opt-batch 32] [--max-batch 256]
+    python -m export engine  [--onnx O] [--precision fp32|fp16|int8] [--opt-batch 32] [--max-batch 32]
     python -m export all     weights -> ONNX -> verify -> engine where a GPU and TensorRT are present
     python -m export triton  [--onnx O] [--engine E] [--out model_repository]   (Triton model repository)
 
-Every failure prints one line `error: ...` and exits 2.
+Every failure prints one line `error: ...` and exits 2. The service makes what it needs by itself
+(export/provision.py); these commands are for building artifacts by hand.
 """
 
 from __future__ import annotations
@@ -17,19 +19,27 @@ import sys
 from pathlib import Path
 
 from export.errors import ExportError
+from model import paths
+from runtime.artifacts import PRECISIONS, EngineSpec, derived_onnx_path
 
-DEFAULT_WEIGHTS = "model/weights/alexnet_acmix.pdparams"
 DEFAULT_ONNX = "build/alexnet_acmix.onnx"
-DEFAULT_DATA = "../shared/data/cifar10-train-jpeg.tar.gz"
-DEFAULT_SPLIT_FILE = "model/weights/val_split.json"
+DERIVED = tuple(p for p in PRECISIONS if p != "fp32")
 
 
 def default_engine_path(onnx: str, precision: str) -> str:
+    """build/alexnet_acmix.onnx -> build/alexnet_acmix.fp16.plan"""
     return str(Path(onnx).with_suffix(f".{precision}.plan"))
 
 
+def split_file(args) -> str | None:
+    return args.split_file if Path(args.split_file).is_file() else None
+
+
 def run_onnx(args) -> dict:
-    from export.onnx_export import export_onnx, onnx_staleness
+    if args.precision != "fp32":
+        return run_derived(args)
+    from export.onnx_export import export_onnx
+    from runtime.artifacts import onnx_staleness
 
     if args.if_stale:
         why = onnx_staleness(args.out, args.weights)
@@ -37,7 +47,7 @@ def run_onnx(args) -> dict:
             print(f"{args.out} is current (exported from {args.weights}); kept", file=sys.stderr)
             return {"onnx": str(args.out), "kept": True}
         print(f"{why}: exporting it", file=sys.stderr)
-    path = export_onnx(args.weights, args.out, arch=args.arch)
+    path = export_onnx(args.weights, args.out, arch=args.arch, data=args.data, split_file=split_file(args))
     print(f"wrote {path}", file=sys.stderr)
     result = {"onnx": str(path)}
     if not args.no_verify:
@@ -46,64 +56,82 @@ def run_onnx(args) -> dict:
     return result
 
 
+def run_derived(args) -> dict:
+    """An fp16 or int8 ONNX from the fp32 one (--from-onnx), checked against it."""
+    from export.verify import verification_images, verify_derived
+
+    source = Path(args.from_onnx)
+    out = Path(args.out) if args.out != DEFAULT_ONNX else derived_onnx_path(source, args.precision)
+    if args.precision == "fp16":
+        from export.fp16 import convert_fp16
+
+        path = convert_fp16(source, out)
+    else:
+        from export.int8 import quantize_int8
+
+        path = quantize_int8(source, out, data=args.data, split_file=args.split_file, count=args.calibration_images)
+    print(f"wrote {path}", file=sys.stderr)
+    result = {"onnx": str(path), "precision": args.precision}
+    if not args.no_verify:
+        batch = verification_images(args.data, args.count, split_file(args))
+        result["verify"] = verify_derived(source, path, args.precision, batch)
+        report(f"{path}: ONNX Runtime {args.precision} vs fp32", result["verify"])
+    return result
+
+
+def report(what: str, result: dict) -> None:
+    print(f"verify {what} on {result['n']} images: max |logit diff| {result['max_abs_diff']:.2e}, "
+          f"top-1 agreement {result['top1_agreement']:.2%}", file=sys.stderr)
+
+
 def run_verify(args) -> dict:
     from export.verify import verification_images, verify_onnx
 
-    split_file = args.split_file if Path(args.split_file).is_file() else None
-    batch = verification_images(args.data, args.count, split_file)
+    batch = verification_images(args.data, args.count, split_file(args))
     source = args.data if Path(args.data).exists() else "generated images"
     result = verify_onnx(args.onnx, args.weights, batch, arch=args.arch)
-    print(
-        f"verify {args.onnx}: onnx.checker ok; ONNX Runtime vs Paddle on {result['n']} images from {source}: "
-        f"max |logit diff| {result['max_abs_diff']:.2e}, top-1 agreement {result['top1_agreement']:.2%}",
-        file=sys.stderr,
-    )
-    if not result["passed"]:
-        raise ExportError(
-            f"{args.onnx} disagrees with Paddle: max |logit diff| {result['max_abs_diff']:.2e}, "
-            f"top-1 agreement {result['top1_agreement']:.2%}"
-        )
-    if getattr(args, "fp16", False):
-        from export.verify import verify_fp16
-
-        result["fp16"] = verify_fp16(args.onnx, batch)
+    report(f"{args.onnx}: onnx.checker ok; ONNX Runtime vs Paddle, images from {source},", result)
     return result
 
 
 def run_engine(args) -> dict:
-    from export.engine import ensure_engine, tensorrt_status
+    from export.engine import make_engine
+    from export.verify import verify_engine
+    from runtime.artifacts import engine_status
+    from runtime.cuda import tensorrt_status
 
     available, reason = tensorrt_status()
     if not available:
         raise ExportError(f"cannot build a TensorRT engine here: {reason}")
-    engine = args.engine or default_engine_path(args.onnx, args.precision)
-    path, how = ensure_engine(
-        args.onnx,
-        engine,
-        precision=args.precision,
-        min_batch=args.min_batch,
-        opt_batch=args.opt_batch,
-        max_batch=args.max_batch,
-        workspace_mib=args.workspace_mib,
-        timing_cache=args.timing_cache,
-        rebuild=True,
-        force=args.force,
-    )
-    print(f"{how}: {path}", file=sys.stderr)
-    from export.verify import verification_images, verify_engine
-
-    split_file = args.split_file if Path(args.split_file).is_file() else None
-    batch = verification_images(args.data, args.count, split_file)
-    return {"engine": str(path), "status": how, "verify": verify_engine(path, args.onnx, args.precision, batch)}
+    spec = EngineSpec(args.precision, args.min_batch, args.opt_batch, args.max_batch, args.workspace_mib)
+    source = derived_onnx_path(args.onnx, args.precision)
+    if args.precision != "fp32" and not source.is_file():
+        raise ExportError(f"{source}: missing; python -m export onnx --precision {args.precision} writes it")
+    engine = Path(args.engine or default_engine_path(args.onnx, args.precision))
+    ok, why = engine_status(engine, source, spec)
+    if ok and not args.force:
+        print(f"{why}: kept", file=sys.stderr)
+        return {"engine": str(engine), "kept": True}
+    print(f"{'rebuild forced' if ok else why}: building {engine}", file=sys.stderr)
+    metadata = make_engine(source, engine, spec, lambda path: verify_engine(path, args.onnx, args.precision),
+                           timing_cache=args.timing_cache)
+    check = metadata["verification"]
+    print(f"verified {engine} on {check['n']} reference images: max |logit diff| {check['max_abs_diff']:.2e}",
+          file=sys.stderr)
+    return {"engine": str(engine), "verify": check}
 
 
 def run_all(args) -> dict:
+    precision, args.precision = args.precision, "fp32"
     result = run_onnx(args)
-    from export.engine import tensorrt_status
+    if precision != "fp32":
+        args.precision, args.from_onnx, args.out = precision, args.onnx, DEFAULT_ONNX
+        result[precision] = run_derived(args)
+    from runtime.cuda import tensorrt_status
 
     available, reason = tensorrt_status()
     if not available:
-        print(f"stopping after the ONNX step: {reason}", file=sys.stderr)
+        print(f"stopping before the engine: {reason}", file=sys.stderr)
         result["engine"] = None
         return result
     result.update(run_engine(args))
@@ -129,32 +157,42 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
 
     def paddle_options(p):
-        p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="Paddle .pdparams")
+        p.add_argument("--weights", default=paths.WEIGHTS, help="Paddle .pdparams")
         p.add_argument("--arch", default="alexnet_acmix", choices=["alexnet_acmix", "alexnet"])
 
     def verify_options(p):
-        p.add_argument("--data", default=DEFAULT_DATA, help="images to verify on (generated ones when absent)")
-        p.add_argument("--split-file", default=DEFAULT_SPLIT_FILE, help="verify on these held-out images")
+        p.add_argument("--data", default=paths.DATA, help="images to verify on (generated ones when absent)")
+        p.add_argument("--split-file", default=paths.SPLIT_FILE, help="verify on these held-out images")
         p.add_argument("--count", type=int, default=256, help="how many images")
-        p.add_argument("--fp16", action="store_true", help="also convert to fp16 ONNX and check it against fp32")
 
     def engine_options(p):
+        defaults = EngineSpec()
         p.add_argument("--engine", default=None, help="engine file (default: beside the ONNX, .<precision>.plan)")
-        p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
-        p.add_argument("--min-batch", type=int, default=1)
-        p.add_argument("--opt-batch", type=int, default=32)
-        p.add_argument("--max-batch", type=int, default=256)
-        p.add_argument("--workspace-mib", type=int, default=2048)
+        p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+        p.add_argument("--min-batch", type=int, default=defaults.min_batch)
+        p.add_argument("--opt-batch", type=int, default=defaults.opt_batch)
+        p.add_argument("--max-batch", type=int, default=defaults.max_batch)
+        p.add_argument("--workspace-mib", type=int, default=defaults.workspace_mib)
         p.add_argument("--timing-cache", default="build/timing.cache")
         p.add_argument("--force", action="store_true", help="rebuild even when the engine is current")
 
-    onnx = commands.add_parser("onnx", help="export the weights to ONNX, then verify")
+    def onnx_options(p, precision: bool = True):
+        p.add_argument("--out", default=DEFAULT_ONNX,
+                       help="default build/alexnet_acmix.onnx (fp32), build/alexnet_acmix.<precision>.onnx beside --from-onnx")
+        p.add_argument("--no-verify", action="store_true")
+        p.add_argument("--if-stale", action="store_true",
+                       help="only if --out is missing or was exported from other weights (its metadata says)")
+        if precision:
+            p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                           help="fp16 and int8 are made from the fp32 ONNX (--from-onnx)")
+        p.add_argument("--from-onnx", default=DEFAULT_ONNX, help="the fp32 ONNX an fp16 or int8 one is made from")
+        p.add_argument("--calibration-images", type=int, default=512,
+                       help="int8: held-out training images to calibrate on")
+
+    onnx = commands.add_parser("onnx", help="export the weights to ONNX (or derive fp16/int8), then verify")
     paddle_options(onnx)
     verify_options(onnx)
-    onnx.add_argument("--out", default=DEFAULT_ONNX)
-    onnx.add_argument("--no-verify", action="store_true")
-    onnx.add_argument("--if-stale", action="store_true",
-                      help="only if --out is missing or was exported from other weights (its metadata says)")
+    onnx_options(onnx)
 
     verify = commands.add_parser("verify", help="ONNX Runtime against Paddle on real images")
     paddle_options(verify)
@@ -162,16 +200,13 @@ def parser() -> argparse.ArgumentParser:
     verify.add_argument("--onnx", default=DEFAULT_ONNX)
 
     engine = commands.add_parser("engine", help="build a TensorRT engine from the ONNX, verify it (GPU host)")
-    engine.add_argument("--onnx", default=DEFAULT_ONNX)
+    engine.add_argument("--onnx", default=DEFAULT_ONNX, help="the fp32 ONNX (the engine's precision picks its derived file)")
     engine_options(engine)
-    verify_options(engine)
 
     everything = commands.add_parser("all", help="onnx, verify, then engine where possible")
     paddle_options(everything)
     verify_options(everything)
-    everything.add_argument("--out", default=DEFAULT_ONNX)
-    everything.add_argument("--no-verify", action="store_true")
-    everything.add_argument("--if-stale", action="store_true", help="as for onnx")
+    onnx_options(everything, precision=False)
     engine_options(everything)
 
     triton = commands.add_parser("triton", help="write a Triton Inference Server model repository")

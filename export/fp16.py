@@ -3,7 +3,8 @@
 Weights and activations become float16 for a strongly typed build; the input `image` and the
 output `logits` stay float32 (Cast nodes at the edges), so every backend feeds and reads the same
 arrays. The converter clamps weights to +-1e4 by default, which keeps the attention mask of -1e4
-exactly and leaves headroom below fp16's largest finite value, 65504.
+exactly and leaves headroom below fp16's largest finite value, 65504. The file records the sha256
+of the fp32 ONNX it came from (runtime/artifacts.py) and is written whole.
 """
 
 from __future__ import annotations
@@ -11,12 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from export.errors import ExportError
-
-
-def fp16_onnx_path(onnx_path: str | Path) -> Path:
-    """Where the fp16 copy of an ONNX file lives: build/alexnet_acmix.onnx -> build/alexnet_acmix.fp16.onnx."""
-    onnx_path = Path(onnx_path)
-    return onnx_path.with_name(f"{onnx_path.stem}.fp16{onnx_path.suffix}")
+from model.files import replacing
+from runtime.artifacts import SOURCE_DIGEST, sha256_file
 
 
 def convert_fp16(onnx_in: str | Path, onnx_out: str | Path) -> Path:
@@ -34,10 +31,20 @@ def convert_fp16(onnx_in: str | Path, onnx_out: str | Path) -> Path:
     except ValueError as exc:  # e.g. a model that is float16 already
         raise ExportError(f"{onnx_in}: cannot convert to fp16 ({str(exc).splitlines()[0]})") from None
     check_finite(model)
+    set_source(model, onnx_in)
     onnx.checker.check_model(model, full_check=True)
-    onnx_out.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(onnx_out))
+    with replacing(onnx_out) as tmp:
+        onnx.save(model, tmp)
     return onnx_out
+
+
+def set_source(model, source: Path) -> None:
+    """Record the sha256 of the fp32 ONNX a derived (fp16, int8) ONNX was made from, replacing any
+    digest copied from the source's own metadata."""
+    kept = [prop for prop in model.metadata_props if prop.key != SOURCE_DIGEST]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=SOURCE_DIGEST, value=sha256_file(source))
 
 
 def name_nodes(graph) -> None:

@@ -2,6 +2,10 @@
 
 The exported graph has one input `image` float32 [batch, 3, 128, 128] and one output `logits`
 float32 [batch, 10]; everything but the batch is static and every constant is an initializer.
+Subnormal initializer values are set to zero (model/subnormals.py). The file records the sha256
+of its weights and the calibration temperature shipped beside them (runtime/artifacts.py,
+model/calibration.py), and is written whole, with the reference images and their
+Paddle logits beside it (export/reference.py).
 """
 
 from __future__ import annotations
@@ -12,32 +16,35 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from export.engine import sha256_file
 from export.errors import ExportError
+from model.calibration import read_temperature
+from model.files import replacing
 from model.spec import INPUT_NAME, OUTPUT_NAME
+from model.subnormals import count_subnormals, flush_subnormals
+from runtime.artifacts import TEMPERATURE, WEIGHTS_DIGEST, sha256_file
 
 BATCH_DIM = "batch"
 OPSET = 17
-# Metadata: the sha256 of the .pdparams the graph was exported from, so that a service can tell
-# an ONNX file left from older weights.
-WEIGHTS_DIGEST = "weights_sha256"
 # Ops whose shape-like operands TensorRT's ONNX parser needs as initializers, not tensors.
 STATIC_OPERANDS = {"Pad": [1], "Slice": [1, 2, 3, 4], "Squeeze": [1], "Unsqueeze": [1], "ReduceSum": [1],
                    "Reshape": [1]}
 
 
-def export_onnx(weights: str | Path, out: str | Path, arch: str = "alexnet_acmix") -> Path:
-    """Write the ONNX model of `arch` with `weights` to `out`; returns the path."""
+def export_onnx(weights: str | Path, out: str | Path, arch: str = "alexnet_acmix", data: str | Path | None = None,
+                split_file: str | None = None) -> Path:
+    """Write the ONNX model of `arch` with `weights` to `out`, and its reference images (validation
+    images of `data`, else generated ones) beside it; returns the path."""
     import onnx
     import onnxslim
 
+    from export.reference import write_reference
     from model.predict import load_weights
     from model.runtime import import_paddle
 
     weights, out = Path(weights), Path(out)
     if not weights.is_file():
         raise ExportError(f"{weights}: no such weights file")
-    with tqdm(total=4, desc="export onnx", unit="step") as steps:
+    with tqdm(total=5, desc="export onnx", unit="step") as steps:
         paddle = import_paddle()
         try:
             model = load_weights(arch, str(weights))
@@ -57,12 +64,33 @@ def export_onnx(weights: str | Path, out: str | Path, arch: str = "alexnet_acmix
             graph = onnxslim.slim(onnx.load(str(raw)))
             steps.update()
         graph = name_io(graph)
+        flush_subnormal_initializers(graph)
         graph.metadata_props.add(key=WEIGHTS_DIGEST, value=sha256_file(weights))
+        temperature = read_temperature(weights.parent)
+        if temperature is not None:
+            graph.metadata_props.add(key=TEMPERATURE, value=repr(temperature))
         onnx.checker.check_model(graph, full_check=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(graph, str(out))
+        with replacing(out) as tmp:
+            onnx.save(graph, tmp)
+        steps.update()
+        steps.set_postfix_str("reference logits")
+        write_reference(out, model, data, split_file)
         steps.update()
     return out
+
+
+def flush_subnormal_initializers(model) -> int:
+    """Set subnormal values of float initializers to zero, in place; returns how many there were."""
+    from onnx import numpy_helper
+
+    flushed = 0
+    for init in model.graph.initializer:
+        array = numpy_helper.to_array(init)
+        clean = flush_subnormals(array)
+        if clean is not array:
+            flushed += count_subnormals(array)
+            init.CopyFrom(numpy_helper.from_array(clean, init.name))
+    return flushed
 
 
 def _paddle2onnx(prefix: str, out: Path) -> None:
@@ -83,26 +111,6 @@ def _paddle2onnx(prefix: str, out: Path) -> None:
             enable_onnx_checker=True,
             enable_optimize=True,
         )
-
-
-def exported_from(onnx_path: str | Path) -> str | None:
-    """The sha256 of the weights an ONNX file was exported from; None where it does not say."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    return next((prop.value for prop in model.metadata_props if prop.key == WEIGHTS_DIGEST), None)
-
-
-def onnx_staleness(onnx_path: str | Path, weights: str | Path) -> str | None:
-    """Why `onnx_path` needs exporting (again) from `weights`; None if it can be used as it is.
-
-    An ONNX file that does not say which weights it came from (brought by a user) is used as it is.
-    """
-    if not Path(onnx_path).is_file():
-        return f"{onnx_path} is missing"
-    if Path(weights).is_file() and exported_from(onnx_path) not in (None, sha256_file(weights)):
-        return f"{onnx_path} was exported from other weights than {weights}"
-    return None
 
 
 def name_io(model):

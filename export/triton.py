@@ -19,9 +19,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from export.engine import metadata_problem, onnx_mismatch, read_metadata
 from export.errors import ExportError
 from model.spec import CLASSES, INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME
+from runtime.artifacts import metadata_problem, onnx_mismatch, read_metadata
 
 PLATFORMS = {"plan": ("tensorrt_plan", "model.plan", "KIND_GPU"), "onnx": ("onnxruntime_onnx", "model.onnx", "KIND_CPU")}
 KINDS = ("KIND_GPU", "KIND_CPU")

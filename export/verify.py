@@ -1,8 +1,13 @@
-"""ONNX Runtime against Paddle on real images, and onnx.checker."""
+"""Checks of exported artifacts. Every verifier returns its figures and raises ExportError, with the
+figures in the message, when the artifact fails; callers only print.
+
+* `verify_onnx`: onnx.checker, then ONNX Runtime against Paddle on real images;
+* `verify_derived`: an fp16 or int8 ONNX against the fp32 one, in ONNX Runtime;
+* `verify_engine`: a TensorRT engine against the reference logits recorded at export.
+"""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,23 +16,19 @@ from export.errors import ExportError
 from model.spec import INPUT_NAME, OUTPUT_NAME
 
 MAX_LOGIT_DIFF = 1e-4
-# Top-1 agreement with ONNX Runtime's fp32 model that an engine (or fp16 ONNX) must reach.
-MIN_TOP1_AGREEMENT = {"fp32": 0.999, "fp16": 0.995}
+# Top-1 agreement with ONNX Runtime's fp32 model that a derived ONNX must reach.
+MIN_TOP1_AGREEMENT = {"fp16": 0.995, "int8": 0.97}
 
 
-def onnx_session(path: str | Path, providers: list[str] | None = None):
-    """An ONNX Runtime session for a model file; ExportError naming the file if it is unusable."""
-    import onnxruntime as ort
+def onnx_session(path: str | Path):
+    """The project's ONNX Runtime session (runtime/onnxruntime.py) on the CPU; ExportError if unusable."""
+    from runtime.backend import BackendError
+    from runtime.onnxruntime import create_session
 
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"{path}: no such ONNX file")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types per failure
-        raise ExportError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0][:200]})") from None
+        return create_session(path, providers=["CPUExecutionProvider"])
+    except BackendError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def run_onnx(session, batch: np.ndarray, chunk: int = 64) -> np.ndarray:
@@ -62,7 +63,7 @@ def verification_images(data: str | Path | None, count: int, split_file: str | N
 
 
 def verify_onnx(onnx_path, weights, batch: np.ndarray, arch: str = "alexnet_acmix") -> dict:
-    """onnx.checker, then ONNX Runtime against Paddle on `batch`; ExportError past the tolerances."""
+    """onnx.checker, then ONNX Runtime against Paddle on `batch`: within MAX_LOGIT_DIFF, same top-1."""
     import onnx
 
     from model.predict import load_weights
@@ -82,36 +83,32 @@ def verify_onnx(onnx_path, weights, batch: np.ndarray, arch: str = "alexnet_acmi
             [model(paddle.to_tensor(batch[i : i + 64])).numpy() for i in range(0, len(batch), 64)]
         )
     result = compare(expected, run_onnx(onnx_session(onnx_path), batch))
-    result["passed"] = result["max_abs_diff"] <= MAX_LOGIT_DIFF and result["top1_agreement"] == 1.0
+    if result["max_abs_diff"] > MAX_LOGIT_DIFF or result["top1_agreement"] < 1.0:
+        raise ExportError(f"{onnx_path} disagrees with Paddle: max |logit diff| {result['max_abs_diff']:.2e}, "
+                          f"top-1 agreement {result['top1_agreement']:.2%}")
     return result
 
 
-def verify_fp16(onnx_path, batch: np.ndarray) -> dict:
-    """The fp16 ONNX (what an fp16 engine is built from) against the fp32 one, in ONNX Runtime."""
-    from export.fp16 import convert_fp16, fp16_onnx_path
-
-    half = convert_fp16(onnx_path, fp16_onnx_path(onnx_path))
-    result = compare(run_onnx(onnx_session(onnx_path), batch), run_onnx(onnx_session(half), batch))
-    return _report(f"{half}: ONNX Runtime fp16 vs fp32", result, MIN_TOP1_AGREEMENT["fp16"])
-
-
-def verify_engine(engine_path, onnx_path, precision: str, batch: np.ndarray) -> dict:
-    """A TensorRT engine against ONNX Runtime's fp32 model on `batch` (GPU host)."""
-    from service.backends.tensorrt import TensorRTBackend
-
-    with TensorRTBackend(engine_path, max_batch=64) as engine:
-        logits = np.concatenate([engine.infer(batch[i : i + 64]) for i in range(0, len(batch), 64)])
-    result = compare(run_onnx(onnx_session(onnx_path), batch), logits)
-    return _report(f"{engine_path}: TensorRT {precision} vs ONNX Runtime", result, MIN_TOP1_AGREEMENT[precision])
-
-
-def _report(what: str, result: dict, minimum: float) -> dict:
-    print(
-        f"verify {what} on {result['n']} images: max |logit diff| {result['max_abs_diff']:.2e}, "
-        f"top-1 agreement {result['top1_agreement']:.2%} (needs {minimum:.1%})",
-        file=sys.stderr,
-    )
-    result["passed"] = result["top1_agreement"] >= minimum
-    if not result["passed"]:
-        raise ExportError(f"{what}: top-1 agreement {result['top1_agreement']:.2%} is below {minimum:.1%}")
+def verify_derived(onnx_path, derived_path, precision: str, batch: np.ndarray) -> dict:
+    """A derived (fp16, int8) ONNX against its fp32 ONNX in ONNX Runtime: top-1 agreement."""
+    result = compare(run_onnx(onnx_session(onnx_path), batch), run_onnx(onnx_session(derived_path), batch))
+    minimum = MIN_TOP1_AGREEMENT[precision]
+    if result["top1_agreement"] < minimum:
+        raise ExportError(f"{derived_path}: top-1 agreement with {onnx_path} {result['top1_agreement']:.2%} "
+                          f"is below {minimum:.1%}")
     return result
+
+
+def verify_engine(engine_path, onnx_path, precision: str) -> dict:
+    """A TensorRT engine (loaded with its own batch profile) against the reference logits recorded
+    beside the fp32 `onnx_path` (runtime/reference.py)."""
+    from runtime.backend import BackendError
+    from runtime.reference import ReferenceError, check, read_reference, reference_path
+    from runtime.tensorrt import TensorRTBackend
+
+    try:
+        reference = read_reference(reference_path(onnx_path))
+        with TensorRTBackend(engine_path) as engine:
+            return check(engine, reference, precision)
+    except (BackendError, ReferenceError) as exc:
+        raise ExportError(f"{engine_path}: {exc}") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ class LabeledImages:
     labels: np.ndarray
     sources: list[str]
     format: str = "folder"  # or "python" (the official tarball, which has train and test splits)
+    origin: str = ""  # the file or folder name they were read from
+
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -48,6 +51,7 @@ class LabeledImages:
             self.labels[indices],
             [self.sources[i] for i in indices],
             self.format,
+            self.origin,
         )
 
 
@@ -68,15 +72,45 @@ def open_dataset(path: str | Path, split: str = "all", val_split: str | Path | N
         data = _read_tar(path, split)
     else:
         raise DataError(f"{path}: not a folder, a .tar/.tar.gz of class folders, or cifar-10-python.tar.gz")
+    data.origin = path.name
     if data.format == "folder" and split == "test":
         raise DataError(f"{path}: a folder data set has no test split; pass the test images themselves")
     if split in ("val", "train") and val_split is not None:
-        held_out = set(load_split(val_split)["val"])
-        keep = [i for i, source in enumerate(data.sources) if (source in held_out) == (split == "val")]
-        if split == "val" and not keep:
+        held_out = held_out_mask(data, load_split(val_split))
+        if split == "val" and not held_out.any():
             raise DataError(f"{path}: none of the images listed in {val_split} are in this data set")
-        data = data.subset(keep)
+        data = data.subset(np.flatnonzero(held_out == (split == "val")))
     return data
+
+
+def image_key(source: str) -> str:
+    """An image's name without its suffix: train/cat/0042.png and train/cat/0042.jpg are one image
+    in two formats, so a split written from either archive selects the same images in both."""
+    stem, dot, suffix = source.rpartition(".")
+    return stem if dot and "/" not in suffix else source
+
+
+def held_out_mask(data: LabeledImages, split_record: dict) -> np.ndarray:
+    """True for the images of `data` that the validation-split record lists."""
+    listed = {image_key(source) for source in split_record["val"]}
+    return np.array([image_key(source) in listed for source in data.sources], dtype=bool)
+
+
+def split_indices(data: LabeledImages, split_file: str | Path, per_class: int, seed: int):
+    """(train indices, validation indices) of `data` by its split file, written on first use
+    (`per_class` images of each class, seeded); DataError where the file lists images not in `data`."""
+    split_path = Path(split_file)
+    if split_path.exists():
+        record = load_split(split_path)
+        held_out = held_out_mask(data, record)
+        if held_out.sum() != len(record["val"]):
+            raise DataError(f"{split_file}: lists {len(record['val'])} images, {held_out.sum()} of them are in "
+                            f"{data.origin or 'the data set'}")
+        return np.flatnonzero(~held_out), np.flatnonzero(held_out)
+    train_idx, val_idx = stratified_split(data.labels, per_class, seed)
+    save_split(split_path, data, val_idx, seed, origin=data.origin)
+    print(f"wrote the validation split ({len(val_idx)} images) to {split_file}", file=sys.stderr)
+    return train_idx, val_idx
 
 
 def _read_tar(path: Path, split: str) -> LabeledImages:

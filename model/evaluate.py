@@ -15,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from model import paths
 from model.data import CLASSES, SPLITS, DataError, open_dataset
-from model.runtime import import_paddle
+from model.runtime import DEVICES, import_paddle, resolve_device
 
-DEFAULT_WEIGHTS = "model/weights/alexnet_acmix.pdparams"
-DEFAULT_DATA = "../shared/data/cifar10-train-jpeg.tar.gz"
-DEFAULT_SPLIT_FILE = "model/weights/val_split.json"
+DEFAULT_WEIGHTS = paths.WEIGHTS
+DEFAULT_DATA = paths.DATA
+DEFAULT_SPLIT_FILE = paths.SPLIT_FILE
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, classes: int = len(CLASSES)) -> np.ndarray:
@@ -68,13 +69,14 @@ def plot_confusion(matrix: np.ndarray, path: Path, title: str) -> None:
 
 
 def evaluate(weights: str, data: str, split: str, split_file: str, confusion: Path, arch: str = "alexnet_acmix",
-             batch_size: int = 256) -> dict:
+             batch_size: int = 256, device: str = "cpu", keep_logits: bool = False) -> dict:
     """Top-1, per-class accuracy and confusion matrix of `weights` on `data` [split]; writes the
-    confusion-matrix PNG. DataError or ValueError name what is wrong with the inputs."""
+    confusion-matrix PNG. keep_logits adds the logits and labels (for calibration). DataError or
+    ValueError name what is wrong with the inputs."""
     if not Path(weights).is_file():
         raise DataError(f"{weights}: no such weights file")
     images = open_dataset(data, split=split, val_split=split_file)
-    import_paddle()  # threads for every core, before the model runs
+    import_paddle(device=device)  # threads for every core, before the model runs
     from model.predict import load_weights, predict_logits
 
     model = load_weights(arch, weights)
@@ -87,6 +89,8 @@ def evaluate(weights: str, data: str, split: str, split_file: str, confusion: Pa
         f"{Path(weights).name} on {Path(data).name} [{split}]: top-1 {result['accuracy']:.4f}",
     )
     result["confusion_png"] = str(confusion)
+    if keep_logits:
+        result.update(logits=logits, labels=images.labels)
     return result
 
 
@@ -96,7 +100,9 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", default="alexnet_acmix", choices=["alexnet_acmix", "alexnet"])
     parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--split", default=None, choices=SPLITS,
-                        help="default: val (the held-out images) for the default data, else all")
+                        help="default: val (the held-out images) for the shared archives (either format), else all")
+    parser.add_argument("--device", default="auto", choices=DEVICES,
+                        help="auto: a CUDA GPU where Paddle is a CUDA build and one is visible, else the CPU")
     parser.add_argument("--split-file", default=DEFAULT_SPLIT_FILE, help="the held-out validation list")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--confusion", default="build/confusion_matrix.png", help="PNG to write")
@@ -105,15 +111,17 @@ def main(argv=None) -> int:
 
     split = args.split
     if split is None:
-        split = "val" if args.data == DEFAULT_DATA else "all"
+        split = "val" if args.data in (paths.DATA, paths.JPEG_DATA) else "all"
     try:
+        device, reason = resolve_device(args.device)
         result = evaluate(args.weights, args.data, split, args.split_file, Path(args.confusion), args.arch,
-                          args.batch_size)
+                          args.batch_size, device)
     except (DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     confusion = Path(args.confusion)
-    print(f"top-1 accuracy {result['accuracy']:.4f} on {result['n']} images ({args.data}, split {split})")
+    print(f"top-1 accuracy {result['accuracy']:.4f} on {result['n']} images ({args.data}, split {split}; "
+          f"on the {device.upper()}: {reason})")
     for name, accuracy in result["per_class"].items():
         print(f"  {name:<11} {accuracy:.4f}" if accuracy is not None else f"  {name:<11} -")
     print(f"confusion matrix: {confusion}")

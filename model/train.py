@@ -1,20 +1,22 @@
 """Train AlexNet-ACmix (or the plain AlexNet) on CIFAR-10.
 
     python -m model.train [--epochs 50] [--out runs/alexnet_acmix] [--resume] [--init-weights W]
-                          [--continue-from model/weights]
+                          [--continue-from model/weights] [--device auto|cpu|gpu] [recipe flags]
 
-The reference recipe by default: Adam 1e-3, weight decay 1e-5, cosine decay per step over the
-whole run, label smoothing 0.1, batch 128, the reference's augmentation. 5,000 training images
-(500 per class, seeded) are held out for validation and never trained on; the list is written to
---split-file and reused. Every epoch writes a checkpoint (last.*), the best weights on validation
-(best.pdparams), metrics.json and curves.png into --out. --resume continues from last.*; where no
-checkpoint is left (a fresh machine), --continue-from model/weights continues the shipped run
-after its best epoch (see `train`). Both take the run's recorded configuration; a flag given
-that differs from it is refused.
+The recipe is TrainConfig's fields, each a flag; their defaults are the reference notebook's
+(Adam 1e-3, weight decay 1e-5, cosine decay per step over the whole run, label smoothing 0.1,
+batch 128, its augmentation), so that old records read as what they ran. The lossless PNG
+images are the default data. 5,000 training images (500 per class, seeded) are held out for
+validation and never trained on; the list is written to --split-file and reused, whatever the
+format the images are read in. Every epoch writes a checkpoint (last.*), the best weights on
+validation (best.pdparams), metrics.json and curves.png into --out; parameters whose values are
+subnormal floats are set to zero first (model/subnormals.py). --resume continues from last.*;
+where no checkpoint is left (a fresh machine), --continue-from model/weights continues the
+shipped run after its best epoch. Both take the run's recorded configuration; a flag given that
+differs from it is refused.
 
---init-weights starts a new run (its own schedule) from a run's best.pdparams or shipped weights,
-e.g. the fine-tune stage with lighter augmentation (`make finetune`); the run it starts from is
-kept in its record as "parent", for the model card and the learning curves.
+--init-weights starts a new run (its own schedule) from a run's best.pdparams or shipped weights;
+the run it starts from is kept in its record as "parent", for the model card and the curves.
 """
 
 from __future__ import annotations
@@ -22,24 +24,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import queue
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from model.augmentation import TrainAugmentation
-from model.data import DataError, LabeledImages, load_split, open_dataset, save_split, stratified_split
-from model.runtime import import_paddle
+from model import paths
+from model.augmentation import AUGMENTATIONS, ReferenceAugmentation, TranslateAugmentation
+from model.data import DataError, LabeledImages, open_dataset, split_indices
+from model.files import replacing
+from model.runtime import DEVICES, import_paddle, resolve_device
+from model.subnormals import flush_subnormals
 
-DEFAULT_DATA = "../shared/data/cifar10-train-jpeg.tar.gz"
-DEFAULT_SPLIT = "model/weights/val_split.json"
+OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
 @dataclass
@@ -47,19 +49,42 @@ class TrainConfig:
     arch: str = "alexnet_acmix"
     epochs: int = 50
     batch_size: int = 128
+    # Optimizer: adam (L2 weight decay, the reference's), adamw (decoupled weight decay, not on
+    # biases and scalars), sgd (Nesterov momentum, L2 weight decay).
+    optimizer: str = "adam"
     lr: float = 1e-3
+    momentum: float = 0.9
     weight_decay: float = 1e-5
+    # Linear warmup from 0 over this many epochs, then cosine decay to 0 over the rest.
+    warmup_epochs: float = 0.0
     label_smoothing: float = 0.1
+    # Clip the gradient's global norm to this (0: off). The network's initial logits are large
+    # (std ~11 on real images: each ACmix layer doubles the scale), so SGD needs it.
+    clip_grad_norm: float = 0.0
     seed: int = 42
     max_steps_per_epoch: int | None = None
-    # Augmentation strength; the defaults are the reference's (model/augmentation.py).
+    # Augmentation (model/augmentation.py): "reference" uses crop_scale_min, rotation and
+    # jitter; "translate" uses pad and erasing; both re-encode as JPEG with probability jpeg.
+    augment: str = "reference"
     crop_scale_min: float = 0.6
     rotation: float = 20.0
     jitter: float = 0.2
+    pad: int = 4
+    erasing: float = 0.0
+    jpeg: float = 0.0
     init_weights: str | None = None
 
-    def augmentation(self) -> TrainAugmentation:
-        return TrainAugmentation(jitter=self.jitter, crop_scale=(self.crop_scale_min, 1.0), rotation=self.rotation)
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation {self.augment!r}; choose from {', '.join(AUGMENTATIONS)}")
+
+    def augmentation(self):
+        if self.augment == "translate":
+            return TranslateAugmentation(pad=self.pad, erasing=self.erasing, jpeg=self.jpeg)
+        return ReferenceAugmentation(jitter=self.jitter, crop_scale=(self.crop_scale_min, 1.0),
+                                     rotation=self.rotation, jpeg=self.jpeg)
 
 
 def recorded_config(record: dict) -> dict:
@@ -77,10 +102,43 @@ def smoothed_cross_entropy(logits, labels, smoothing: float):
     return ((1.0 - smoothing) * nll + smoothing * (-log_probs.mean(axis=-1))).mean()
 
 
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """The learning rate after `step` steps, as a fraction of the peak: linear warmup, then cosine to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return (1 + math.cos(math.pi * min(progress, 1.0))) / 2
+
+
+def build_optimizer(config: TrainConfig, model, steps_per_epoch: int):
+    """(optimizer, scheduler) of the configuration; the scheduler steps once per batch."""
+    import paddle
+
+    total = steps_per_epoch * config.epochs
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    scheduler = paddle.optimizer.lr.LambdaDecay(config.lr, lambda step: lr_factor(step, total, warmup))
+    params = model.parameters()
+    clip = {"grad_clip": paddle.nn.ClipGradByGlobalNorm(config.clip_grad_norm)} if config.clip_grad_norm else {}
+    if config.optimizer == "adamw":
+        decayed = {p.name for p in params if len(p.shape) > 1}  # not biases, not ACmix's rates
+        optimizer = paddle.optimizer.AdamW(learning_rate=scheduler, parameters=params,
+                                           weight_decay=config.weight_decay, apply_decay_param_fun=decayed.__contains__, **clip)
+    elif config.optimizer == "sgd":
+        optimizer = paddle.optimizer.Momentum(learning_rate=scheduler, momentum=config.momentum, parameters=params,
+                                              use_nesterov=True, weight_decay=config.weight_decay, use_multi_tensor=True,
+                                              **clip)
+    else:
+        # Multi-tensor Adam: Paddle 3.3's per-parameter CPU Adam kernel left the process running
+        # every later convolution about twice as slow (measured on AMD EPYC); the fused one does not.
+        optimizer = paddle.optimizer.Adam(learning_rate=scheduler, parameters=params,
+                                          weight_decay=config.weight_decay, use_multi_tensor=True, **clip)
+    return optimizer, scheduler
+
+
 def train_batches(data: LabeledImages, batch_size: int, augment, rng: np.random.Generator, limit: int | None):
     """Shuffled, augmented batches (drop_last), prepared one ahead in a thread.
 
-    Pillow releases the GIL, so augmentation overlaps with Paddle's compute.
+    Pillow and NumPy release the GIL, so augmentation overlaps with Paddle's compute.
     """
     order = rng.permutation(len(data))
     steps = len(order) // batch_size
@@ -135,6 +193,32 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
     optimizer.set_state_dict(_rename_prefixes(state, {n: p.name for n, p in model.named_parameters()}))
 
 
+def flush_subnormal_parameters(model) -> int:
+    """Set the model's subnormal parameter values to 0, in place; returns how many there were."""
+    flushed = 0
+    for param in model.parameters():
+        values = param.numpy()
+        clean = flush_subnormals(values)
+        if clean is not values:
+            flushed += int((clean != values).sum())
+            param.set_value(clean)
+    return flushed
+
+
+def flush_subnormal_state(state: dict) -> dict:
+    """An optimizer state dict with subnormal values in its tensors set to 0 (moments of dead units)."""
+    import paddle
+
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, paddle.Tensor) and value.dtype in (paddle.float32, paddle.float64):
+            values = value.numpy()
+            clean = flush_subnormals(values)
+            value = value if clean is values else paddle.to_tensor(clean)
+        out[key] = value
+    return out
+
+
 def plot_curves(history: list[dict], path: Path, parent: dict | None = None) -> None:
     """Loss and accuracy per epoch; a run started from another's (parent's) best weights is drawn after it."""
     import matplotlib
@@ -162,6 +246,18 @@ def plot_curves(history: list[dict], path: Path, parent: dict | None = None) -> 
     plt.close(fig)
 
 
+@dataclass
+class Session:
+    """What one training process holds: the model, its optimizer and schedule, and the record."""
+
+    config: TrainConfig
+    model: object
+    optimizer: object
+    scheduler: object
+    steps_per_epoch: int
+    record: dict
+
+
 def train(
     config: TrainConfig,
     train_data: LabeledImages,
@@ -171,124 +267,130 @@ def train(
     augment=None,
     until_epoch: int | None = None,
     continue_from: Path | None = None,
+    device: str = "cpu",
+    device_reason: str = "",
 ) -> dict:
     """Run (or continue) training; returns the metrics record (also in out/metrics.json).
 
     until_epoch stops early (after that epoch's checkpoint), to be continued with resume.
     continue_from (a folder that model.ship wrote: SHIPPED_WEIGHTS and SHIPPED_METRICS) continues
     the shipped run after its best epoch when no checkpoint is left: same history, schedule and
-    batches; only Adam's moments, which are not shipped, start afresh.
+    batches; only the optimizer's moments, which are not shipped, start afresh.
     """
-    paddle = import_paddle()
-    from model.alexnet import build_model
-
+    import_paddle(device=device)
     out.mkdir(parents=True, exist_ok=True)
+    session = start_session(config, len(train_data), out, resume, continue_from)
+    session.record.setdefault("data", train_data.origin)
+    session.record["device"] = device
+    print(f"training on the {device.upper()}{f' ({device_reason})' if device_reason else ''}", file=sys.stderr)
     augment = augment or config.augmentation()
-    steps_per_epoch = len(train_data) // config.batch_size
-    if config.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    if steps_per_epoch == 0:
-        raise DataError(f"{len(train_data)} training images are fewer than one batch of {config.batch_size}")
-
-    paddle.seed(config.seed)
-    model = build_model(config.arch)
-    scheduler = paddle.optimizer.lr.CosineAnnealingDecay(config.lr, T_max=steps_per_epoch * config.epochs)
-    # Multi-tensor Adam: Paddle 3.3's per-parameter CPU Adam kernel leaves the process running
-    # every later convolution about twice as slow (measured); the fused one does not.
-    optimizer = paddle.optimizer.Adam(
-        learning_rate=scheduler,
-        parameters=model.parameters(),
-        weight_decay=config.weight_decay,
-        use_multi_tensor=True,
-    )
-    record = {"config": asdict(config), "history": [], "best": None}
-    if resume and (out / "last.pdparams").exists():
-        model.set_state_dict(paddle.load(str(out / "last.pdparams")))
-        load_optimizer_state(model, optimizer, paddle.load(str(out / "last.pdopt")))
-        record = json.loads((out / "metrics.json").read_text())
-        check_same_config(record, config, out)
-        check_checkpoint(scheduler, record, steps_per_epoch, out)
-        print(f"resuming after epoch {len(record['history'])} from {out}", file=sys.stderr)
-    elif continue_from is not None:
-        record = continue_shipped(model, scheduler, Path(continue_from), config, steps_per_epoch)
-        paddle.save(model.state_dict(), str(out / "best.pdparams"))
-        print(f"continuing after epoch {len(record['history'])} from {continue_from} (fresh Adam moments)",
-              file=sys.stderr)
-    elif config.init_weights:
-        model.set_state_dict(paddle.load(config.init_weights))
-        record["parent"] = parent_record(Path(config.init_weights))
-
     last_epoch = min(config.epochs, until_epoch or config.epochs)
-    for epoch in range(len(record["history"]) + 1, last_epoch + 1):
-        # Per-epoch seeds make a resumed run draw the same batches as an uninterrupted one.
-        paddle.seed(config.seed * 1000 + epoch)
-        rng = np.random.default_rng([config.seed, epoch])
-        model.train()
-        seen = correct = 0
-        loss_sum = 0.0
+    for epoch in range(len(session.record["history"]) + 1, last_epoch + 1):
         started = time.perf_counter()
-        bar = tqdm(
-            train_batches(train_data, config.batch_size, augment, rng, config.max_steps_per_epoch),
-            total=steps_per_epoch,
-            desc=f"epoch {epoch}/{config.epochs}",
-            unit="step",
-        )
-        for x, y in bar:
-            x, y = paddle.to_tensor(x), paddle.to_tensor(y)
-            logits = model(x)
-            loss = smoothed_cross_entropy(logits, y, config.label_smoothing)
-            loss.backward()
-            optimizer.step()
-            optimizer.clear_grad()
-            scheduler.step()
-            seen += len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            loss_sum += float(loss) * len(y)
-            rate = seen / (time.perf_counter() - started)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{rate:.0f}")
-        bar.close()
-        train_seconds = time.perf_counter() - started
-        val = evaluate_split(model, val_data, config.label_smoothing)
-        entry = {
-            "epoch": epoch,
-            "lr": float(optimizer.get_lr()),
-            "train_loss": loss_sum / seen,
-            "train_accuracy": correct / seen,
-            "val_loss": val["loss"],
-            "val_accuracy": val["accuracy"],
-            "train_images_per_s": seen / train_seconds,
-            "epoch_seconds": time.perf_counter() - started,
-        }
-        record["history"].append(entry)
-        weights = model.state_dict()
-        if record["best"] is None or entry["val_accuracy"] > record["best"]["val_accuracy"]:
-            record["best"] = {"epoch": epoch, "val_accuracy": entry["val_accuracy"]}
-            with replacing(out / "best.pdparams") as tmp:
-                paddle.save(weights, tmp)
-        with replacing(out / "last.pdparams") as tmp:
-            paddle.save(weights, tmp)
-        with replacing(out / "last.pdopt") as tmp:
-            paddle.save(optimizer_state(model, optimizer), tmp)
-        # Written last: metrics.json says which epoch the checkpoint holds (see check_checkpoint).
-        with replacing(out / "metrics.json") as tmp:
-            Path(tmp).write_text(json.dumps(record, indent=2) + "\n")
-        plot_curves(record["history"], out / "curves.png", record.get("parent"))
+        entry = train_epoch(session, train_data, augment, epoch)
+        val = evaluate_split(session.model, val_data, config.label_smoothing)
+        entry.update(val_loss=val["loss"], val_accuracy=val["accuracy"], epoch_seconds=time.perf_counter() - started)
+        save_epoch(session, entry, out)
         print(
             f"epoch {epoch}: train loss {entry['train_loss']:.4f} acc {entry['train_accuracy']:.4f} | "
             f"val loss {entry['val_loss']:.4f} acc {entry['val_accuracy']:.4f} | "
             f"{entry['train_images_per_s']:.0f} img/s",
             file=sys.stderr,
         )
-    return record
+    return session.record
 
 
-@contextmanager
-def replacing(path: Path):
-    """Yields a path beside `path` to write to, renamed over it once written: a run killed
-    mid-save leaves the previous file whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    yield str(tmp)
-    os.replace(tmp, path)
+def start_session(config: TrainConfig, train_size: int, out: Path, resume: bool, continue_from: Path | None) -> Session:
+    """The model and optimizer of a new run, of a resumed checkpoint, or of a continued shipped run."""
+    import paddle
+
+    from model.alexnet import build_model
+
+    steps_per_epoch = train_size // config.batch_size
+    if config.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+    if steps_per_epoch == 0:
+        raise DataError(f"{train_size} training images are fewer than one batch of {config.batch_size}")
+    paddle.seed(config.seed)
+    model = build_model(config.arch)
+    optimizer, scheduler = build_optimizer(config, model, steps_per_epoch)
+    session = Session(config, model, optimizer, scheduler, steps_per_epoch,
+                      {"config": asdict(config), "history": [], "best": None})
+    if resume and (out / "last.pdparams").exists():
+        model.set_state_dict(paddle.load(str(out / "last.pdparams")))
+        load_optimizer_state(model, optimizer, paddle.load(str(out / "last.pdopt")))
+        session.record = json.loads((out / "metrics.json").read_text())
+        check_same_config(session.record, config, out)
+        check_checkpoint(scheduler, session.record, steps_per_epoch, out)
+        print(f"resuming after epoch {len(session.record['history'])} from {out}", file=sys.stderr)
+    elif continue_from is not None:
+        session.record = continue_shipped(model, scheduler, Path(continue_from), config, steps_per_epoch)
+        paddle.save(model.state_dict(), str(out / "best.pdparams"))
+        print(f"continuing after epoch {len(session.record['history'])} from {continue_from} "
+              "(fresh optimizer moments)", file=sys.stderr)
+    elif config.init_weights:
+        model.set_state_dict(paddle.load(config.init_weights))
+        session.record["parent"] = parent_record(Path(config.init_weights))
+    return session
+
+
+def train_epoch(session: Session, train_data: LabeledImages, augment, epoch: int) -> dict:
+    """One pass over the training batches; the epoch's training figures."""
+    import paddle
+
+    config, model, optimizer = session.config, session.model, session.optimizer
+    # Per-epoch seeds make a resumed run draw the same batches as an uninterrupted one.
+    paddle.seed(config.seed * 1000 + epoch)
+    rng = np.random.default_rng([config.seed, epoch])
+    model.train()
+    seen = correct = 0
+    loss_sum = 0.0
+    started = time.perf_counter()
+    batches = train_batches(train_data, config.batch_size, augment, rng, config.max_steps_per_epoch)
+    bar = tqdm(batches, total=session.steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="step")
+    for x, y in bar:
+        x, y = paddle.to_tensor(x), paddle.to_tensor(y)
+        logits = model(x)
+        loss = smoothed_cross_entropy(logits, y, config.label_smoothing)
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        session.scheduler.step()
+        seen += len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        loss_sum += float(loss) * len(y)
+        rate = seen / (time.perf_counter() - started)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{rate:.0f}")
+    bar.close()
+    return {
+        "epoch": epoch,
+        "lr": float(optimizer.get_lr()),
+        "train_loss": loss_sum / seen,
+        "train_accuracy": correct / seen,
+        "train_images_per_s": seen / (time.perf_counter() - started),
+    }
+
+
+def save_epoch(session: Session, entry: dict, out: Path) -> None:
+    """Record the epoch and write its checkpoint, the best weights if they are, the record and the curves."""
+    import paddle
+
+    record, model = session.record, session.model
+    record["history"].append(entry)
+    flush_subnormal_parameters(model)
+    weights = model.state_dict()
+    if record["best"] is None or entry["val_accuracy"] > record["best"]["val_accuracy"]:
+        record["best"] = {"epoch": entry["epoch"], "val_accuracy": entry["val_accuracy"]}
+        with replacing(out / "best.pdparams") as tmp:
+            paddle.save(weights, tmp)
+    with replacing(out / "last.pdparams") as tmp:
+        paddle.save(weights, tmp)
+    with replacing(out / "last.pdopt") as tmp:
+        paddle.save(flush_subnormal_state(optimizer_state(model, session.optimizer)), tmp)
+    # Written last: metrics.json says which epoch the checkpoint holds (see check_checkpoint).
+    with replacing(out / "metrics.json") as tmp:
+        Path(tmp).write_text(json.dumps(record, indent=2) + "\n")
+    plot_curves(record["history"], out / "curves.png", record.get("parent"))
 
 
 def check_checkpoint(scheduler, record: dict, steps_per_epoch: int, out: Path) -> None:
@@ -313,6 +415,10 @@ def check_same_config(record: dict, config: TrainConfig, source: Path) -> None:
         raise ValueError(f"{source} holds a run with another configuration ({differ})")
 
 
+SHIPPED_WEIGHTS = Path(paths.WEIGHTS).name
+SHIPPED_METRICS = paths.TRAINING_METRICS
+
+
 def parent_record(weights: Path) -> dict | None:
     """The record of the run whose best weights `weights` are (a run's best.pdparams, or shipped
     weights), or None for other weights."""
@@ -320,10 +426,6 @@ def parent_record(weights: Path) -> dict | None:
     if beside is None or not (weights.parent / beside).is_file():
         return None
     return json.loads((weights.parent / beside).read_text())
-
-
-SHIPPED_WEIGHTS = "alexnet_acmix.pdparams"
-SHIPPED_METRICS = "training_metrics.json"
 
 
 def continue_shipped(model, scheduler, folder: Path, config: TrainConfig, steps_per_epoch: int) -> dict:
@@ -343,9 +445,7 @@ def continue_shipped(model, scheduler, folder: Path, config: TrainConfig, steps_
     record["history"] = record["history"][:epoch]
     model.set_state_dict(paddle.load(str(weights)))
     step = epoch * steps_per_epoch
-    # Paddle's cosine schedule is recursive in its last value: set both, from the closed form.
-    lr = scheduler.eta_min + (scheduler.base_lr - scheduler.eta_min) * (1 + math.cos(math.pi * step / scheduler.T_max)) / 2
-    scheduler.set_state_dict({"last_epoch": step, "last_lr": lr})
+    scheduler.set_state_dict({"last_epoch": step, "last_lr": scheduler.base_lr * scheduler.lr_lambda(step)})
     return record
 
 
@@ -361,45 +461,50 @@ def continued_config(out: Path, resume: bool, continue_from: str | None) -> dict
 def load_train_val(data_path: str, split_file: str, per_class: int, seed: int):
     """The training and held-out validation images; creates the split file on first use."""
     data = open_dataset(data_path, split="train")
-    split_path = Path(split_file)
-    if split_path.exists():
-        held_out = set(load_split(split_path)["val"])
-        val_idx = np.array([i for i, s in enumerate(data.sources) if s in held_out])
-        if len(val_idx) != len(held_out):
-            raise DataError(f"{split_file}: lists {len(held_out)} images, {len(val_idx)} of them are in {data_path}")
-        train_idx = np.setdiff1d(np.arange(len(data)), val_idx)
-    else:
-        train_idx, val_idx = stratified_split(data.labels, per_class, seed)
-        save_split(split_path, data, val_idx, seed, origin=Path(data_path).name)
-        print(f"wrote the validation split ({len(val_idx)} images) to {split_file}", file=sys.stderr)
+    train_idx, val_idx = split_indices(data, split_file, per_class, seed)
     return data.subset(train_idx), data.subset(val_idx)
 
 
 # Every TrainConfig field but the architecture, which also names the run folder.
 RECIPE_FLAGS = tuple(field.name for field in fields(TrainConfig) if field.name != "arch")
+RECIPE_HELP = {
+    "optimizer": f"one of {', '.join(OPTIMIZERS)}",
+    "lr": "peak learning rate",
+    "momentum": "sgd's Nesterov momentum",
+    "warmup_epochs": "linear warmup before the cosine decay",
+    "max_steps_per_epoch": "for quick trials",
+    "clip_grad_norm": "clip the gradient's global norm (0: off)",
+    "augment": f"one of {', '.join(AUGMENTATIONS)}",
+    "crop_scale_min": "reference augmentation: random resized crop's smallest area",
+    "rotation": "reference augmentation: largest rotation in degrees",
+    "jitter": "reference augmentation: color jitter strength",
+    "pad": "translate augmentation: largest shift in source pixels",
+    "erasing": "translate augmentation: probability of erasing a random rectangle",
+    "jpeg": "probability of re-encoding a training image as JPEG (random quality 40-95)",
+    "init_weights": "start a new run from these weights (a run's best.pdparams or shipped weights)",
+}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
     defaults = TrainConfig()
+    parser.add_argument("--data", default=paths.DATA, help="CIFAR-10 training images (either format; default lossless)")
+    parser.add_argument("--arch", default=defaults.arch, choices=["alexnet_acmix", "alexnet"])
     # Recipe flags default to None: unset, they take the recorded run's value (--resume,
     # --continue-from) or TrainConfig's.
-    parser.add_argument("--data", default=DEFAULT_DATA, help="CIFAR-10 training images (either format)")
-    parser.add_argument("--arch", default=defaults.arch, choices=["alexnet_acmix", "alexnet"])
-    parser.add_argument("--epochs", type=int, help=f"default {defaults.epochs}")
-    parser.add_argument("--batch-size", type=int, help=f"default {defaults.batch_size}")
-    parser.add_argument("--lr", type=float, help=f"peak learning rate, default {defaults.lr:g}")
-    parser.add_argument("--weight-decay", type=float, help=f"default {defaults.weight_decay:g}")
-    parser.add_argument("--label-smoothing", type=float, help=f"default {defaults.label_smoothing:g}")
-    parser.add_argument("--seed", type=int, help=f"default {defaults.seed}")
-    parser.add_argument("--max-steps-per-epoch", type=int, help="for quick trials")
-    parser.add_argument("--crop-scale-min", type=float, help=f"random resized crop's smallest area, default {defaults.crop_scale_min:g}")
-    parser.add_argument("--rotation", type=float, help=f"largest rotation in degrees, default {defaults.rotation:g}")
-    parser.add_argument("--jitter", type=float, help=f"color jitter strength, default {defaults.jitter:g}")
-    parser.add_argument("--init-weights", help="start a new run from these weights (a run's best.pdparams or shipped weights)")
-    parser.add_argument("--split-file", default=DEFAULT_SPLIT, help="validation split record (created if absent)")
+    for field in fields(TrainConfig):
+        if field.name == "arch":
+            continue
+        default = getattr(defaults, field.name)
+        kind = int if field.name == "max_steps_per_epoch" else {int: int, float: float}.get(type(default), str)
+        shown = None if default is None else f"default {default:g}" if isinstance(default, float) else f"default {default}"
+        help_text = "; ".join(part for part in (RECIPE_HELP.get(field.name), shown) if part)
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, help=help_text)
+    parser.add_argument("--split-file", default=paths.SPLIT_FILE, help="validation split record (created if absent)")
     parser.add_argument("--val-per-class", type=int, default=500)
     parser.add_argument("--out", default=None, help="run folder (default runs/<arch>)")
+    parser.add_argument("--device", default="auto", choices=DEVICES,
+                        help="auto: a CUDA GPU where Paddle is a CUDA build and one is visible, else the CPU")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last.*")
     parser.add_argument("--continue-from", default=None,
                         help="continue a shipped run (e.g. model/weights) after its best epoch, when no checkpoint is left")
@@ -416,10 +521,12 @@ def main(argv=None) -> int:
         })
         if args.init_weights and not Path(args.init_weights).is_file():
             raise DataError(f"{args.init_weights}: no such file")
+        device, reason = resolve_device(args.device)
         train_data, val_data = load_train_val(args.data, args.split_file, args.val_per_class, config.seed)
         record = train(
             config, train_data, val_data, out, resume=args.resume, until_epoch=args.until_epoch,
-            continue_from=Path(args.continue_from) if args.continue_from else None,
+            continue_from=Path(args.continue_from) if args.continue_from else None, device=device,
+            device_reason=reason,
         )
     except (DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,15 +1,26 @@
-"""python -m service [--host H] [--port P]: the service under uvicorn (settings: service/settings.py)."""
+"""python -m service [--host H] [--port P] [--provision-only [--force-engine]]
+
+Makes the artifacts the settings need and are missing or stale (export/provision.py: the ONNX
+from the weights in a child process, the TensorRT engine from the ONNX), then runs the service
+under uvicorn (settings: service/settings.py). The container's entrypoint runs exactly this.
+--provision-only stops after the artifacts (e.g. `docker compose run --rm export`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 import uvicorn
 
+from export.errors import ExportError
+from export.provision import provision
 from service.main import create_app
 from service.settings import Settings
+
+log = logging.getLogger("service")
 
 
 class DrainingServer(uvicorn.Server):
@@ -25,14 +36,40 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def main(argv=None) -> int:
-    settings = Settings()
-    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+def stop_provisioning(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def parser(settings: Settings) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default=settings.host)
     parser.add_argument("--port", type=int, default=settings.port)
-    args = parser.parse_args(argv)
+    parser.add_argument("--provision-only", action="store_true", help="make the artifacts, then exit")
+    parser.add_argument("--force-engine", action="store_true", help="rebuild the TensorRT engine even if current")
+    return parser
+
+
+def main(argv=None) -> int:
+    settings = Settings()
+    args = parser(settings).parse_args(argv)
     settings = settings.model_copy(update={"host": args.host, "port": args.port})
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    backend, reason = settings.resolved_backend()
+    plan = settings.plan(backend)
+    # SIGTERM while provisioning (docker stop during a first-start build) stops it at once: as an
+    # exception, which also kills a child export (subprocess.run does on the way out).
+    signal.signal(signal.SIGTERM, stop_provisioning)
+    try:
+        for done in provision(plan, force_engine=args.force_engine, log=log.info):
+            log.info("provisioning: %s", done)
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if args.provision_only:
+        log.info("provisioning: %s is current", plan.served)
+        return 0
     app = create_app(settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.backends.base import Backend
+from runtime.backend import Backend
 
 
 class QueueFullError(Exception):

@@ -1,4 +1,5 @@
-"""The FastAPI app: a lifespan that loads and warms the backend, the routers, the middleware."""
+"""The FastAPI app: a lifespan that loads, warms and checks the backend, the routers, the middleware,
+and the one place where the service's domain errors become HTTP responses."""
 
 from __future__ import annotations
 
@@ -9,13 +10,17 @@ from contextlib import asynccontextmanager
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from model.spec import INPUT_SHAPE
+from runtime.artifacts import onnx_temperature, sha256_file
+from runtime.backend import BackendError
+from runtime.reference import ReferenceError, check, read_reference, reference_path
 from service.api import health, predict, v2
 from service.backends import create_backend
-from service.backends.base import BackendError
 from service.batching import DynamicBatcher
+from service.errors import ServiceError
 from service.metrics import Metrics, MetricsMiddleware
 from service.settings import Settings
 from service.state import ServiceState
@@ -24,30 +29,59 @@ log = logging.getLogger("service")
 
 
 def load(state: ServiceState, backend=None, reason: str = "") -> None:
-    """Create (unless given), load and warm up the backend: one batch of every size class it will see."""
+    """Create (unless given), load and warm up the backend (one batch of every size class it will
+    see), then check it against the reference logits recorded beside the ONNX (runtime/reference.py)."""
+    settings = state.settings
+    plan = None
     if backend is None:
-        backend, reason = create_backend(state.settings)
+        name, reason = settings.resolved_backend()
+        plan = settings.plan(name)
+        backend = create_backend(plan, settings.max_batch_size, settings.intra_op_threads)
     backend.load()
-    for size in sorted({1, state.settings.max_batch_size}):
-        backend.infer(np.zeros((size, *INPUT_SHAPE), np.float32))
+    try:
+        for size in sorted({1, settings.max_batch_size}):
+            backend.infer(np.zeros((size, *INPUT_SHAPE), np.float32))
+        if plan is not None:
+            self_check(backend, plan)
+            state.temperature = onnx_temperature(plan.onnx)
+            state.model_digest = sha256_file(plan.served)
+    except Exception:
+        backend.close()
+        raise
     state.backend, state.backend_reason = backend, reason
-    log.info("backend %s ready (%s): %s", backend.name, reason, backend.description)
+    log.info("backend %s ready (%s): %s; softmax temperature %.4g", backend.name, reason, backend.description,
+             state.temperature)
+
+
+def self_check(backend, plan) -> None:
+    """BackendError unless the backend reproduces the reference logits of its ONNX; a warning where
+    the ONNX came without them (a file brought by a user)."""
+    path = reference_path(plan.onnx)
+    if not path.is_file():
+        log.warning("%s is missing: readiness without the reference check", path)
+        return
+    try:
+        result = check(backend, read_reference(path), plan.precision)
+    except ReferenceError as exc:
+        raise BackendError(f"{plan.served}: {exc}") from None
+    log.info("reference check passed: %d images, max |logit diff| %.2g (tolerance %g for %s)",
+             result["n"], result["max_abs_diff"], result["tolerance"], plan.precision)
 
 
 def open_service(state: ServiceState, backend=None, reason: str = "given", batcher=None) -> None:
-    """Load and warm the backend and start batching; the service is then ready.
+    """Load, warm and check the backend and start batching; the service is then ready.
 
     `batcher` replaces the DynamicBatcher (Ray Serve passes one over @serve.batch); anything with
     `async infer(image, deadline) -> logits` and `async close()`.
     """
     settings = state.settings
-    state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
     try:
         load(state, backend, reason)
     except BackendError as exc:
         state.load_error = str(exc)
         log.error("the backend did not load: %s", exc)
         raise
+    state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
     if batcher is None:
         batcher = DynamicBatcher(
             state.backend,
@@ -70,6 +104,11 @@ async def close_service(state: ServiceState) -> None:
     state.backend.close()
     state.decode_pool.shutdown(wait=True)
     log.info("drained and closed")
+
+
+def error_body(request: Request, message: str) -> dict:
+    """KServe v2's error body ({"error": ...}) on /v2, FastAPI's ({"detail": ...}) elsewhere."""
+    return {"error": message} if request.url.path.startswith("/v2") else {"detail": message}
 
 
 def create_app(
@@ -105,12 +144,17 @@ def create_app(
     app.include_router(predict.router)
     app.include_router(v2.router)
     app.include_router(health.router)
-    app.add_exception_handler(v2.V2Error, v2.v2_error_response)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError):
+        return JSONResponse(error_body(request, exc.message), status_code=exc.status, headers=exc.headers())
 
     @app.exception_handler(HTTPException)
-    async def name_the_upload_limit(request: Request, exc: HTTPException):
+    async def http_error(request: Request, exc: HTTPException):
         if exc.status_code == 413:
             exc = HTTPException(413, f"request body over the upload limit of {settings.max_upload_bytes} bytes")
+        if request.url.path.startswith("/v2"):
+            return JSONResponse(error_body(request, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
         return await http_exception_handler(request, exc)
 
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)

@@ -1,24 +1,24 @@
 """Ray Serve deployment of the same service: same backends, preprocessing and HTTP API.
 
-    serve run service.ray_app:app                  # local Ray, settings from ACMIX_* variables
+    serve run service.ray_app:build_app            # local Ray, settings from ACMIX_* variables
     serve run service/ray_serve.yaml               # a cluster (see the file for replicas, GPUs)
 
 Each replica runs the FastAPI app of service/main.py through @serve.ingress with its own backend;
 batching is Ray's @serve.batch (max batch size and wait from the same settings) instead of the
-DynamicBatcher. Replicas: ACMIX_RAY_REPLICAS (a number, or "auto" for autoscaling between 1 and
-ACMIX_RAY_MAX_REPLICAS); a TensorRT backend asks Ray for one GPU per replica.
+DynamicBatcher. `build_app` (Ray's application builder, called by `serve run`, not at import)
+provisions the artifacts once (export/provision.py), then sizes the deployment from the settings:
+ACMIX_RAY_REPLICAS (a number, or "auto" for autoscaling between 1 and ACMIX_RAY_MAX_REPLICAS);
+on the TensorRT backend one GPU per replica, each replica with its own execution context.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 
 import numpy as np
 from ray import serve
 
-from service.backends import choose_backend
 from service.main import close_service, create_app, open_service
 from service.settings import Settings
 
@@ -60,26 +60,23 @@ async def served_by(request, call_next):
     return response
 
 
-def deployment_options(settings: Settings) -> dict:
-    backend, _ = choose_backend(settings.backend)
-    replicas = os.environ.get("ACMIX_RAY_REPLICAS", "2")
+def deployment_options(settings: Settings, backend: str) -> dict:
     options: dict = {
-        "ray_actor_options": {"num_gpus": 1} if backend == "tensorrt" else {
-            "num_cpus": float(os.environ.get("ACMIX_RAY_CPUS_PER_REPLICA", "1"))},
+        "ray_actor_options": {"num_gpus": 1} if backend == "tensorrt" else {"num_cpus": settings.ray_cpus_per_replica},
         "max_ongoing_requests": settings.max_queue_size,
     }
-    if replicas == "auto":
+    if settings.ray_replicas == "auto":
         options["autoscaling_config"] = {
             "min_replicas": 1,
-            "max_replicas": int(os.environ.get("ACMIX_RAY_MAX_REPLICAS", "4")),
+            "max_replicas": settings.ray_max_replicas,
             "target_ongoing_requests": 2 * settings.max_batch_size,
         }
     else:
-        options["num_replicas"] = int(replicas)
+        options["num_replicas"] = int(settings.ray_replicas)
     return options
 
 
-@serve.deployment(**deployment_options(settings))
+@serve.deployment
 @serve.ingress(replica_app)
 class Classifier:
     def __init__(self):
@@ -100,4 +97,10 @@ class Classifier:
         await close_service(self.state)
 
 
-app = Classifier.bind()
+def build_app(args: dict | None = None):
+    """Ray Serve's application builder: provision the artifacts once, then the deployment, bound."""
+    from export.provision import provision
+
+    backend, _ = settings.resolved_backend()
+    provision(settings.plan(backend), progress=False)
+    return Classifier.options(**deployment_options(settings, backend)).bind()

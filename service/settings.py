@@ -1,13 +1,21 @@
-"""Every setting of the service, from environment variables (prefix ACMIX_), in one place."""
+"""Every setting of the service, from environment variables (prefix ACMIX_), in one place.
+
+`Settings.plan()` turns them into the artifacts the service runs (runtime.artifacts.ArtifactPlan):
+what provisioning makes (export/provision.py) and what the backend loads, with one set of build
+parameters, whichever path starts the service.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model import paths
 from model.runtime import available_cores
+from runtime.artifacts import ArtifactPlan, EngineSpec
 
 
 class Settings(BaseSettings):
@@ -16,14 +24,23 @@ class Settings(BaseSettings):
     backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
         "auto", description="auto: TensorRT where a GPU and TensorRT are present, else ONNX Runtime"
     )
-    weights_path: str = Field("model/weights/alexnet_acmix.pdparams", description="exported to ONNX if that is missing or from other weights")
-    onnx_path: str = Field("build/alexnet_acmix.onnx", description="the ONNX model (ONNX Runtime, engine builds)")
-    engine_path: str = Field("build/alexnet_acmix.fp32.plan", description="the TensorRT engine")
-    engine_precision: Literal["fp32", "fp16"] = "fp32"
-    engine_rebuild: bool = Field(True, description="rebuild a missing or stale engine at start, else refuse to start")
+    precision: Literal["fp32", "fp16", "int8"] = Field(
+        "fp32", description="of whichever backend runs (fp16: TensorRT only); fp16 and int8 ONNX files are made "
+                            "from the fp32 one"
+    )
+    weights_path: str = Field(paths.WEIGHTS, description="exported to ONNX if that is missing or from other weights")
+    onnx_path: str = Field("build/alexnet_acmix.onnx", description="the fp32 ONNX; other precisions' files beside it")
+    engine_path: str | None = Field(
+        None, description="the TensorRT engine; default: beside the ONNX, alexnet_acmix.<precision>.plan"
+    )
+    engine_dir: str | None = Field(None, description="where the default engine and timing cache go (default: the "
+                                                     "ONNX's folder)")
+    engine_workspace_mib: int = Field(2048, ge=1, description="TensorRT builder workspace")
+    rebuild: bool = Field(True, description="make a missing or stale artifact at start, else refuse to start")
     model_name: str = "alexnet_acmix"
 
-    max_batch_size: int = Field(32, ge=1, le=256, description="largest batch sent to the backend")
+    max_batch_size: int = Field(32, ge=1, le=256, description="largest batch sent to the backend (and the engine "
+                                                              "profile's max and opt)")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="longest a request waits for its batch to fill")
     max_queue_size: int = Field(512, ge=1, description="requests waiting beyond this get 429")
     request_timeout_s: float = Field(10.0, gt=0, description="a request not answered by then gets 504")
@@ -46,3 +63,37 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     log_level: str = "info"
+
+    # Ray Serve (service/ray_app.py)
+    ray_replicas: str = Field("2", pattern=r"^(auto|[1-9][0-9]*)$", description="a number, or auto (autoscaling)")
+    ray_max_replicas: int = Field(4, ge=1, description="autoscaling's upper bound")
+    ray_cpus_per_replica: float = Field(1.0, gt=0, description="CPU replicas' Ray resource request")
+
+    def resolved_backend(self) -> tuple[str, str]:
+        """(onnxruntime or tensorrt, why): auto takes TensorRT where it and a CUDA GPU are present."""
+        if self.backend != "auto":
+            return self.backend, f"set by ACMIX_BACKEND={self.backend}"
+        from runtime.cuda import tensorrt_status
+
+        available, why = tensorrt_status()
+        if available:
+            return "tensorrt", "auto: a GPU and TensorRT are present"
+        return "onnxruntime", f"auto: {why}"
+
+    def plan(self, backend: str | None = None) -> ArtifactPlan:
+        """The artifacts these settings run; `backend` when it is resolved already."""
+        backend = backend or self.resolved_backend()[0]
+        onnx = Path(self.onnx_path)
+        engine_dir = Path(self.engine_dir) if self.engine_dir else onnx.parent
+        engine = Path(self.engine_path) if self.engine_path else engine_dir / f"{onnx.stem}.{self.precision}.plan"
+        spec = EngineSpec(self.precision, 1, self.max_batch_size, self.max_batch_size, self.engine_workspace_mib)
+        return ArtifactPlan(
+            backend=backend,
+            precision=self.precision,
+            weights=Path(self.weights_path),
+            onnx=onnx,
+            engine=engine if backend == "tensorrt" else None,
+            engine_spec=spec,
+            timing_cache=engine.parent / "timing.cache" if backend == "tensorrt" else None,
+            rebuild=self.rebuild,
+        )

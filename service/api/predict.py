@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, HTTPException, UploadFile
+from fastapi import APIRouter, Depends, File, Form, UploadFile
 from pydantic import BaseModel
 
 from model.preprocessing import ImageError
 from service.api.security import require_api_key
+from service.errors import BadRequest, ServiceError
 from service.predictions import classify
 from service.state import ServiceState, StateDep
 
@@ -52,9 +53,10 @@ async def predict_one(state: ServiceState, upload: UploadFile, top_k: int, deadl
         image = await state.decode(data)
     except ImageError as exc:
         name = f" {upload.filename!r}" if upload.filename else ""
-        raise HTTPException(400, f"file{name}: {exc}") from None
+        raise BadRequest(f"file{name}: {exc}") from None
     logits = await state.logits(image, deadline)
-    return Prediction(**classify(logits, top_k), model=state.settings.model_name, backend=state.backend_name)
+    return Prediction(**classify(logits, top_k, state.temperature), model=state.settings.model_name,
+                      backend=state.backend_name)
 
 
 @router.post("/predict", response_model=Prediction, summary="Classify one image")
@@ -77,8 +79,8 @@ async def predict_batch(
     async def one(upload: UploadFile) -> BatchItem:
         try:
             prediction = await predict_one(state, upload, top_k, deadline)
-        except HTTPException as exc:
-            return BatchItem(filename=upload.filename, error=exc.detail, status=exc.status_code)
+        except ServiceError as exc:
+            return BatchItem(filename=upload.filename, error=exc.message, status=exc.status)
         return BatchItem(filename=upload.filename, prediction=prediction)
 
     results = await asyncio.gather(*(one(upload) for upload in file))

@@ -5,8 +5,10 @@ from __future__ import annotations
 import secrets
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from service.errors import Unauthenticated
 
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
 bearer = HTTPBearer(auto_error=False)
@@ -22,4 +24,4 @@ async def require_api_key(
         return
     given = key or (credentials.credentials if credentials else None)
     if given is None or not secrets.compare_digest(given.encode(), expected.encode()):
-        raise HTTPException(401, "missing or wrong API key (header X-API-Key)", headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthenticated("missing or wrong API key (header X-API-Key)")

@@ -12,11 +12,12 @@ import json
 import struct
 
 import numpy as np
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from model.spec import INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME
 from service.api.security import require_api_key
+from service.errors import BadRequest, NotFound
 from service.predictions import classification_strings
 from service.state import ServiceState, StateDep
 
@@ -25,20 +26,11 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 VERSION = "1"
 
 
-class V2Error(Exception):
-    def __init__(self, status: int, message: str):
-        self.status, self.message = status, message
-
-
-def v2_error_response(_request: Request, exc: V2Error) -> JSONResponse:
-    return JSONResponse({"error": exc.message}, status_code=exc.status)
-
-
 def check_model(state: ServiceState, model: str, version: str | None = None) -> None:
     if model != state.settings.model_name:
-        raise V2Error(404, f"unknown model {model!r}; this server serves {state.settings.model_name!r}")
+        raise NotFound(f"unknown model {model!r}; this server serves {state.settings.model_name!r}")
     if version not in (None, "", VERSION):
-        raise V2Error(404, f"unknown version {version!r} of {model!r}; available: {VERSION}")
+        raise NotFound(f"unknown version {version!r} of {model!r}; available: {VERSION}")
 
 
 @router.get("", summary="Server metadata")
@@ -91,12 +83,9 @@ async def infer(state: StateDep, model: str, request: Request, version: str | No
     header, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
     batch = read_input(header, binary)
     if len(batch) > state.settings.max_queue_size:
-        raise V2Error(400, f"{len(batch)} images exceed the queue size {state.settings.max_queue_size}")
+        raise BadRequest(f"{len(batch)} images exceed the queue size {state.settings.max_queue_size}")
     deadline = state.deadline()
-    try:
-        rows = await asyncio.gather(*(state.logits(image, deadline) for image in batch))
-    except HTTPException as exc:
-        raise V2Error(exc.status_code, str(exc.detail)) from None
+    rows = await asyncio.gather(*(state.logits(image, deadline) for image in batch))
     return build_response(header, np.stack(rows).astype(np.float32), model)
 
 
@@ -105,15 +94,15 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     try:
         length = int(header_length) if header_length is not None else len(body)
     except ValueError:
-        raise V2Error(400, f"{HEADER_LENGTH} is not an integer: {header_length!r}") from None
+        raise BadRequest(f"{HEADER_LENGTH} is not an integer: {header_length!r}") from None
     if not 0 < length <= len(body):
-        raise V2Error(400, f"{HEADER_LENGTH} {length} does not fit a body of {len(body)} bytes")
+        raise BadRequest(f"{HEADER_LENGTH} {length} does not fit a body of {len(body)} bytes")
     try:
         header = json.loads(body[:length])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise V2Error(400, f"the request header is not JSON: {exc}") from None
+        raise BadRequest(f"the request header is not JSON: {exc}") from None
     if not isinstance(header, dict):
-        raise V2Error(400, "the request must be a JSON object")
+        raise BadRequest("the request must be a JSON object")
     return header, body[length:]
 
 
@@ -121,12 +110,12 @@ def read_input(header: dict, binary: bytes) -> np.ndarray:
     """The `image` tensor of a request, checked against its declared name, datatype and shape."""
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise V2Error(400, f"expected exactly one input, {INPUT_NAME!r}")
+        raise BadRequest(f"expected exactly one input, {INPUT_NAME!r}")
     tensor = inputs[0]
     if tensor.get("name") != INPUT_NAME:
-        raise V2Error(400, f"unexpected input {tensor.get('name')!r}; the model takes {INPUT_NAME!r}")
+        raise BadRequest(f"unexpected input {tensor.get('name')!r}; the model takes {INPUT_NAME!r}")
     if tensor.get("datatype") != "FP32":
-        raise V2Error(400, f"input {INPUT_NAME!r} must be FP32, got {tensor.get('datatype')!r}")
+        raise BadRequest(f"input {INPUT_NAME!r} must be FP32, got {tensor.get('datatype')!r}")
     shape = tensor.get("shape")
     if (
         not isinstance(shape, list)
@@ -135,25 +124,24 @@ def read_input(header: dict, binary: bytes) -> np.ndarray:
         or tuple(shape[1:]) != INPUT_SHAPE
         or shape[0] < 1
     ):
-        raise V2Error(400, f"input {INPUT_NAME!r} must have shape [N, 3, 128, 128] with N >= 1, got {shape}")
+        raise BadRequest(f"input {INPUT_NAME!r} must have shape [N, 3, 128, 128] with N >= 1, got {shape}")
     count = int(np.prod(shape))
     size = (tensor.get("parameters") or {}).get("binary_data_size")
     if size is not None:
         if size != count * 4 or len(binary) != size:
-            raise V2Error(
-                400, f"input {INPUT_NAME!r} {shape} needs {count * 4} bytes of FP32, "
+            raise BadRequest(f"input {INPUT_NAME!r} {shape} needs {count * 4} bytes of FP32, "
                      f"binary_data_size says {size} and the body has {len(binary)}"
             )
         return np.frombuffer(binary, dtype="<f4").reshape(shape)
     data = tensor.get("data")
     if data is None:
-        raise V2Error(400, f"input {INPUT_NAME!r} has neither data nor binary_data_size")
+        raise BadRequest(f"input {INPUT_NAME!r} has neither data nor binary_data_size")
     try:
         array = np.asarray(data, dtype=np.float32).reshape(-1)
     except (TypeError, ValueError):
-        raise V2Error(400, f"input {INPUT_NAME!r} data is not a (nested) list of numbers") from None
+        raise BadRequest(f"input {INPUT_NAME!r} data is not a (nested) list of numbers") from None
     if array.size != count:
-        raise V2Error(400, f"input {INPUT_NAME!r} {shape} needs {count} values, got {array.size}")
+        raise BadRequest(f"input {INPUT_NAME!r} {shape} needs {count} values, got {array.size}")
     return array.reshape(shape)
 
 
@@ -164,11 +152,11 @@ def build_response(header: dict, logits: np.ndarray, model: str) -> Response:
     for spec in requested:
         if not isinstance(spec, dict) or spec.get("name") != OUTPUT_NAME:
             name = spec.get("name") if isinstance(spec, dict) else spec
-            raise V2Error(400, f"unknown output {name!r}; the model gives {OUTPUT_NAME!r}")
+            raise BadRequest(f"unknown output {name!r}; the model gives {OUTPUT_NAME!r}")
         params = spec.get("parameters") or {}
         k = params.get("classification", 0)
         if not isinstance(k, int) or not 0 <= k <= NUM_CLASSES:
-            raise V2Error(400, f"classification must be an integer in 0..{NUM_CLASSES}, got {k!r}")
+            raise BadRequest(f"classification must be an integer in 0..{NUM_CLASSES}, got {k!r}")
         if k:
             strings = classification_strings(logits, k)
             entry = {"name": OUTPUT_NAME, "datatype": "BYTES", "shape": [len(logits), k]}

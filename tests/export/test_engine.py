@@ -1,138 +1,33 @@
-"""Engine metadata and staleness, argument checks, fp16 conversion, and (on a GPU) real engines."""
+"""Engine builds: argument checks, the timing cache, build-verify-record, fp16 conversion, and (on a GPU)
+real engines."""
 
 from __future__ import annotations
 
 import enum
 import importlib.util
+import json
 
 import numpy as np
 import pytest
 
-from export.engine import (
-    build_engine,
-    cuda_call,
-    engine_metadata_path,
-    engine_status,
-    ensure_engine,
-    load_timing_cache,
-    read_metadata,
-    sha256_file,
-    strongly_typed_flags,
-    tensorrt_status,
-    write_metadata,
-)
+import export.engine
+from export.engine import build_engine, load_timing_cache, make_engine, strongly_typed_flags
 from export.errors import ExportError
-from export.fp16 import convert_fp16, fp16_onnx_path
+from export.fp16 import convert_fp16
 from model.spec import INPUT_NAME, NUM_CLASSES, OUTPUT_NAME
-from tests.export.conftest import images, run_onnx
+from runtime.artifacts import EngineSpec, derived_onnx_path, engine_metadata_path, engine_status, read_metadata
+from runtime.cuda import tensorrt_status
+from tests.conftest import images, run_onnx
 
 TRT_OK, TRT_REASON = tensorrt_status()
 TRT_INSTALLED = importlib.util.find_spec("tensorrt") is not None
 gpu = pytest.mark.skipif(not TRT_OK, reason=f"needs TensorRT and a CUDA GPU: {TRT_REASON}")
 
-# Fakes for the decision logic only: no TensorRT or GPU is involved in engine_status with a host dict.
-HOST = {"tensorrt_version": "10.13.3", "gpu_name": "NVIDIA L4", "compute_capability": "8.9"}
-
-
-def fake_engine(tmp_path, onnx_path, **changes):
-    """A stand-in engine file with metadata as build_engine writes it, for HOST and `onnx_path`."""
-    engine = tmp_path / "model.engine"
-    engine.write_bytes(b"not a real plan")
-    metadata = {
-        **HOST,
-        "onnx_sha256": sha256_file(onnx_path),
-        "source_onnx_sha256": None,
-        "engine_sha256": sha256_file(engine),
-        "precision": "fp32",
-        "profile": {"min": 1, "opt": 32, "max": 256},
-        "workspace_mib": 2048,
-        "build_seconds": 1.0,
-        "built_at": "2026-01-01T00:00:00+00:00",
-        **changes,
-    }
-    write_metadata(engine, metadata)
-    return engine
-
-
-def test_metadata_round_trip(tmp_path):
-    engine = tmp_path / "a.engine"
-    metadata = {"precision": "fp16", "profile": {"min": 1, "opt": 8, "max": 64}, "gpu_name": "X"}
-    assert write_metadata(engine, metadata) == engine_metadata_path(engine) == tmp_path / "a.engine.json"
-    assert read_metadata(engine) == metadata
-
-
-def test_read_metadata_missing_or_corrupt(tmp_path):
-    engine = tmp_path / "a.engine"
-    assert read_metadata(engine) is None
-    engine_metadata_path(engine).write_text("{not json")
-    assert read_metadata(engine) is None
-    engine_metadata_path(engine).write_text("[1, 2]")
-    assert read_metadata(engine) is None
-
-
-def test_usable_engine(tmp_path, tiny_onnx):
-    engine = fake_engine(tmp_path, tiny_onnx)
-    ok, reason = engine_status(engine, tiny_onnx, host=HOST, precision="fp32", max_batch=256)
-    assert ok, reason
-    assert "fp32" in reason and "NVIDIA L4" in reason
-
-
-def test_fp16_engine_is_judged_against_its_fp32_source(tmp_path, tiny_onnx):
-    # The fp16 ONNX is what TensorRT parsed; the service is given the fp32 file it came from.
-    engine = fake_engine(tmp_path, tiny_onnx, onnx_sha256="0" * 64, source_onnx_sha256=sha256_file(tiny_onnx),
-                         precision="fp16")
-    assert engine_status(engine, tiny_onnx, host=HOST, precision="fp16")[0]
-
-
-@pytest.mark.parametrize(
-    ("changes", "host", "kwargs", "expected"),
-    [
-        ({"onnx_sha256": "0" * 64}, HOST, {}, "changed since the engine was built"),
-        ({"source_onnx_sha256": "0" * 64}, HOST, {}, "changed since the engine was built"),
-        ({}, {**HOST, "tensorrt_version": "11.0.0"}, {}, "TensorRT 10.13.3, this host has 11.0.0"),
-        ({}, {**HOST, "gpu_name": "NVIDIA H100"}, {}, "GPU NVIDIA L4, this host has NVIDIA H100"),
-        ({}, {**HOST, "compute_capability": "9.0"}, {}, "compute capability 8.9, this host has 9.0"),
-        ({}, HOST, {"precision": "fp16"}, "is fp32, fp16 was asked for"),
-        ({"profile": {"min": 1, "opt": 8, "max": 64}}, HOST, {"max_batch": 128}, "batches up to 64, 128 was asked"),
-        ({"engine_sha256": "0" * 64}, HOST, {}, "not the engine its metadata describes"),
-        ({"profile": {"max": 64}}, HOST, {}, "no valid profile"),
-    ],
-)
-def test_stale_engine(tmp_path, tiny_onnx, changes, host, kwargs, expected):
-    engine = fake_engine(tmp_path, tiny_onnx, **changes)
-    ok, reason = engine_status(engine, tiny_onnx, host=host, **kwargs)
-    assert not ok
-    assert expected in reason
-
-
-def test_stale_without_engine_metadata_or_onnx(tmp_path, tiny_onnx):
-    engine = tmp_path / "model.engine"
-    assert engine_status(engine, tiny_onnx, host=HOST) == (False, f"{engine}: no engine file")
-    engine = fake_engine(tmp_path, tiny_onnx)
-    assert "no such ONNX file" in engine_status(engine, tmp_path / "gone.onnx", host=HOST)[1]
-    metadata = read_metadata(engine)
-    del metadata["gpu_name"]
-    write_metadata(engine, metadata)
-    assert "lacks gpu_name" in engine_status(engine, tiny_onnx, host=HOST)[1]
-    engine_metadata_path(engine).write_text("{broken")
-    assert "missing or unreadable" in engine_status(engine, tiny_onnx, host=HOST)[1]
-    engine_metadata_path(engine).unlink()
-    assert "missing or unreadable" in engine_status(engine, tiny_onnx, host=HOST)[1]
-
-
-def test_ensure_engine_refuses_with_the_reason(tmp_path, tiny_onnx):
-    with pytest.raises(ExportError, match="no engine file.*rebuild"):
-        ensure_engine(tiny_onnx, tmp_path / "model.engine", rebuild=False)
-    engine = fake_engine(tmp_path, tiny_onnx)
-    with pytest.raises(ExportError, match="GPU NVIDIA L4, this host has NVIDIA H100"):
-        ensure_engine(tiny_onnx, engine, host={**HOST, "gpu_name": "NVIDIA H100"}, rebuild=False)
-    assert ensure_engine(tiny_onnx, engine, host=HOST, rebuild=False)[0] == engine
-
 
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
-        ({"precision": "int8"}, "precision must be one of fp32, fp16"),
+        ({"precision": "bf16"}, "precision must be one of fp32, fp16, int8"),
         ({"min_batch": 0}, "1 <= min <= opt <= max"),
         ({"min_batch": 8, "opt_batch": 4}, "1 <= min <= opt <= max"),
         ({"opt_batch": 64, "max_batch": 32}, "1 <= min <= opt <= max"),
@@ -142,16 +37,16 @@ def test_ensure_engine_refuses_with_the_reason(tmp_path, tiny_onnx):
 )
 def test_build_engine_rejects_bad_arguments(tmp_path, tiny_onnx, kwargs, expected):
     with pytest.raises(ExportError, match=expected):
-        build_engine(tiny_onnx, tmp_path / "model.engine", **kwargs)
-    assert not (tmp_path / "model.engine").exists()
+        build_engine(tiny_onnx, tmp_path / "model.plan", EngineSpec(**{"precision": "fp32", **kwargs}))
+    assert not (tmp_path / "model.plan").exists()
 
 
-def test_build_engine_rejects_missing_onnx_and_wrong_fp32(tmp_path, tiny_onnx):
+def test_build_engine_rejects_missing_onnx_and_wrong_precision(tmp_path, tiny_onnx):
     with pytest.raises(ExportError, match="no such ONNX file"):
-        build_engine(tmp_path / "gone.onnx", tmp_path / "model.engine")
+        build_engine(tmp_path / "gone.onnx", tmp_path / "model.plan", EngineSpec())
     fp16 = convert_fp16(tiny_onnx, tmp_path / "tiny.fp16.onnx")
     with pytest.raises(ExportError, match="is an fp16 model, not fp32"):
-        build_engine(fp16, tmp_path / "model.engine", precision="fp32")
+        build_engine(fp16, tmp_path / "model.plan", EngineSpec("fp32"))
 
 
 @pytest.mark.skipif(TRT_INSTALLED, reason="TensorRT is installed here")
@@ -159,21 +54,49 @@ def test_tensorrt_unavailable_here(tmp_path, tiny_onnx):
     ok, reason = tensorrt_status()
     assert not ok and "TensorRT is not installed" in reason
     with pytest.raises(ExportError, match="cannot build a TensorRT engine: TensorRT is not installed"):
-        build_engine(tiny_onnx, tmp_path / "model.engine")
-    ok, reason = engine_status(fake_engine(tmp_path, tiny_onnx), tiny_onnx)  # no host dict: must ask TensorRT
-    assert not ok and "cannot check" in reason
+        build_engine(tiny_onnx, tmp_path / "model.plan", EngineSpec())
 
 
-def test_cuda_call():
-    class Err(enum.IntEnum):  # stands in for cuda-python's cudaError_t
-        cudaSuccess = 0
-        cudaErrorMemoryAllocation = 2
+@pytest.fixture
+def fake_build(monkeypatch):
+    """A stand-in for build_engine (TensorRT is not here; the logic around it is what is tested):
+    writes bytes where it is told and returns metadata as the real one does."""
+    def build(onnx_path, engine_path, spec, timing_cache=None, progress=True):
+        engine_path.write_bytes(b"new engine")
+        return {"precision": spec.precision, "engine_sha256": "new", "verified": False}
 
-    assert cuda_call((Err.cudaSuccess,)) is None
-    assert cuda_call((Err.cudaSuccess, 7)) == 7
-    assert cuda_call((Err.cudaSuccess, 7, 8)) == (7, 8)
-    with pytest.raises(RuntimeError, match="CUDA error 2 \\(cudaErrorMemoryAllocation\\)"):
-        cuda_call((Err.cudaErrorMemoryAllocation, 0))
+    monkeypatch.setattr(export.engine, "build_engine", build)
+
+
+def test_an_engine_is_recorded_as_usable_only_after_its_check(tmp_path, tiny_onnx, fake_build):
+    engine = tmp_path / "model.plan"
+    seen = []
+
+    def passes(path):
+        seen.append((path.name, read_metadata(engine)))
+        return {"max_abs_diff": 0.0}
+
+    metadata = make_engine(tiny_onnx, engine, EngineSpec(), passes)
+    # The check saw the unverified build under another name, with no metadata for it yet.
+    assert seen == [(".model.plan.unverified", None)]
+    assert engine.read_bytes() == b"new engine"
+    assert read_metadata(engine) == metadata and metadata["verified"] is True
+    assert metadata["verification"] == {"max_abs_diff": 0.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.plan", "model.plan.json", "tiny.onnx"]
+
+
+def test_an_engine_that_fails_its_check_leaves_the_previous_one_and_nothing_else(tmp_path, tiny_onnx, fake_build):
+    engine = tmp_path / "model.plan"
+    engine.write_bytes(b"old engine")
+    engine_metadata_path(engine).write_text(json.dumps({"verified": True, "engine_sha256": "old"}))
+
+    def fails(path):
+        raise ExportError("reference check failed: the top-1 class of 3 of 16 reference images changed")
+
+    with pytest.raises(ExportError, match="reference check failed"):
+        make_engine(tiny_onnx, engine, EngineSpec(), fails)
+    assert engine.read_bytes() == b"old engine" and read_metadata(engine)["engine_sha256"] == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.plan", "model.plan.json", "tiny.onnx"]
 
 
 class FakeBuilderConfig:
@@ -226,14 +149,10 @@ def test_strongly_typed_flag_where_tensorrt_has_it():
     assert strongly_typed_flags(FakeTensorRT) == 0
 
 
-def test_fp16_onnx_path():
-    assert str(fp16_onnx_path("build/alexnet_acmix.onnx")) == "build/alexnet_acmix.fp16.onnx"
-
-
 def test_convert_fp16(tmp_path, tiny_onnx):
     import onnx
 
-    out = convert_fp16(tiny_onnx, fp16_onnx_path(tiny_onnx))
+    out = convert_fp16(tiny_onnx, derived_onnx_path(tiny_onnx, "fp16"))
     model = onnx.load(str(out))
     float_type = onnx.TensorProto.FLOAT
     assert [v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)] == [float_type] * 2
@@ -260,10 +179,10 @@ def test_convert_fp16_errors(tmp_path, tiny_onnx):
 
 
 def test_tensorrt_backend_imports_without_tensorrt(tmp_path):
-    from service.backends.base import BackendError
-    from service.backends.tensorrt import TensorRTBackend
+    from runtime.backend import BackendError
+    from runtime.tensorrt import TensorRTBackend
 
-    backend = TensorRTBackend(tmp_path / "model.engine", max_batch=8)
+    backend = TensorRTBackend(tmp_path / "model.plan", max_batch=8)
     assert backend.name == "tensorrt" and backend.max_batch == 8 and not backend.loaded
     if TRT_INSTALLED:
         pytest.skip("TensorRT is installed here")
@@ -276,36 +195,41 @@ def test_tensorrt_backend_imports_without_tensorrt(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_tensorrt_engine_matches_onnxruntime(tmp_path, tiny_onnx, precision):
-    from service.backends.tensorrt import TensorRTBackend
+    from runtime.tensorrt import TensorRTBackend
 
-    engine = tmp_path / f"tiny.{precision}.engine"
-    cache = tmp_path / "timing.cache"
-    path, what = ensure_engine(tiny_onnx, engine, precision, min_batch=1, opt_batch=4, max_batch=8,
-                               workspace_mib=256, timing_cache=cache, rebuild=True, progress=False)
-    assert path == engine and what.startswith("built") and cache.is_file()
-    metadata = read_metadata(engine)
-    assert metadata["precision"] == precision and metadata["profile"] == {"min": 1, "opt": 4, "max": 8}
-    assert engine_status(engine, tiny_onnx, precision=precision, max_batch=8)[0]  # against the real host
-    assert ensure_engine(tiny_onnx, engine, precision, max_batch=8)[1] == engine_status(engine, tiny_onnx)[1]
-
+    source = tiny_onnx if precision == "fp32" else convert_fp16(tiny_onnx, derived_onnx_path(tiny_onnx, precision))
+    engine, cache = tmp_path / f"tiny.{precision}.plan", tmp_path / "timing.cache"
+    spec = EngineSpec(precision, min_batch=1, opt_batch=4, max_batch=8, workspace_mib=256)
     batch = images(5)
     reference = run_onnx(tiny_onnx, batch)
+
+    def check(path):
+        with TensorRTBackend(path) as backend:
+            logits = backend.infer(batch)
+        np.testing.assert_allclose(logits, reference, atol=2e-2 if precision == "fp16" else 5e-3, rtol=1e-2)
+        return {}
+
+    metadata = make_engine(source, engine, spec, check, timing_cache=cache, progress=False)
+    assert cache.is_file() and metadata["precision"] == precision
+    assert metadata["profile"] == {"min": 1, "opt": 4, "max": 8}
+    assert engine_status(engine, source, spec)[0]  # against the real host
     with TensorRTBackend(engine, max_batch=8) as backend:
         for n in (1, 5):
             logits = backend.infer(batch[:n])
             assert logits.dtype == np.float32 and logits.shape == (n, NUM_CLASSES)
-            # TF32 (fp32 engines) and fp16 arithmetic both stay well within these bounds on this model.
+            # TF32 is off (fp32 engines); fp16 arithmetic stays well within these bounds on this model.
             np.testing.assert_allclose(logits, reference[:n], atol=2e-2 if precision == "fp16" else 5e-3, rtol=1e-2)
 
 
 @gpu
 @pytest.mark.gpu
 def test_tensorrt_backend_refuses_a_too_small_profile(tmp_path, tiny_onnx):
-    from service.backends.base import BackendError
-    from service.backends.tensorrt import TensorRTBackend
+    from runtime.backend import BackendError
+    from runtime.tensorrt import TensorRTBackend
 
-    engine = tmp_path / "tiny.engine"
-    build_engine(tiny_onnx, engine, min_batch=1, opt_batch=2, max_batch=4, workspace_mib=256, progress=False)
+    engine = tmp_path / "tiny.plan"
+    build_engine(tiny_onnx, engine, EngineSpec("fp32", 1, 2, 4, 256), progress=False)
     with pytest.raises(BackendError, match="takes batches 1..4"):
         TensorRTBackend(engine, max_batch=8).load()
-
+    with TensorRTBackend(engine) as backend:  # no max_batch: the profile's
+        assert backend.max_batch == 4

@@ -75,14 +75,13 @@ def test_intermediate_shapes_are_static_but_batch(exported):
 def test_onnx_runtime_equals_paddle_on_generated_images(exported, weights):
     batch = verification_images(None, 16, None)
     result = verify_onnx(exported, weights, batch)
-    assert result["passed"] and result["top1_agreement"] == 1.0
-    assert result["max_abs_diff"] <= 1e-4
+    assert result["top1_agreement"] == 1.0 and result["max_abs_diff"] <= 1e-4
 
 
 def test_onnx_runtime_equals_paddle_on_real_images(exported, weights, shared_data):
     batch = verification_images(shared_data, 16, "model/weights/val_split.json")
     assert batch.shape == (16, 3, 128, 128)
-    assert verify_onnx(exported, weights, batch)["passed"]
+    assert verify_onnx(exported, weights, batch)["top1_agreement"] == 1.0
 
 
 def test_any_batch_size_runs(exported):
@@ -103,15 +102,14 @@ def test_cli_onnx_writes_and_verifies(weights, tmp_path, capsys):
                  "--count", "8"])
     assert code == 0 and out.is_file()
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["verify"]["passed"] and result["verify"]["n"] == 8
+    assert result["verify"]["n"] == 8 and result["verify"]["max_abs_diff"] <= 1e-4
 
 
 def test_cli_onnx_if_stale_keeps_a_current_file_and_exports_one_of_other_weights(paddle, onnx_model, weights,
                                                                                   tmp_path, capsys):
     import shutil
 
-    from export.engine import sha256_file
-    from export.onnx_export import exported_from
+    from runtime.artifacts import WEIGHTS_DIGEST, onnx_metadata, sha256_file
 
     out = shutil.copyfile(onnx_model, tmp_path / "model.onnx")
     assert main(["onnx", "--weights", str(weights), "--out", str(out), "--if-stale"]) == 0
@@ -123,8 +121,8 @@ def test_cli_onnx_if_stale_keeps_a_current_file_and_exports_one_of_other_weights
     newer = tmp_path / "newer.pdparams"
     paddle.save(state, str(newer))
     assert main(["onnx", "--weights", str(newer), "--out", str(out), "--if-stale", "--no-verify"]) == 0
-    assert f"{out} was exported from other weights than {newer}: exporting it" in capsys.readouterr().err
-    assert exported_from(out) == sha256_file(newer)
+    assert f"{out} was made from another weights file than {newer}: exporting it" in capsys.readouterr().err
+    assert onnx_metadata(out)[WEIGHTS_DIGEST] == sha256_file(newer)
 
 
 @pytest.mark.parametrize(
@@ -153,7 +151,7 @@ def test_all_stops_after_onnx_without_tensorrt(weights, tmp_path, capsys):
     assert main(["all", "--weights", str(weights), "--out", str(out), "--data", str(tmp_path / "x"),
                  "--count", "4"]) == 0
     captured = capsys.readouterr()
-    assert "stopping after the ONNX step:" in captured.err
+    assert "stopping before the engine:" in captured.err
     assert json.loads(captured.out.strip().splitlines()[-1])["engine"] is None
 
 
@@ -170,15 +168,48 @@ def test_fp16_model_runs_in_onnx_runtime_and_agrees(exported, tmp_path):
     assert result["max_abs_diff"] < 0.1 and result["top1_agreement"] >= 0.95
 
 
-def test_cli_verify_fp16(weights, onnx_model, tmp_path, capsys):
+def test_cli_onnx_fp16_derives_records_its_source_and_verifies(onnx_model, tmp_path, capsys):
     import shutil
 
-    onnx_copy = tmp_path / "m.onnx"
-    shutil.copy(onnx_model, onnx_copy)
-    assert main(["verify", "--onnx", str(onnx_copy), "--weights", str(weights), "--data", str(tmp_path / "none"),
-                 "--count", "16", "--fp16"]) == 0
+    from runtime.artifacts import SOURCE_DIGEST, onnx_metadata, onnx_staleness, sha256_file
+
+    source = shutil.copyfile(onnx_model, tmp_path / "m.onnx")
+    assert main(["onnx", "--precision", "fp16", "--from-onnx", str(source), "--data", str(tmp_path / "none"),
+                 "--count", "16"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["fp16"]["top1_agreement"] >= 0.995 and (tmp_path / "m.fp16.onnx").is_file()
+    half = tmp_path / "m.fp16.onnx"
+    assert result["onnx"] == str(half) and result["verify"]["top1_agreement"] >= 0.995
+    assert onnx_metadata(half)[SOURCE_DIGEST] == sha256_file(source)
+    assert onnx_staleness(half, source, SOURCE_DIGEST) is None
+
+
+def test_subnormal_weights_are_flushed_and_the_logits_stay(paddle, weights, tmp_path):
+    from export.onnx_export import export_onnx
+    from model.subnormals import count_subnormals
+
+    state = paddle.load(str(weights))
+    fc = state["classifier.0.weight"].numpy().copy()
+    fc[:, :64] = 1e-39  # dead units' weights, shrunk by weight decay (../shared/notes/subnormals.md)
+    state["classifier.0.weight"] = paddle.to_tensor(fc)
+    dirty = tmp_path / "dirty.pdparams"
+    paddle.save(state, str(dirty))
+    assert count_subnormals(fc) == fc.shape[0] * 64
+    out = export_onnx(dirty, tmp_path / "clean.onnx")
+    model = onnx.load(str(out))
+    assert sum(count_subnormals(onnx.numpy_helper.to_array(init)) for init in model.graph.initializer) == 0
+    batch = verification_images(None, 8, None)
+    assert verify_onnx(out, dirty, batch)["max_abs_diff"] <= 1e-4  # Paddle (with them) and ONNX (without) agree
+
+
+def test_the_export_records_reference_images_that_reproduce(onnx_model, weights):
+    from runtime.onnxruntime import OnnxRuntimeBackend
+    from runtime.reference import check, read_reference, reference_path
+
+    reference = read_reference(reference_path(onnx_model))
+    assert len(reference.images) == 16 and reference.source == "generated noise images"
+    with OnnxRuntimeBackend(onnx_model, max_batch=8) as backend:
+        result = check(backend, reference, "fp32")
+    assert result["n"] == 16 and result["max_abs_diff"] <= 1e-4
 
 
 @pytest.mark.gpu
@@ -187,7 +218,7 @@ def test_engine_of_the_model_agrees_with_onnx_runtime_on_real_images(onnx_model,
                                                                     capsys):
     import shutil
 
-    from export.engine import tensorrt_status
+    from runtime.cuda import tensorrt_status
 
     available, reason = tensorrt_status()
     if not available:

@@ -9,10 +9,10 @@ import pytest
 from google.protobuf import text_format
 
 from export.__main__ import main
-from export.engine import sha256_file, write_metadata
 from export.errors import ExportError
 from export.triton import model_config_pb2, read_model_config, write_model_repository
 from model.spec import INPUT_NAME, OUTPUT_NAME
+from runtime.artifacts import sha256_file, write_metadata
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16"}
@@ -21,14 +21,14 @@ ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16:
 def fake_engine(tmp_path, onnx_path, profile=None, **changes):
     """A fake engine file, not a real TensorRT plan: only the repository's layout logic reads it.
 
-    Its metadata is what export.engine.build_engine writes, for an engine built from `onnx_path`.
+    Its metadata is what export.engine.make_engine writes, for an engine built from `onnx_path`.
     """
     engine = tmp_path / "alexnet_acmix.fp32.plan"
     engine.write_bytes(b"not a real plan")
     write_metadata(engine, {
         "tensorrt_version": "11.2.1", "gpu_name": "NVIDIA L4", "compute_capability": "8.9",
-        "onnx_sha256": sha256_file(onnx_path), "source_onnx_sha256": None,
-        "engine_sha256": sha256_file(engine), "precision": "fp32",
+        "onnx_sha256": sha256_file(onnx_path), "engine_sha256": sha256_file(engine), "precision": "fp32",
+        "verified": True,
         "profile": profile or {"min": 1, "opt": 16, "max": 64}, **changes,
     })
     return engine

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.model import reference_acmix as oracle
+from model import reference_acmix as oracle
 
 
 def relative_error(a: np.ndarray, b: np.ndarray) -> float:

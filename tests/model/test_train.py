@@ -219,3 +219,23 @@ def test_cli_resume_takes_the_recorded_configuration_and_refuses_a_differing_fla
     assert main([*common, "--resume", "--lr", "1e-3"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: {out} holds a run with another configuration (lr=0.0005)"]
+
+
+def test_saved_weights_and_checkpoints_hold_no_subnormal_numbers(paddle, data, tmp_path):
+    from model.alexnet import build_model
+    from model.subnormals import count_subnormals
+    from model.train import train
+
+    model = build_model()
+    state = model.state_dict()
+    dead = state["classifier.3.weight"].numpy().copy()
+    dead[:, :100] = 3e-39  # what weight decay leaves of dead units
+    state["classifier.3.weight"] = paddle.to_tensor(dead)
+    dirty = tmp_path / "dirty.pdparams"
+    paddle.save(state, str(dirty))
+    # lr 0: training moves no weight, so only the flush on save can take the subnormals out.
+    train(config(epochs=1, lr=0.0, init_weights=str(dirty)), *data, tmp_path / "run")
+    for name in ("best.pdparams", "last.pdparams", "last.pdopt"):
+        saved = paddle.load(str(tmp_path / "run" / name))
+        found = {key: count_subnormals(value.numpy()) for key, value in saved.items() if hasattr(value, "numpy")}
+        assert sum(found.values()) == 0, (name, {k: v for k, v in found.items() if v})

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.backends.base import Backend
+from runtime.backend import Backend
 from service.main import create_app
 from service.settings import Settings
 from tests.conftest import jpeg_bytes, synthetic_images

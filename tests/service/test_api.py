@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.verify import onnx_session, run_onnx
+from model.calibration import probabilities as softmax
 from model.preprocessing import decode_image, preprocess
 from model.spec import CLASSES
-from service.predictions import softmax
+from tests.conftest import run_onnx
 from tests.service.conftest import SlowBackend
 
 
@@ -32,7 +32,7 @@ def test_predict_returns_the_models_answer(client, onnx_model, cifar_like_jpegs)
     response = client.post("/predict", files=upload(data), data={"top_k": "3"})
     assert response.status_code == 200, response.text
     body = response.json()
-    logits = run_onnx(onnx_session(onnx_model), preprocess(decode_image(data))[None])[0]
+    logits = run_onnx(onnx_model, preprocess(decode_image(data))[None])[0]
     probabilities = softmax(logits.astype(np.float64))
     best = int(np.argmax(logits))
     assert body["class_id"] == best and body["label"] == CLASSES[best]
@@ -174,11 +174,40 @@ def test_health_readiness_labels_and_docs(client):
 def test_a_backend_that_fails_to_load_stops_startup(onnx_model, tmp_path):
     from fastapi.testclient import TestClient
 
-    from service.backends.base import BackendError
+    from runtime.backend import BackendError
     from service.main import create_app
     from tests.service.conftest import service_settings
 
-    app = create_app(service_settings(onnx_model, onnx_path=str(tmp_path / "missing.onnx"),
-                                      weights_path=str(tmp_path / "missing.pdparams")))
-    with pytest.raises(BackendError, match="missing.pdparams: no such weights file"), TestClient(app):
+    app = create_app(service_settings(onnx_model, onnx_path=str(tmp_path / "missing.onnx")))
+    with pytest.raises(BackendError, match="missing.onnx is missing; `python -m service` makes it"), TestClient(app):
         pass
+    assert app.state.service.load_error.startswith(f"{tmp_path / 'missing.onnx'} is missing")
+    assert app.state.service.decode_pool is None  # nothing started for a backend that never loaded
+
+
+def test_confidence_and_probabilities_use_the_temperature_the_onnx_records(make_client, onnx_model, tmp_path,
+                                                                            cifar_like_jpegs):
+    import shutil
+
+    import onnx
+
+    from runtime.reference import reference_path
+
+    model = onnx.load(str(onnx_model))
+    model.metadata_props.add(key="temperature", value="2.5")
+    calibrated = tmp_path / "calibrated.onnx"
+    onnx.save(model, str(calibrated))
+    shutil.copyfile(reference_path(onnx_model), reference_path(calibrated))
+    client = make_client(onnx_path=str(calibrated))
+    data = cifar_like_jpegs[2]
+    body = client.post("/predict", files=upload(data), data={"top_k": "10"}).json()
+    logits = run_onnx(onnx_model, preprocess(decode_image(data))[None])[0]
+    expected = softmax(logits / 2.5)
+    assert body["confidence"] == pytest.approx(expected.max(), rel=1e-4)
+    assert [c["probability"] for c in body["top_k"]] == pytest.approx(sorted(expected, reverse=True), rel=1e-4)
+    assert body["confidence"] < softmax(logits).max()  # T > 1 softens an over-confident softmax
+    # /v2 still returns the raw logits.
+    v2 = client.post("/v2/models/alexnet_acmix/infer", json={"inputs": [{
+        "name": "image", "datatype": "FP32", "shape": [1, 3, 128, 128],
+        "data": preprocess(decode_image(data)).reshape(-1).tolist()}]}).json()
+    np.testing.assert_allclose(v2["outputs"][0]["data"], logits, rtol=1e-4, atol=1e-4)

@@ -1,58 +1,45 @@
-"""service.backends.ensure_onnx: the ONNX file the service loads is exported from the configured weights."""
+"""service.backends.create_backend: the plan's artifact, on a backend that can run its precision."""
 
 from __future__ import annotations
 
-import logging
-import shutil
+from pathlib import Path
 
-import onnx
 import pytest
 
-from export.engine import sha256_file
-from export.onnx_export import WEIGHTS_DIGEST
-from service.backends import ensure_onnx
-from tests.service.conftest import service_settings
+from runtime.artifacts import ArtifactPlan
+from runtime.backend import BackendError
+from service.backends import create_backend
+from service.settings import Settings
 
 
-@pytest.fixture
-def exports(monkeypatch):
-    """A fake export_onnx (the real one is tested in tests/export): records its calls."""
-    import export.onnx_export
-
-    calls = []
-    monkeypatch.setattr(export.onnx_export, "export_onnx", lambda weights, out: calls.append((str(weights), str(out))))
-    return calls
+def test_the_plan_of_the_settings_loads_on_onnx_runtime(onnx_model):
+    plan = Settings(backend="onnxruntime", onnx_path=str(onnx_model)).plan()
+    backend = create_backend(plan, max_batch=4, threads=1)
+    assert backend.name == "onnxruntime" and backend.onnx_path == Path(onnx_model)
+    with backend:
+        assert "CPUExecutionProvider" in backend.description
 
 
-def test_an_onnx_file_of_the_configured_weights_is_used(onnx_model, weights, exports, tmp_path):
-    onnx_path = shutil.copyfile(onnx_model, tmp_path / "model.onnx")
-    ensure_onnx(service_settings(onnx_path, weights_path=str(weights)))
-    assert exports == []
+def test_a_missing_artifact_names_how_to_make_it(tmp_path):
+    plan = ArtifactPlan("onnxruntime", "int8", Path("w"), tmp_path / "m.onnx")
+    with pytest.raises(BackendError, match=r"m.int8.onnx is missing; `python -m service` makes it at start"):
+        create_backend(plan, max_batch=4)
 
 
-def test_an_onnx_file_of_other_weights_is_exported_again(onnx_model, weights, exports, tmp_path, caplog):
-    onnx_path = shutil.copyfile(onnx_model, tmp_path / "model.onnx")
-    newer = tmp_path / "newer.pdparams"
-    newer.write_bytes(weights.read_bytes() + b"\0")  # other bytes: another sha256
-    with caplog.at_level(logging.WARNING, logger="service"):
-        ensure_onnx(service_settings(onnx_path, weights_path=str(newer)))
-    assert exports == [(str(newer), str(onnx_path))]
-    assert f"{onnx_path} was exported from other weights than {newer}: exporting it from {newer}" in caplog.text
+def test_fp16_on_onnx_runtime_without_a_gpu_is_refused_with_the_reason(tmp_path):
+    (tmp_path / "m.fp16.onnx").write_bytes(b"x")
+    plan = ArtifactPlan("onnxruntime", "fp16", Path("w"), tmp_path / "m.onnx")
+    with pytest.raises(BackendError, match="precision fp16: ONNX Runtime runs fp16 on the CPU slower than fp32"):
+        create_backend(plan, max_batch=4)
 
 
-def test_a_missing_onnx_file_is_exported(weights, exports, tmp_path):
-    ensure_onnx(service_settings(tmp_path / "none.onnx", weights_path=str(weights)))
-    assert exports == [(str(weights), str(tmp_path / "none.onnx"))]
-
-
-def test_an_onnx_file_that_does_not_name_its_weights_is_used_as_it_is(onnx_model, weights, exports, tmp_path):
-    model = onnx.load(str(onnx_model))
-    del model.metadata_props[:]
-    onnx.save(model, str(tmp_path / "own.onnx"))
-    ensure_onnx(service_settings(tmp_path / "own.onnx", weights_path=str(weights)))
-    assert exports == []
-
-
-def test_the_exported_onnx_names_the_sha256_of_its_weights(onnx_model, weights):
-    props = {prop.key: prop.value for prop in onnx.load(str(onnx_model)).metadata_props}
-    assert props[WEIGHTS_DIGEST] == sha256_file(weights)
+def test_the_engine_path_follows_the_precision_and_the_engine_dir():
+    settings = Settings(backend="tensorrt", precision="fp16", onnx_path="/app/artifacts/alexnet_acmix.onnx",
+                        engine_dir="/engines", max_batch_size=16)
+    plan = settings.plan()
+    assert plan.engine == Path("/engines/alexnet_acmix.fp16.plan") == plan.served
+    assert plan.timing_cache == Path("/engines/timing.cache")
+    assert (plan.engine_spec.min_batch, plan.engine_spec.opt_batch, plan.engine_spec.max_batch) == (1, 16, 16)
+    assert plan.onnx_for_precision == Path("/app/artifacts/alexnet_acmix.fp16.onnx")
+    assert Settings(backend="tensorrt", engine_path="/x/e.plan").plan().engine == Path("/x/e.plan")
+    assert Settings(backend="onnxruntime").plan().engine is None

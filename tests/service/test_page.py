@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from service.launch import stop
+from harness.server import stop
 from tests.service.test_server import start_server
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")

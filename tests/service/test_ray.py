@@ -10,9 +10,9 @@ import httpx
 import numpy as np
 import pytest
 
-from export.verify import onnx_session, run_onnx
+from harness.server import free_port
 from model.preprocessing import decode_image, preprocess
-from service.launch import free_port
+from tests.conftest import run_onnx
 
 ray = pytest.importorskip("ray")
 
@@ -22,6 +22,7 @@ def ray_service(onnx_model):
     from ray import serve
 
     env = {"ACMIX_BACKEND": "onnxruntime", "ACMIX_ONNX_PATH": str(onnx_model), "ACMIX_MAX_BATCH_SIZE": "8",
+           "ACMIX_WEIGHTS_PATH": "unused.pdparams",
            "ACMIX_RAY_REPLICAS": "2", "ACMIX_RAY_CPUS_PER_REPLICA": "0.5", "ACMIX_DECODE_THREADS": "1",
            "ACMIX_INTRA_OP_THREADS": "1", "ACMIX_MAX_QUEUE_DELAY_MS": "20"}
     saved = {k: os.environ.get(k) for k in env}
@@ -31,7 +32,7 @@ def ray_service(onnx_model):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         ray_app = importlib.import_module("service.ray_app")
-        serve.run(ray_app.app, name="alexnet_acmix", route_prefix="/")
+        serve.run(ray_app.build_app({}), name="alexnet_acmix", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -44,7 +45,7 @@ def ray_service(onnx_model):
 
 
 def test_two_replicas_answer_predict_correctly_and_share_the_load(ray_service, onnx_model, cifar_like_jpegs):
-    expected = run_onnx(onnx_session(onnx_model), np.stack([preprocess(decode_image(d)) for d in cifar_like_jpegs]))
+    expected = run_onnx(onnx_model, np.stack([preprocess(decode_image(d)) for d in cifar_like_jpegs]))
 
     def post(i):
         response = httpx.post(f"{ray_service}/predict", files={"file": ("x.jpg", cifar_like_jpegs[i], "image/jpeg")},

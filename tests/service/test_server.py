@@ -10,10 +10,10 @@ import httpx
 import numpy as np
 import pytest
 
-from export.verify import onnx_session, run_onnx
+from harness import server as launch
+from harness.server import stop
 from model.preprocessing import decode_image, preprocess
-from service import launch
-from service.launch import stop
+from tests.conftest import run_onnx
 
 
 def start_server(onnx_model, **settings):
@@ -45,7 +45,7 @@ def test_tritonclient_json_binary_and_classification(server, onnx_model, cifar_l
     assert client.get_server_metadata()["extensions"] == ["binary_tensor_data", "classification"]
 
     batch = np.stack([preprocess(decode_image(data)) for data in cifar_like_jpegs[:5]])
-    expected = run_onnx(onnx_session(onnx_model), batch)
+    expected = run_onnx(onnx_model, batch)
     for binary in (True, False):
         tensor = triton.InferInput("image", list(batch.shape), "FP32")
         tensor.set_data_from_numpy(batch, binary_data=binary)

@@ -15,11 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from export.engine import cuda_call, import_cudart, stream_handle
 from model.spec import INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME
-from service.backends.base import Backend, BackendError
-
-__all__ = ["TensorRTBackend", "cuda_call"]
+from runtime.backend import Backend, BackendError
+from runtime.cuda import cuda_call, import_cudart, stream_handle
 
 ROW_SHAPES = {INPUT_NAME: INPUT_SHAPE, OUTPUT_NAME: (NUM_CLASSES,)}
 
@@ -28,8 +26,9 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
     concurrent = False  # one execution context, one stream, one set of buffers
 
-    def __init__(self, engine_path: str | Path, max_batch: int):
-        super().__init__(max_batch)
+    def __init__(self, engine_path: str | Path, max_batch: int | None = None):
+        """max_batch None: the largest batch of the engine's profile (known once loaded)."""
+        super().__init__(max_batch or 0)
         self.engine_path = Path(engine_path)
         self._cudart = None
         self._runtime = self._engine = self._context = self._stream = None
@@ -68,6 +67,8 @@ class TensorRTBackend(Backend):
     def _check_profile(self) -> None:
         """The engine's profile must cover every batch the base class lets through, 1..max_batch."""
         low, _, high = (shape[0] for shape in self._engine.get_tensor_profile_shape(INPUT_NAME, 0))
+        if not self.max_batch:
+            self.max_batch = high
         if low > 1 or high < self.max_batch:
             raise BackendError(f"{self.engine_path} takes batches {low}..{high}, the service needs 1..{self.max_batch}; "
                                "rebuild the engine")

@@ -1,0 +1,76 @@
+"""Writing files whole, and one writer at a time: what every layer that writes artifacts uses.
+
+`replacing(path)` yields a unique temporary name beside `path`; once the caller has written it,
+it is fsynced and renamed over `path` (then the folder is fsynced), so that a reader, another
+process or a crash never sees half a file. If the caller fails, the temporary file is removed
+and `path` keeps its old content. `exclusive(lock_path)` holds an advisory lock (flock) so that
+processes and containers sharing a volume never build the same artifact at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def replacing(path: str | Path):
+    """Yields a temporary path to write; renamed over `path` when the block ends without error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600: give it the mode a plain open() would
+    try:
+        yield tmp
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import: os.umask can only be read by setting it, which is not thread-safe later.
+_UMASK = _read_umask()
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` whole (see `replacing`); returns the path."""
+    with replacing(path) as tmp:
+        Path(tmp).write_bytes(data)
+    return Path(path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a folder be opened
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str | Path):
+    """Hold an exclusive advisory lock on `lock_path` (created if missing) for the block: a second
+    process waits here until the first leaves it."""
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -1,0 +1,21 @@
+"""Where the project's data, split and shipped weights are, relative to the project root.
+
+One place for every default path: training, evaluation, shipping, export and the service read
+them from here (the service's settings and the container take theirs from the same names).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# The 50,000 CIFAR-10 training images, losslessly (PNG), and the same images as JPEG q75
+# (../shared/data/README.md). Training and evaluation default to the lossless ones.
+DATA = "../shared/data/cifar10-train-png.tar.gz"
+JPEG_DATA = "../shared/data/cifar10-train-jpeg.tar.gz"
+
+WEIGHTS_DIR = Path("model/weights")
+WEIGHTS = str(WEIGHTS_DIR / "alexnet_acmix.pdparams")
+# The 5,000 training images held out for model selection (never trained on).
+SPLIT_FILE = str(WEIGHTS_DIR / "val_split.json")
+# The shipped run's record (configuration, history, best epoch), beside the weights.
+TRAINING_METRICS = "training_metrics.json"

@@ -1,0 +1,12 @@
+"""The layer that export and service share: running artifacts and knowing whether they are current.
+
+    backend.py      the one backend interface (load, infer a float32 batch to logits, close)
+    onnxruntime.py  ONNX Runtime sessions (the one factory every session comes from) and backend
+    tensorrt.py     the TensorRT backend
+    cuda.py         CUDA and TensorRT on this host: status, GPU properties, cuda-python calls
+    artifacts.py    what an artifact records (ONNX metadata, engine metadata) and whether it is current
+    cpu.py          this CPU: model name and vector extensions
+
+It imports model/ (the network's contract) and nothing above it: export and service import it.
+Heavy imports (onnxruntime, tensorrt, cuda-python) happen inside functions.
+"""

@@ -1,0 +1,40 @@
+"""This machine's CPU: model name and the vector extensions that decide which kernels run fastest.
+
+Every benchmark records it with its figures (figures from two CPUs are never mixed); the export
+layout choice reads the extensions too.
+"""
+
+from __future__ import annotations
+
+import platform
+
+EXTENSIONS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
+    """{"model": ..., "vendor": ..., "cores": N, "extensions": [...]} ("unknown" where not Linux)."""
+    import os
+
+    fields: dict[str, str] = {}
+    try:
+        with open(cpuinfo_path) as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "vendor_id", "flags") and key not in fields:
+                    fields[key] = value.strip()
+    except OSError:
+        pass
+    flags = set(fields.get("flags", "").split())
+    return {
+        "model": fields.get("model name", platform.processor() or "unknown"),
+        "vendor": fields.get("vendor_id", "unknown"),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "extensions": [name for name in EXTENSIONS if name in flags],
+    }
+
+
+def describe(info: dict | None = None) -> str:
+    """One line: "AMD EPYC, 2 cores, avx2 avx512f avx512_vnni"."""
+    info = info or cpu_info()
+    return f"{info['model']}, {info['cores']} cores, {' '.join(info['extensions']) or 'no AVX2'}"

@@ -1,0 +1,85 @@
+"""ONNX Runtime: the one session factory, and the backend over it.
+
+Every session the project creates (the service, export verification, every benchmark) comes from
+`create_session`, so that what is measured is what is served:
+
+* denormals as zero (`session.set_denormal_as_zero`): subnormal activations cost ~100x per
+  product on some CPUs (../shared/notes/subnormals.md); the export flushes subnormal weights too;
+* idle intra-op threads sleep instead of spinning (`session.intra_op.allow_spinning` 0): spinning
+  takes the cores that HTTP handling and image decoding share with inference; a sleeping pool
+  costs a little latency per batch only;
+* `threads` intra-op threads per session (default: ONNX Runtime's, one per core), one inter-op.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from model.spec import INPUT_NAME, OUTPUT_NAME
+from runtime.backend import Backend, BackendError
+
+SESSION_CONFIG = {
+    "session.set_denormal_as_zero": "1",
+    "session.intra_op.allow_spinning": "0",
+}
+
+
+def session_options(threads: int | None = None):
+    """The SessionOptions every session of the project uses."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    for key, value in SESSION_CONFIG.items():
+        options.add_session_config_entry(key, value)
+    return options
+
+
+def create_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+    """An InferenceSession over `path` with the project's options; BackendError naming the file if
+    it is missing or ONNX Runtime cannot load it. providers default to CUDA where ONNX Runtime has
+    it, then the CPU."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise BackendError(f"{path}: no such ONNX file")
+    if providers is None:
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    try:
+        return ort.InferenceSession(str(path), session_options(threads), providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise BackendError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})") from None
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    concurrent = True  # InferenceSession.run is thread-safe
+
+    def __init__(self, onnx_path: str | Path, max_batch: int, threads: int | None = None,
+                 providers: list[str] | None = None):
+        super().__init__(max_batch)
+        self.onnx_path = Path(onnx_path)
+        self.threads = threads
+        self.providers = providers
+        self.session = None
+
+    def _load(self) -> None:
+        self.session = create_session(self.onnx_path, self.threads, self.providers)
+        inputs = {i.name: i.type for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        if inputs != {INPUT_NAME: "tensor(float)"} or OUTPUT_NAME not in outputs:
+            self.session = None
+            raise BackendError(f"{self.onnx_path}: expected input {INPUT_NAME} float and output {OUTPUT_NAME}")
+        self.description = f"{self.onnx_path} on {self.session.get_providers()[0]}"
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+
+    def _close(self) -> None:
+        self.session = None

@@ -1,0 +1,83 @@
+"""Reference logits recorded at export, and the check that a loaded backend reproduces them.
+
+`python -m export onnx` writes `<onnx>.reference.json` beside the fp32 ONNX: a few real
+validation images (encoded PNG, the bytes a client would upload) and the logits Paddle computed
+for them through the one preprocessing. Images are picked with a wide margin between their two
+best logits, so that an fp16 or int8 artifact keeps their top-1 while a wrong one does not.
+
+`check` decodes and preprocesses the images as the service does, runs them through a loaded
+backend, and names what differs: so an engine is recorded as usable (export/engine.py) and the
+service turns ready (service/main.py) only when backend, artifact and preprocessing are right.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Largest |logit - reference| each precision may show on the reference images (logits of the
+# trained model span about +-15). Measured deviations: README, "Reference check".
+LOGIT_TOLERANCE = {"fp32": 1e-3, "fp16": 0.1, "int8": 1.0}
+
+
+class ReferenceError(ValueError):
+    """A reference file that cannot be read, or a backend that does not reproduce it."""
+
+
+@dataclass
+class Reference:
+    images: list[bytes]  # encoded image files
+    logits: np.ndarray  # float32 [N, classes], Paddle fp32
+    source: str  # where the images came from
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "source": self.source,
+            "images": [base64.b64encode(image).decode() for image in self.images],
+            "logits": self.logits.astype(float).round(6).tolist(),
+        }, indent=1) + "\n"
+
+
+def reference_path(onnx_path: str | Path) -> Path:
+    """build/alexnet_acmix.onnx -> build/alexnet_acmix.onnx.reference.json"""
+    onnx_path = Path(onnx_path)
+    return onnx_path.with_name(onnx_path.name + ".reference.json")
+
+
+def read_reference(path: str | Path) -> Reference:
+    try:
+        record = json.loads(Path(path).read_text())
+        images = [base64.b64decode(image) for image in record["images"]]
+        logits = np.asarray(record["logits"], dtype=np.float32)
+        if logits.ndim != 2 or len(logits) != len(images) or not images:
+            raise ValueError(f"{len(images)} images and logits of shape {list(logits.shape)}")
+        return Reference(images, logits, str(record.get("source", "")))
+    except FileNotFoundError:
+        raise ReferenceError(f"{path}: no reference file (python -m export onnx writes it)") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ReferenceError(f"{path}: not a reference file ({exc})") from None
+
+
+def check(backend, reference: Reference, precision: str = "fp32") -> dict:
+    """Run the reference images through `backend` (loaded); the figures, or ReferenceError naming
+    what differs: a top-1 that changed, or the largest logit difference over the precision's tolerance."""
+    from model.preprocessing import decode_image, preprocess
+
+    batch = np.stack([preprocess(decode_image(image)) for image in reference.images])
+    logits = np.concatenate([backend.infer(batch[i : i + backend.max_batch])
+                             for i in range(0, len(batch), backend.max_batch)])
+    diff = float(np.abs(logits - reference.logits).max())
+    flipped = np.flatnonzero(logits.argmax(1) != reference.logits.argmax(1))
+    result = {"n": len(batch), "max_abs_diff": diff, "top1_changed": len(flipped), "precision": precision,
+              "tolerance": LOGIT_TOLERANCE[precision]}
+    if len(flipped):
+        raise ReferenceError(f"reference check failed: the top-1 class of {len(flipped)} of {len(batch)} "
+                             f"reference images changed (first: image {flipped[0]}); max |logit diff| {diff:.3g}")
+    if not np.isfinite(diff) or diff > LOGIT_TOLERANCE[precision]:
+        raise ReferenceError(f"reference check failed: max |logit diff| {diff:.3g} over the {precision} "
+                             f"tolerance {LOGIT_TOLERANCE[precision]:g} on {len(batch)} reference images")
+    return result

@@ -1,0 +1,30 @@
+"""The backend a plan asks for (runtime/), not yet loaded: the artifact provisioning made."""
+
+from __future__ import annotations
+
+from runtime.artifacts import ArtifactPlan
+from runtime.backend import Backend, BackendError
+
+# fp16 on ONNX Runtime's CPU provider: no fp16 kernels for these convolutions, so it would cast
+# back to fp32 around every node and run slower than fp32.
+CPU_FP16 = "ONNX Runtime runs fp16 on the CPU slower than fp32 (no fp16 convolution kernels); use fp32 or int8 there"
+
+
+def create_backend(plan: ArtifactPlan, max_batch: int, threads: int | None = None) -> Backend:
+    """The backend of `plan` over its served artifact; BackendError, saying why, when that is
+    missing or the backend cannot run the plan's precision."""
+    if not plan.served.is_file():
+        raise BackendError(f"{plan.served} is missing; `python -m service` makes it at start "
+                           "(or `python -m service --provision-only`)")
+    if plan.backend == "onnxruntime":
+        import onnxruntime as ort
+
+        from runtime.onnxruntime import OnnxRuntimeBackend
+
+        gpu = "CUDAExecutionProvider" in ort.get_available_providers()
+        if plan.precision == "fp16" and not gpu:
+            raise BackendError(f"precision fp16: {CPU_FP16}")
+        return OnnxRuntimeBackend(plan.served, max_batch, threads)
+    from runtime.tensorrt import TensorRTBackend
+
+    return TensorRTBackend(plan.served, max_batch)

@@ -1,0 +1,66 @@
+"""The service's domain errors: raised where a request fails, mapped to a protocol only at its edge.
+
+Each names the HTTP status and the gRPC status code it becomes; service/main.py maps them to HTTP
+responses (one handler), the gRPC server to status codes. Nothing below the edge raises an
+HTTPException.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status = 500
+    grpc_code = "INTERNAL"
+    fixed_headers: dict[str, str] = {}
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        retry = {"Retry-After": str(max(1, round(self.retry_after)))} if self.retry_after is not None else {}
+        return {**self.fixed_headers, **retry}
+
+
+class BadRequest(ServiceError):
+    """The request itself is wrong: a bad image, tensor, JSON body or parameter."""
+
+    status, grpc_code = 400, "INVALID_ARGUMENT"
+
+
+class Unauthenticated(ServiceError):
+    status, grpc_code = 401, "UNAUTHENTICATED"
+    fixed_headers = {"WWW-Authenticate": "Bearer"}
+
+
+class NotFound(ServiceError):
+    """An unknown model or version."""
+
+    status, grpc_code = 404, "NOT_FOUND"
+
+
+class TooLarge(ServiceError):
+    status, grpc_code = 413, "RESOURCE_EXHAUSTED"
+
+
+class Overloaded(ServiceError):
+    """The queue is full; retry later."""
+
+    status, grpc_code = 429, "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(ServiceError):
+    """Not ready yet, or draining."""
+
+    status, grpc_code = 503, "UNAVAILABLE"
+
+
+class DeadlineExceeded(ServiceError):
+    status, grpc_code = 504, "DEADLINE_EXCEEDED"
+
+
+class InferenceFailed(ServiceError):
+    """The backend failed on a batch (the server's fault, not the request's)."""
+
+    status, grpc_code = 500, "INTERNAL"

@@ -1,0 +1,126 @@
+"""Provisioning: what is made, once, under a lock, in a child process for Paddle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from export.errors import ExportError
+from export.provision import pending, provision
+from runtime.artifacts import ArtifactPlan, EngineSpec
+from runtime.reference import reference_path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def plan_for(onnx: Path, weights: Path, **changes) -> ArtifactPlan:
+    values = {"backend": "onnxruntime", "precision": "fp32", "weights": Path(weights), "onnx": Path(onnx)}
+    values.update(changes)
+    return ArtifactPlan(**values)
+
+
+def copy_of(onnx_model: Path, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = shutil.copyfile(onnx_model, folder / "alexnet_acmix.onnx")
+    shutil.copyfile(reference_path(onnx_model), reference_path(out))
+    return out
+
+
+def test_nothing_is_pending_when_the_onnx_is_of_these_weights(onnx_model, weights):
+    assert pending(plan_for(onnx_model, weights)) == []
+    assert provision(plan_for(onnx_model, weights)) == []
+
+
+def test_what_is_pending_and_why(onnx_model, weights, tmp_path):
+    other = tmp_path / "other.pdparams"
+    other.write_bytes(weights.read_bytes() + b"\0")
+    assert pending(plan_for(onnx_model, other)) == [("onnx", f"{onnx_model} was made from another weights file than {other}")]
+    missing = tmp_path / "none.onnx"
+    assert pending(plan_for(missing, weights, precision="int8")) == [
+        ("onnx", f"{missing} is missing"), ("int8", "its fp32 ONNX is made first")]
+    fp16 = plan_for(onnx_model, weights, precision="fp16")
+    assert pending(fp16) == [("fp16", f"{onnx_model.with_name('alexnet_acmix.fp16.onnx')} is missing")]
+    engine = plan_for(onnx_model, weights, backend="tensorrt", engine=tmp_path / "m.fp32.plan",
+                      engine_spec=EngineSpec("fp32", 1, 8, 8))
+    (artifact, why), = pending(engine)
+    assert artifact == "engine" and why == f"{tmp_path / 'm.fp32.plan'}: no engine file"
+    assert pending(engine, force_engine=True) == [("engine", "rebuild forced")]
+
+
+def test_without_rebuild_a_stale_artifact_is_refused_with_the_reason(onnx_model, tmp_path):
+    other = tmp_path / "other.pdparams"
+    other.write_bytes(b"other weights")
+    with pytest.raises(ExportError, match=r"made from another weights file .*; make it with `python -m service "
+                                          r"--provision-only` or set ACMIX_REBUILD=true"):
+        provision(plan_for(onnx_model, other, rebuild=False))
+
+
+def test_missing_onnx_and_missing_weights_is_one_clear_error(tmp_path):
+    with pytest.raises(ExportError, match=r"none.onnx is missing and there are no weights at .*gone.pdparams"):
+        provision(plan_for(tmp_path / "none.onnx", tmp_path / "gone.pdparams"))
+
+
+def test_a_failing_child_export_names_its_error(tmp_path):
+    corrupt = tmp_path / "corrupt.pdparams"
+    corrupt.write_bytes(b"\0garbage")
+    with pytest.raises(ExportError, match=r"`python -m export onnx .*` failed: .*corrupt.pdparams: not a Paddle"):
+        provision(plan_for(tmp_path / "out" / "m.onnx", corrupt))
+    assert not (tmp_path / "out" / "m.onnx").exists()
+
+
+def test_the_real_export_runs_in_a_child_and_this_process_never_imports_paddle(weights, tmp_path):
+    out = tmp_path / "artifacts" / "alexnet_acmix.onnx"
+    program = textwrap.dedent(f"""
+        import json, sys
+        from pathlib import Path
+        from export.provision import provision
+        from runtime.artifacts import ArtifactPlan
+        done = provision(ArtifactPlan("onnxruntime", "fp32", Path({str(weights)!r}), Path({str(out)!r})), log=lambda m: None)
+        print(json.dumps({{"done": done, "paddle": "paddle" in sys.modules}}))
+    """)
+    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"done": [f"exported {out}"], "paddle": False}
+    assert out.is_file() and reference_path(out).is_file()
+    assert pending(plan_for(out, weights)) == []
+
+
+# Two processes provision the same plan at once. The export itself is a fake (this tests the lock,
+# not Paddle): it sleeps, then writes the ONNX whole and logs that it ran.
+RACER = """
+import sys, time, shutil
+from pathlib import Path
+import export.provision as provision_module
+from runtime.artifacts import ArtifactPlan
+source, onnx, weights, log = map(Path, sys.argv[1:5])
+
+def fake_export(arguments):
+    with open(log, "a") as f:
+        f.write("export\\n")
+    time.sleep(1.0)
+    shutil.copyfile(source, onnx)
+
+provision_module.export_in_child = fake_export
+provision_module.onnx_staleness = lambda onnx_path, parent, key=None: None if Path(onnx_path).is_file() else "missing"
+print(provision_module.provision(ArtifactPlan("onnxruntime", "fp32", weights, onnx), log=lambda m: None))
+"""
+
+
+def test_two_concurrent_provisioners_make_the_artifact_once(tiny_onnx, tmp_path):
+    weights, log, onnx = tmp_path / "w.pdparams", tmp_path / "exports.log", tmp_path / "shared" / "m.onnx"
+    weights.write_bytes(b"w")
+    onnx.parent.mkdir()
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(tiny_onnx), str(onnx), str(weights), str(log)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [racer.communicate(timeout=60) for racer in racers]
+    assert all(racer.returncode == 0 for racer in racers), outputs
+    assert log.read_text() == "export\n"
+    assert sorted(out.strip() for out, _ in outputs) == sorted(["[]", f"['exported {onnx}']"])
+    assert onnx.read_bytes() == tiny_onnx.read_bytes()
