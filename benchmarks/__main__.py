@@ -2,11 +2,15 @@
 
     python -m benchmarks [--quick] [--skip paddle]
 
-1. Paddle CPU: the reference ACmix formulation against the fast one (benchmarks/paddle_acmix.py).
-2. ONNX Runtime CPU: AlexNet-ACmix against the plain AlexNet by batch size (benchmarks/onnx_runtime.py).
+1. Paddle CPU: training step against the previous training path, inference against the reference
+   ACmix formulation (benchmarks/paddle_acmix.py).
+2. ONNX Runtime CPU: AlexNet-ACmix fp32 and int8 against the plain AlexNet by batch size
+   (benchmarks/onnx_runtime.py).
 3. The service under load against the raw backend, by concurrency (benchmarks/service_load.py).
 4. Ray Serve with 2 replicas against the single FastAPI process (benchmarks/ray_vs_fastapi.py).
-5. On a GPU host with TensorRT: the fp32 and fp16 engines by batch size (benchmarks/tensorrt_engines.py).
+5. On a GPU host with TensorRT: the fp32, fp16 and int8 engines by batch size (benchmarks/tensorrt_engines.py).
+
+Every results file records the CPU it was measured on (runtime/cpu.py).
 
 Writes build/bench/*.json, docs/bench/results.json and docs/bench/*.png (the README shows them).
 """
@@ -30,15 +34,18 @@ def plot_throughput(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     rows = results["onnx_runtime"]["rows"]
     batches = [r["batch"] for r in rows]
-    ax.plot(batches, [r["alexnet_acmix_img_s"] for r in rows], "o-", label="AlexNet-ACmix, ONNX Runtime CPU")
-    ax.plot(batches, [r["alexnet_img_s"] for r in rows], "s--", label="AlexNet, ONNX Runtime CPU")
+    ax.plot(batches, [r["alexnet_acmix_fp32_img_s"] for r in rows], "o-", label="AlexNet-ACmix fp32, ONNX Runtime CPU")
+    ax.plot(batches, [r["alexnet_acmix_int8_img_s"] for r in rows], "D-", label="AlexNet-ACmix int8, ONNX Runtime CPU")
+    ax.plot(batches, [r["alexnet_fp32_img_s"] for r in rows], "s--", label="AlexNet fp32, ONNX Runtime CPU")
     for name, series in (results.get("tensorrt") or {}).get("engines", {}).items():
         ax.plot([r["batch"] for r in series], [r["img_s"] for r in series], "^-", label=f"AlexNet-ACmix, TensorRT {name}")
+    cpu = results["onnx_runtime"]["cpu"]
     ax.set(xscale="log", xlabel="batch size", ylabel="images / s", ylim=(0, None),
-           title=f"Throughput against batch size ({results['onnx_runtime']['threads']} CPU threads)")
+           title=f"Throughput by batch size and precision\n{cpu['model']}, {cpu['cores']} cores "
+                 f"({' '.join(cpu['extensions'])})")
     ax.set_xticks(batches, [str(b) for b in batches])
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
@@ -85,7 +92,7 @@ def main(argv=None) -> int:
 
     steps = [
         ("paddle", lambda: paddle_acmix.main(["--out", str(BUILD / "paddle_acmix.json")])),
-        ("onnx_runtime", lambda: onnx_runtime.main(["--out", str(BUILD / "onnx_runtime.json")])),
+        ("onnx_runtime", lambda: onnx_runtime.main(["--onnx", args.onnx, "--out", str(BUILD / "onnx_runtime.json")])),
         ("service", lambda: service_load.main(["--onnx", args.onnx, "--seconds", str(args.seconds),
                                                "--concurrency", "8", "16", "32", "64", "128",
                                                "--out", str(BUILD / "service_load.json")])),

@@ -1,13 +1,14 @@
-"""ONNX Runtime CPU throughput of AlexNet-ACmix against the plain AlexNet, exported the same way.
+"""ONNX Runtime CPU throughput of AlexNet-ACmix (fp32 and int8) against the plain AlexNet (fp32).
 
-    python -m benchmarks.onnx_runtime [--batches 1 8 32 128] [--seconds 3]
+    python -m benchmarks.onnx_runtime [--onnx build/alexnet_acmix.onnx] [--batches 1 8 32 128] [--seconds 3]
 
-Both networks go through export/onnx_export.py (paddle.jit.save, paddle2onnx, onnxslim) with
-seeded random weights (speed does not depend on the values), then run in one process with ONNX
-Runtime's default session options, in short alternating blocks (a pause before each lets the other
-session's threads stop spinning) so that machine load hits both alike. Prints images/s per batch
-size and the ratio; writes build/bench/onnx_runtime.json. (The service turns thread spinning off,
-since it shares the cores with HTTP handling; benchmarks/service_load.py measures that setting.)
+AlexNet-ACmix is the exported model the service serves (--onnx) and its int8 QDQ file beside it
+(made by export/int8.py when missing); the plain AlexNet is exported the same way
+(export/onnx_export.py) from seeded random weights (speed does not depend on the values, and
+neither file holds subnormal numbers). Every session comes from runtime.onnxruntime.create_session,
+with the service's options (denormals as zero, thread spinning off), in one process, in short
+alternating blocks so that machine load hits all alike. Prints the CPU, images/s per batch size
+and the ratios; writes build/bench/onnx_runtime.json.
 """
 
 from __future__ import annotations
@@ -22,22 +23,22 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from export.onnx_export import export_onnx
-from model.runtime import available_cores, import_paddle
 from model.spec import INPUT_NAME, OUTPUT_NAME
+from runtime.artifacts import derived_onnx_path
+from runtime.cpu import cpu_info, describe
 
 
-def export_both(folder: Path) -> dict[str, Path]:
+def export_plain_alexnet(folder: Path) -> Path:
+    from export.onnx_export import export_onnx
+    from model.runtime import import_paddle
+
     paddle = import_paddle()
     from model.alexnet import build_model
 
-    paths = {}
-    for arch in ("alexnet_acmix", "alexnet"):
-        paddle.seed(0)
-        weights = folder / f"{arch}.pdparams"
-        paddle.save(build_model(arch).state_dict(), str(weights))
-        paths[arch] = export_onnx(weights, folder / f"{arch}.onnx", arch=arch)
-    return paths
+    paddle.seed(0)
+    weights = folder / "alexnet.pdparams"
+    paddle.save(build_model("alexnet").state_dict(), str(weights))
+    return export_onnx(weights, folder / "alexnet.onnx", arch="alexnet")
 
 
 def measure(sessions: dict, batch: int, seconds: float, rounds: int = 4) -> dict[str, float]:
@@ -45,7 +46,6 @@ def measure(sessions: dict, batch: int, seconds: float, rounds: int = 4) -> dict
     rates = {name: [] for name in sessions}
     for _ in range(rounds):
         for name, session in sessions.items():
-            time.sleep(0.2)
             session.run([OUTPUT_NAME], {INPUT_NAME: x})
             end = time.perf_counter() + seconds / rounds
             while time.perf_counter() < end:
@@ -57,28 +57,37 @@ def measure(sessions: dict, batch: int, seconds: float, rounds: int = 4) -> dict
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--onnx", default="build/alexnet_acmix.onnx", help="AlexNet-ACmix, fp32")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--seconds", type=float, default=3.0, help="per model and batch size")
     parser.add_argument("--out", default="build/bench/onnx_runtime.json")
     args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = export_both(Path(tmp))
-        import onnxruntime as ort
+    from runtime.onnxruntime import SESSION_CONFIG, create_session
 
-        sessions = {arch: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-                    for arch, path in paths.items()}
+    print(f"CPU: {describe()}")
+    int8 = derived_onnx_path(args.onnx, "int8")
+    if not int8.is_file():
+        from export.int8 import quantize_int8
+
+        quantize_int8(args.onnx, int8)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {"alexnet_acmix_fp32": Path(args.onnx), "alexnet_acmix_int8": int8,
+                 "alexnet_fp32": export_plain_alexnet(Path(tmp))}
+        sessions = {name: create_session(path, providers=["CPUExecutionProvider"]) for name, path in files.items()}
         rows = []
         for batch in tqdm(args.batches, desc="batch sizes"):
             rates = measure(sessions, batch, args.seconds)
-            rows.append({"batch": batch, "alexnet_acmix_img_s": rates["alexnet_acmix"],
-                         "alexnet_img_s": rates["alexnet"], "ratio": rates["alexnet_acmix"] / rates["alexnet"]})
-    print(f"{'batch':>5} {'ACmix img/s':>12} {'AlexNet img/s':>14} {'ratio':>6}")
+            rows.append({"batch": batch, **{f"{name}_img_s": rate for name, rate in rates.items()},
+                         "ratio": rates["alexnet_acmix_fp32"] / rates["alexnet_fp32"],
+                         "int8_speedup": rates["alexnet_acmix_int8"] / rates["alexnet_acmix_fp32"]})
+    print(f"{'batch':>5} {'ACmix fp32':>11} {'ACmix int8':>11} {'AlexNet fp32':>13} {'ACmix/AlexNet':>14} {'int8/fp32':>10}")
     for row in rows:
-        print(f"{row['batch']:>5} {row['alexnet_acmix_img_s']:>12.0f} {row['alexnet_img_s']:>14.0f} {row['ratio']:>6.2f}")
+        print(f"{row['batch']:>5} {row['alexnet_acmix_fp32_img_s']:>11.0f} {row['alexnet_acmix_int8_img_s']:>11.0f} "
+              f"{row['alexnet_fp32_img_s']:>13.0f} {row['ratio']:>14.2f} {row['int8_speedup']:>10.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": available_cores(), "rows": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"cpu": cpu_info(), "session_config": SESSION_CONFIG, "rows": rows}, indent=2) + "\n")
     return 0
 
 

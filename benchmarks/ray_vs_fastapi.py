@@ -21,13 +21,14 @@ from pathlib import Path
 
 from benchmarks.service_load import preflight, run_wrk, wrk_inputs
 from harness.server import free_port, start_server, stop, wait_ready
+from runtime.cpu import cpu_info
 
 
 def start_ray(onnx: Path, port: int, replicas: int, folder: Path) -> subprocess.Popen:
     config = {
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [{
-            "name": "alexnet_acmix", "route_prefix": "/", "import_path": "service.ray_app:app",
+            "name": "alexnet_acmix", "route_prefix": "/", "import_path": "service.ray_app:build_app",
             "runtime_env": {"env_vars": {
                 "ACMIX_BACKEND": "onnxruntime", "ACMIX_ONNX_PATH": str(onnx.resolve()),
                 "ACMIX_RAY_REPLICAS": str(replicas), "ACMIX_RAY_CPUS_PER_REPLICA": str(1 / replicas),
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     for name, r in results.items():
         print(f"{name:>16} {r['throughput_rps']:>7.0f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['errors']:>6}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps({"cpu": cpu_info(), **results}, indent=2) + "\n")
     return 0
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from harness.server import start_server, stop
+from runtime.cpu import cpu_info
 
 WRK_SCRIPT = r"""
 wrk.method = "POST"
@@ -187,8 +188,8 @@ def main(argv=None) -> int:
               f"{r['p95_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['worst_p99_ms']:>9.1f} {r['errors']:>6}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"raw_backend_img_s": raw, "raw_rounds": raws, "batch": args.batch, "runs": results,
-                               "rounds": rounds}, indent=2) + "\n")
+    out.write_text(json.dumps({"cpu": cpu_info(), "raw_backend_img_s": raw, "raw_rounds": raws, "batch": args.batch,
+                               "runs": results, "rounds": rounds}, indent=2) + "\n")
     return 0
 
 

@@ -1,10 +1,10 @@
-"""TensorRT fp32 and fp16 engines of AlexNet-ACmix, throughput by batch size (GPU host only).
+"""TensorRT fp32, fp16 and int8 engines of AlexNet-ACmix, throughput by batch size (GPU host only).
 
     python -m benchmarks.tensorrt_engines [--onnx build/alexnet_acmix.onnx] [--batches 1 8 32 128 256]
 
-Builds (or reuses, per their metadata) both engines with export/engine.py, then times
-TensorRTBackend.infer, which includes the host<->device copies the service pays. Without a GPU
-and TensorRT it says why and writes nothing.
+Provisions each engine as the service does (export/provision.py: built, verified against the
+reference logits, or reused per its metadata), then times TensorRTBackend.infer, which includes
+the host<->device copies the service pays. Without a GPU and TensorRT it says why and writes nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="build/bench/tensorrt.json")
     args = parser.parse_args(argv)
 
-    from export.engine import ensure_engine, tensorrt_status
+    from export.provision import provision
+    from runtime.artifacts import ArtifactPlan, EngineSpec
+    from runtime.cuda import tensorrt_status
 
     available, reason = tensorrt_status()
     if not available:
@@ -36,10 +38,13 @@ def main(argv=None) -> int:
     from runtime.tensorrt import TensorRTBackend
 
     engines = {}
-    for precision in ("fp32", "fp16"):
-        path, _ = ensure_engine(args.onnx, Path(args.onnx).with_suffix(f".{precision}.plan"), precision=precision,
-                                max_batch=max(args.batches), rebuild=True)
-        backend = TensorRTBackend(path, max(args.batches))
+    largest = max(args.batches)
+    for precision in ("fp32", "fp16", "int8"):
+        path = Path(args.onnx).with_suffix(f".{precision}.plan")
+        spec = EngineSpec(precision, 1, min(32, largest), largest)
+        provision(ArtifactPlan("tensorrt", precision, Path("unused.pdparams"), Path(args.onnx), engine=path,
+                               engine_spec=spec, timing_cache=path.parent / "timing.cache"))
+        backend = TensorRTBackend(path, largest)
         backend.load()
         series = []
         for batch in args.batches:
