@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test serve train finetune ship evaluate export bench lint clean
+.PHONY: setup test serve train ship evaluate export bench lint protos locks clean
 
 setup: $(STAMP)
 
@@ -26,24 +26,17 @@ export: setup
 	$(PY) -m export all
 
 # Resumes the run's checkpoint; on a machine without one, continues the shipped run instead
-# (either with the configuration recorded in the run).
-train: setup
-	if [ -f runs/alexnet_acmix/last.pdparams ]; then $(PY) -m model.train --resume; \
-	else $(PY) -m model.train --continue-from model/weights; fi
-
-# Stage 2: a short fine-tune of the run's best weights, lower lr and lighter augmentation
-# (the augmented training accuracy stays at the validation accuracy); resumes its checkpoint.
-FINETUNE := runs/alexnet_acmix_finetune
-finetune: setup
-	if [ -f $(FINETUNE)/last.pdparams ]; then $(PY) -m model.train --resume --out $(FINETUNE); \
-	else $(PY) -m model.train --out $(FINETUNE) --init-weights runs/alexnet_acmix/best.pdparams \
-	  --epochs 8 --lr 1e-4 --crop-scale-min 0.8 --rotation 0 --jitter 0.1; fi
-
-# A run's best weights (RUN=runs/alexnet_acmix_finetune for stage 2) into model/weights/,
-# evaluated, with a fresh model card.
+# (either with the configuration recorded in the run). RUN= another run folder.
 RUN ?= runs/alexnet_acmix
+train: setup
+	if [ -f $(RUN)/last.pdparams ]; then $(PY) -m model.train --resume --out $(RUN); \
+	else $(PY) -m model.train --continue-from model/weights --out $(RUN); fi
+
+# A run's best weights into model/weights/, evaluated (lossless and JPEG), calibrated, with a fresh
+# model card; PROXIES= the recipe search's proxy runs, for the card.
+PROXIES ?=
 ship: setup
-	$(PY) -m model.ship --run $(RUN)
+	$(PY) -m model.ship --run $(RUN) $(if $(PROXIES),--proxies $(PROXIES))
 
 evaluate: setup
 	$(PY) -m model.evaluate
@@ -57,6 +50,18 @@ build/alexnet_acmix.onnx: model/weights/alexnet_acmix.pdparams | setup
 
 lint: setup
 	$(PY) -m ruff check .
+
+# The gRPC messages from service/kserve_grpc/proto/kserve_v2.proto (grpcio-tools, in the development lock).
+protos: setup
+	$(PY) -m grpc_tools.protoc -I service/kserve_grpc/proto --python_out=service/kserve_grpc/proto \
+	  service/kserve_grpc/proto/kserve_v2.proto
+
+# The images' runtime locks, each for its own image's Python (uv, in the development lock).
+locks: setup
+	cd docker && ../$(VENV)/bin/uv pip compile requirements-runtime.in --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 --no-header -o requirements-runtime-py311.lock
+	cd docker && ../$(VENV)/bin/uv pip compile requirements-runtime-gpu.in --python-version 3.12 \
+	  --python-platform x86_64-manylinux_2_28 --no-header -o requirements-runtime-py312.lock
 
 clean:
 	rm -rf build .pytest_cache

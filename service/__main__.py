@@ -17,7 +17,7 @@ import uvicorn
 
 from export.errors import ExportError
 from export.provision import provision
-from service.main import create_app
+from service.main import DRAIN_SECONDS, create_app
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -44,6 +44,7 @@ def parser(settings: Settings) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default=settings.host)
     parser.add_argument("--port", type=int, default=settings.port)
+    parser.add_argument("--grpc-port", type=int, default=settings.grpc_port, help="the gRPC API's port (0: off)")
     parser.add_argument("--provision-only", action="store_true", help="make the artifacts, then exit")
     parser.add_argument("--force-engine", action="store_true", help="rebuild the TensorRT engine even if current")
     return parser
@@ -52,7 +53,7 @@ def parser(settings: Settings) -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     settings = Settings()
     args = parser(settings).parse_args(argv)
-    settings = settings.model_copy(update={"host": args.host, "port": args.port})
+    settings = settings.model_copy(update={"host": args.host, "port": args.port, "grpc_port": args.grpc_port})
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     backend, reason = settings.resolved_backend()
     plan = settings.plan(backend)
@@ -72,7 +73,8 @@ def main(argv=None) -> int:
         return 0
     app = create_app(settings)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30,
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        timeout_graceful_shutdown=DRAIN_SECONDS,
         access_log=False,
     )
     server = DrainingServer(config, app.state.service)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from runtime.backend import Backend
+from service.request_log import record_batch
 
 
 class QueueFullError(Exception):
@@ -36,6 +37,8 @@ class _Request:
     deadline: float
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
+    queue_s: float = 0.0
+    infer_s: float = 0.0
 
 
 class BatchObserver:
@@ -44,6 +47,8 @@ class BatchObserver:
     def queue_length(self, length: int) -> None: ...
 
     def batch_done(self, size: int, seconds: float, queue_waits: list[float]) -> None: ...
+
+    def batch_failed(self, size: int, error: Exception) -> None: ...
 
 
 class DynamicBatcher:
@@ -87,9 +92,11 @@ class DynamicBatcher:
         self._wakeup.set()
         try:
             async with asyncio.timeout(max(deadline - time.perf_counter(), 0)):
-                return await request.future  # a timeout cancels the future: the batch skips it
+                row = await request.future  # a timeout cancels the future: the batch skips it
         except TimeoutError:
             raise TimeoutError("no result before the request deadline") from None
+        record_batch(request.queue_s, request.infer_s)
+        return row
 
     async def close(self) -> None:
         """Take no new requests, finish the queued ones, stop the workers."""
@@ -116,13 +123,16 @@ class DynamicBatcher:
             try:
                 logits = await loop.run_in_executor(self._executor, self._infer, [r.image for r in batch])
             except Exception as exc:  # a failing backend fails this batch's requests, not the loop
+                self.observer.batch_failed(len(batch), exc)
                 for request in batch:
                     if not request.future.done():
                         request.future.set_exception(exc)
                 continue
-            self.observer.batch_done(len(batch), time.perf_counter() - started, waits)
-            for request, row in zip(batch, logits, strict=True):
+            seconds = time.perf_counter() - started
+            self.observer.batch_done(len(batch), seconds, waits)
+            for request, row, wait in zip(batch, logits, waits, strict=True):
                 if not request.future.done():
+                    request.queue_s, request.infer_s = wait, seconds
                     request.future.set_result(row)
 
     def _infer(self, images: list[np.ndarray]) -> np.ndarray:

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
@@ -21,11 +22,16 @@ from service.api import health, predict, v2
 from service.backends import create_backend
 from service.batching import DynamicBatcher
 from service.errors import ServiceError
+from service.kserve_grpc import server as grpc_server
+from service.limits import BodyTimeoutMiddleware
 from service.metrics import Metrics, MetricsMiddleware
+from service.request_log import RequestIdMiddleware
 from service.settings import Settings
 from service.state import ServiceState
 
 log = logging.getLogger("service")
+# How long SIGTERM waits for requests in flight (HTTP: uvicorn's graceful shutdown; gRPC: its grace).
+DRAIN_SECONDS = 30
 
 
 def load(state: ServiceState, backend=None, reason: str = "") -> None:
@@ -88,7 +94,7 @@ def open_service(state: ServiceState, backend=None, reason: str = "given", batch
             max_batch=settings.max_batch_size,
             max_delay_s=settings.max_queue_delay_ms / 1000,
             max_queue=settings.max_queue_size,
-            observer=state.metrics,
+            observer=state,
             workers=settings.inference_workers,
         )
         batcher.start()
@@ -127,7 +133,11 @@ def create_app(
             yield
             return
         open_service(state, backend, backend_reason)
+        grpc = await grpc_server.start(state) if settings.grpc_port else None
         yield
+        state.draining = True
+        if grpc is not None:
+            await grpc_server.stop(grpc, DRAIN_SECONDS)
         await close_service(state)
 
     app = FastAPI(
@@ -158,4 +168,15 @@ def create_app(
         return await http_exception_handler(request, exc)
 
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(BodyTimeoutMiddleware, seconds=settings.body_timeout_s)
+    app.add_middleware(RequestIdMiddleware, state=state)
+    if settings.cors_origins.strip():
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=[origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()],
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Content-Type", "X-API-Key", "Authorization", "X-Request-ID", "X-Request-Timeout-Ms",
+                           "Inference-Header-Content-Length", "traceparent"],
+            expose_headers=["X-Request-ID", "X-Model-Digest", "Retry-After", "Inference-Header-Content-Length"],
+        )
     return app

@@ -30,6 +30,9 @@ class Metrics(BatchObserver):
                                    buckets=LATENCY_BUCKETS, registry=self.registry)
         self.queue = Gauge("batch_queue_length", "Images waiting for a batch", registry=self.registry)
         self.images = Counter("images_classified", "Images run through the backend", registry=self.registry)
+        self.failed_batches = Counter("batches_failed", "Backend calls that failed", registry=self.registry)
+        self.grpc_requests = Counter("grpc_requests", "gRPC requests by method and status code", ["method", "code"],
+                                     registry=self.registry)
 
     def queue_length(self, length: int) -> None:
         self.queue.set(length)
@@ -40,6 +43,9 @@ class Metrics(BatchObserver):
         self.images.inc(size)
         for wait in queue_waits:
             self.queue_wait.observe(wait)
+
+    def batch_failed(self, size: int, error: Exception) -> None:
+        self.failed_batches.inc()
 
     def response(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

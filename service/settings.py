@@ -44,7 +44,9 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(5.0, ge=0, description="longest a request waits for its batch to fill")
     max_queue_size: int = Field(512, ge=1, description="requests waiting beyond this get 429")
     request_timeout_s: float = Field(10.0, gt=0, description="a request not answered by then gets 504")
-    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="larger bodies get 413")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="larger bodies get 413 (gRPC: larger messages "
+                                                                      "RESOURCE_EXHAUSTED)")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body not received by then gets 408")
     max_image_pixels: int = Field(40_000_000, ge=1, description="larger images (decoded size) get 400")
     decode_threads: int = Field(default_factory=available_cores, ge=1, description="threads decoding images")
     inline_decode_pixels: int = Field(
@@ -59,6 +61,11 @@ class Settings(BaseSettings):
         description="ONNX Runtime threads per batch; default: cores / inference_workers",
     )
     api_key: str | None = Field(None, description="when set, requests need header X-API-Key (or Bearer token)")
+    max_consecutive_failures: int = Field(
+        3, ge=0, description="batches failing in a row before readiness and liveness fail (0: never)")
+    cors_origins: str = Field("", description="comma-separated origins allowed to call the API from a browser "
+                                              "(empty: CORS off)")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="the KServe v2 gRPC API's port (0: off)")
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

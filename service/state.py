@@ -14,14 +14,14 @@ from PIL import Image
 
 from model.preprocessing import load_rgb, open_image, preprocess
 from runtime.backend import Backend
-from service.batching import DynamicBatcher, QueueFullError, ShuttingDownError
-from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, Unavailable
+from service.batching import BatchObserver, DynamicBatcher, QueueFullError, ShuttingDownError
+from service.errors import BadRequest, DeadlineExceeded, InferenceFailed, Overloaded, Unavailable
 from service.metrics import Metrics
 from service.settings import Settings
 
 
 @dataclass
-class ServiceState:
+class ServiceState(BatchObserver):
     settings: Settings
     metrics: Metrics
     backend: Backend | None = None
@@ -35,13 +35,50 @@ class ServiceState:
     # Of the served artifact: the calibration temperature its ONNX records, and its sha256.
     temperature: float = 1.0
     model_digest: str = ""
+    # Batches failed in a row, and the last failure: past settings.max_consecutive_failures the
+    # service reports itself not ready and not live, so that an orchestrator restarts it.
+    consecutive_failures: int = 0
+    last_failure: str | None = None
+
+    @property
+    def failing(self) -> bool:
+        limit = self.settings.max_consecutive_failures
+        return bool(limit) and self.consecutive_failures >= limit
+
+    def is_ready(self) -> bool:
+        return self.ready and not self.draining and not self.failing
+
+    def not_ready_reason(self) -> str | None:
+        if self.failing:
+            return f"{self.consecutive_failures} batches failed in a row (last: {self.last_failure})"
+        return self.load_error or ("draining" if self.draining else None if self.ready else "loading")
+
+    # BatchObserver: metrics, and the failure count
+    def queue_length(self, length: int) -> None:
+        self.metrics.queue_length(length)
+
+    def batch_done(self, size: int, seconds: float, queue_waits: list[float]) -> None:
+        self.consecutive_failures = 0
+        self.metrics.batch_done(size, seconds, queue_waits)
+
+    def batch_failed(self, size: int, error: Exception) -> None:
+        self.consecutive_failures += 1
+        self.last_failure = f"{type(error).__name__}: {error}"
+        self.metrics.batch_failed(size, error)
 
     @property
     def backend_name(self) -> str:
         return self.backend.name if self.backend else "none"
 
-    def deadline(self) -> float:
-        return time.perf_counter() + self.settings.request_timeout_s
+    def deadline(self, timeout_s: float | None = None) -> float:
+        """When a request must be answered: after the client's own timeout where it gives one, never
+        later than the server's limit (request_timeout_s)."""
+        limit = self.settings.request_timeout_s
+        if timeout_s is not None:
+            if not timeout_s > 0:
+                raise BadRequest(f"the request timeout must be positive, got {timeout_s:g} s")
+            limit = min(limit, timeout_s)
+        return time.perf_counter() + limit
 
     async def decode(self, data: bytes) -> np.ndarray:
         """Image bytes to the network's input; ImageError names the cause.
@@ -67,7 +104,7 @@ class ServiceState:
         except ShuttingDownError as exc:
             raise Unavailable(str(exc)) from None
         except TimeoutError:
-            raise DeadlineExceeded(f"no result within {self.settings.request_timeout_s:g} s") from None
+            raise DeadlineExceeded("no result before the request's deadline") from None
         except Exception as exc:  # the backend failed on this request's batch
             raise InferenceFailed(f"inference failed: {exc}") from None
 

@@ -21,26 +21,32 @@ class Readiness(BaseModel):
     backend: str
     backend_reason: str
     backend_detail: str
+    model_digest: str
     max_batch_size: int
     error: str | None = None
 
 
-@router.get("/healthz", summary="Live: the process answers")
-async def healthz() -> dict:
+@router.get("/healthz", summary="Live: the process answers, and its batches have not failed "
+                                "ACMIX_MAX_CONSECUTIVE_FAILURES times in a row", responses={503: {}})
+async def healthz(state: StateDep):
+    if state.failing:
+        return JSONResponse({"status": "failing", "error": state.not_ready_reason()}, status_code=503)
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=Readiness, summary="Ready: backend loaded and warmed up, not draining",
-            responses={503: {"model": Readiness}})
+@router.get("/readyz", response_model=Readiness,
+            summary="Ready: backend loaded, warmed up and checked against the reference logits; not draining "
+                    "or failing", responses={503: {"model": Readiness}})
 async def readyz(state: StateDep):
     body = Readiness(
-        ready=state.ready and not state.draining,
+        ready=state.is_ready(),
         model=state.settings.model_name,
         backend=state.backend_name,
         backend_reason=state.backend_reason,
         backend_detail=state.backend.description if state.backend else "",
+        model_digest=state.model_digest,
         max_batch_size=state.settings.max_batch_size,
-        error=state.load_error or ("draining" if state.draining else None),
+        error=None if state.is_ready() else state.not_ready_reason(),
     )
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 

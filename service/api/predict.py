@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Header, UploadFile
 from pydantic import BaseModel
 
 from model.preprocessing import ImageError
@@ -17,6 +17,9 @@ from service.state import ServiceState, StateDep
 router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
 
 TopK = Annotated[int, Form(ge=1, le=10, description="how many classes to return, best first")]
+# The request's own deadline, as v2's `timeout` parameter is for /v2 (never later than the server's).
+TimeoutMs = Annotated[float | None, Header(alias="X-Request-Timeout-Ms", gt=0,
+                                           description="answer within this many milliseconds, else 504")]
 
 
 class ClassProbability(BaseModel):
@@ -64,8 +67,9 @@ async def predict(
     state: StateDep,
     file: Annotated[UploadFile, File(description="JPEG, PNG, WebP, BMP or GIF (first frame)")],
     top_k: TopK = 5,
+    timeout_ms: TimeoutMs = None,
 ) -> Prediction:
-    return await predict_one(state, file, top_k, state.deadline())
+    return await predict_one(state, file, top_k, state.deadline(timeout_ms / 1000 if timeout_ms else None))
 
 
 @router.post("/predict/batch", response_model=BatchPrediction, summary="Classify several images, one result each")
@@ -73,8 +77,9 @@ async def predict_batch(
     state: StateDep,
     file: Annotated[list[UploadFile], File(description="several `file` parts")],
     top_k: TopK = 5,
+    timeout_ms: TimeoutMs = None,
 ) -> BatchPrediction:
-    deadline = state.deadline()
+    deadline = state.deadline(timeout_ms / 1000 if timeout_ms else None)
 
     async def one(upload: UploadFile) -> BatchItem:
         try:

@@ -1,45 +1,48 @@
 """KServe v2 / Open Inference Protocol over REST, with the binary tensor data and classification
 extensions, as Triton serves them: standard clients (tritonclient.http) work unchanged.
 
-Input `image` FP32 [N, 3, 128, 128] (preprocessed, model/preprocessing.py), output `logits`
-FP32 [N, 10]; `"classification": k` on the output returns BYTES [N, k] "value:index:label".
+The models, their metadata and the checks of their inputs are service/inference.py's (shared
+with gRPC); this module only reads and writes the HTTP forms:
+
+* JSON: `inputs[0].data` a (nested) list of numbers for FP32, a list of base64 strings (each
+  one encoded image file) for BYTES; NaN and infinities are refused, as are bodies nested deeper
+  than JSON_MAX_DEPTH.
+* binary: `parameters.binary_data_size` on the input and the tensor after the JSON header
+  (Inference-Header-Content-Length), FP32 little-endian, or BYTES as Triton packs them (each
+  element a 4-byte little-endian length, then its bytes).
+* request `parameters.timeout`: microseconds (as Triton), the request's deadline, never later
+  than the server's own (ACMIX_REQUEST_TIMEOUT_S).
 """
 
 from __future__ import annotations
 
-import asyncio
+import base64
+import binascii
 import json
-import struct
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from model.spec import INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME
+from model.spec import INPUT_NAME, OUTPUT_NAME
+from service import inference
 from service.api.security import require_api_key
-from service.errors import BadRequest, NotFound
-from service.predictions import classification_strings
+from service.errors import BadRequest
 from service.state import ServiceState, StateDep
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 HEADER_LENGTH = "Inference-Header-Content-Length"
-VERSION = "1"
-
-
-def check_model(state: ServiceState, model: str, version: str | None = None) -> None:
-    if model != state.settings.model_name:
-        raise NotFound(f"unknown model {model!r}; this server serves {state.settings.model_name!r}")
-    if version not in (None, "", VERSION):
-        raise NotFound(f"unknown version {version!r} of {model!r}; available: {VERSION}")
 
 
 @router.get("", summary="Server metadata")
 async def server_metadata() -> dict:
-    return {"name": "alexnet-acmix-service", "version": "0.1.0", "extensions": ["binary_tensor_data", "classification"]}
+    return inference.SERVER
 
 
 @router.get("/health/live", summary="Server live")
-async def live() -> dict:
+async def live(state: StateDep):
+    if state.failing:
+        return JSONResponse({"live": False}, status_code=503)
     return {"live": True}
 
 
@@ -49,29 +52,29 @@ async def ready(state: StateDep):
 
 
 def _readiness(state: ServiceState):
-    if state.ready and not state.draining:
+    if state.is_ready():
         return {"ready": True}
     return JSONResponse({"ready": False}, status_code=503)
 
 
-@router.get("/models/{model}", summary="Model metadata")
+@router.get("/models/{model}", summary="Model metadata (with the preprocessing it expects in `parameters`)")
 @router.get("/models/{model}/versions/{version}", include_in_schema=False)
 async def model_metadata(state: StateDep, model: str, version: str | None = None) -> dict:
-    check_model(state, model, version)
-    platform = "tensorrt_plan" if state.backend_name == "tensorrt" else "onnxruntime_onnx"
-    return {
-        "name": model,
-        "versions": [VERSION],
-        "platform": platform,
-        "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, *INPUT_SHAPE]}],
-        "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, NUM_CLASSES]}],
-    }
+    inference.check_model(state, model, version)
+    return inference.model_metadata(state, model)
+
+
+@router.get("/models/{model}/config", summary="Model configuration (Triton's ModelConfig)")
+@router.get("/models/{model}/versions/{version}/config", include_in_schema=False)
+async def model_config(state: StateDep, model: str, version: str | None = None) -> dict:
+    inference.check_model(state, model, version)
+    return inference.model_config(state, model)
 
 
 @router.get("/models/{model}/ready", summary="Model ready")
 @router.get("/models/{model}/versions/{version}/ready", include_in_schema=False)
 async def model_ready(state: StateDep, model: str, version: str | None = None):
-    check_model(state, model, version)
+    inference.check_model(state, model, version)
     return _readiness(state)
 
 
@@ -79,14 +82,29 @@ async def model_ready(state: StateDep, model: str, version: str | None = None):
 @router.post("/models/{model}/versions/{version}/infer", include_in_schema=False,
              dependencies=[Depends(require_api_key)])
 async def infer(state: StateDep, model: str, request: Request, version: str | None = None) -> Response:
-    check_model(state, model, version)
+    image = inference.check_model(state, model, version)
     header, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
-    batch = read_input(header, binary)
-    if len(batch) > state.settings.max_queue_size:
-        raise BadRequest(f"{len(batch)} images exceed the queue size {state.settings.max_queue_size}")
-    deadline = state.deadline()
-    rows = await asyncio.gather(*(state.logits(image, deadline) for image in batch))
-    return build_response(header, np.stack(rows).astype(np.float32), model)
+    deadline = state.deadline(request_timeout(header))
+    if image:
+        logits = await inference.infer_images(state, read_image_input(header, binary), deadline)
+    else:
+        logits = await inference.infer_tensor(state, read_tensor_input(header, binary), deadline)
+    return build_response(header, logits, model)
+
+
+def reject_constant(name: str):
+    raise BadRequest(f"the request holds {name}: JSON numbers must be finite")
+
+
+def parse_json(text: bytes):
+    """The JSON value of `text`; BadRequest for invalid JSON, NaN or infinities, or nesting deeper
+    than Python's parser goes (about 1,000 levels; a request needs 5)."""
+    try:
+        return json.loads(text, parse_constant=reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"the request header is not JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("the request nests arrays or objects too deeply to be a v2 request") from None
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
@@ -97,47 +115,61 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
         raise BadRequest(f"{HEADER_LENGTH} is not an integer: {header_length!r}") from None
     if not 0 < length <= len(body):
         raise BadRequest(f"{HEADER_LENGTH} {length} does not fit a body of {len(body)} bytes")
-    try:
-        header = json.loads(body[:length])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"the request header is not JSON: {exc}") from None
+    header = parse_json(body[:length])
     if not isinstance(header, dict):
         raise BadRequest("the request must be a JSON object")
     return header, body[length:]
 
 
-def read_input(header: dict, binary: bytes) -> np.ndarray:
-    """The `image` tensor of a request, checked against its declared name, datatype and shape."""
+def request_timeout(header: dict) -> float | None:
+    """The request's `timeout` parameter (microseconds, as Triton) in seconds, or None."""
+    parameters = header.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadRequest("the request's parameters must be a JSON object")
+    timeout = parameters.get("timeout")
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
+        raise BadRequest(f"the timeout parameter must be a positive integer of microseconds, got {timeout!r}")
+    return timeout / 1e6
+
+
+def the_input(header: dict, image: bool) -> tuple[dict, int]:
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise BadRequest(f"expected exactly one input, {INPUT_NAME!r}")
     tensor = inputs[0]
-    if tensor.get("name") != INPUT_NAME:
-        raise BadRequest(f"unexpected input {tensor.get('name')!r}; the model takes {INPUT_NAME!r}")
-    if tensor.get("datatype") != "FP32":
-        raise BadRequest(f"input {INPUT_NAME!r} must be FP32, got {tensor.get('datatype')!r}")
-    shape = tensor.get("shape")
-    if (
-        not isinstance(shape, list)
-        or len(shape) != 4
-        or not all(isinstance(d, int) for d in shape)
-        or tuple(shape[1:]) != INPUT_SHAPE
-        or shape[0] < 1
-    ):
-        raise BadRequest(f"input {INPUT_NAME!r} must have shape [N, 3, 128, 128] with N >= 1, got {shape}")
+    count = inference.check_tensor_input(tensor.get("name"), tensor.get("datatype"), tensor.get("shape"), image)
+    return tensor, count
+
+
+def binary_size(tensor: dict) -> int | None:
+    parameters = tensor.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadRequest(f"input {INPUT_NAME!r}: parameters must be a JSON object")
+    size = parameters.get("binary_data_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+        raise BadRequest(f"input {INPUT_NAME!r}: binary_data_size must be a non-negative integer, got {size!r}")
+    return size
+
+
+def read_tensor_input(header: dict, binary: bytes) -> np.ndarray:
+    """The FP32 `image` tensor of a request, checked against its declared name, datatype and shape."""
+    tensor, _ = the_input(header, image=False)
+    shape = tensor["shape"]
     count = int(np.prod(shape))
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    size = binary_size(tensor)
     if size is not None:
         if size != count * 4 or len(binary) != size:
             raise BadRequest(f"input {INPUT_NAME!r} {shape} needs {count * 4} bytes of FP32, "
-                     f"binary_data_size says {size} and the body has {len(binary)}"
-            )
+                             f"binary_data_size says {size} and the body has {len(binary)}")
         return np.frombuffer(binary, dtype="<f4").reshape(shape)
     data = tensor.get("data")
     if data is None:
         raise BadRequest(f"input {INPUT_NAME!r} has neither data nor binary_data_size")
     try:
-        array = np.asarray(data, dtype=np.float32).reshape(-1)
+        with np.errstate(over="ignore"):  # values beyond float32 become inf, refused as non-finite
+            array = np.asarray(data, dtype=np.float32).reshape(-1)
     except (TypeError, ValueError):
         raise BadRequest(f"input {INPUT_NAME!r} data is not a (nested) list of numbers") from None
     if array.size != count:
@@ -145,23 +177,47 @@ def read_input(header: dict, binary: bytes) -> np.ndarray:
     return array.reshape(shape)
 
 
+def read_image_input(header: dict, binary: bytes) -> list[bytes]:
+    """The encoded image files of a BYTES `image` input: binary, or a JSON list of base64 strings."""
+    tensor, count = the_input(header, image=True)
+    size = binary_size(tensor)
+    if size is not None:
+        if len(binary) != size:
+            raise BadRequest(f"input {INPUT_NAME!r}: binary_data_size says {size}, the body has {len(binary)} bytes")
+        return inference.unpack_bytes(binary, count)
+    data = tensor.get("data")
+    if not isinstance(data, list) or len(data) != count:
+        raise BadRequest(f"input {INPUT_NAME!r}: data must be a list of {count} base64 strings (one image file each)")
+    files = []
+    for index, element in enumerate(data):
+        if not isinstance(element, str):
+            raise BadRequest(f"input {INPUT_NAME!r} element {index}: not a base64 string")
+        try:
+            files.append(base64.b64decode(element, validate=True))
+        except (binascii.Error, ValueError):
+            raise BadRequest(f"input {INPUT_NAME!r} element {index}: not valid base64") from None
+    return files
+
+
 def build_response(header: dict, logits: np.ndarray, model: str) -> Response:
     requested = header.get("outputs") or [{"name": OUTPUT_NAME}]
-    binary_default = bool((header.get("parameters") or {}).get("binary_data_output", False))
+    if not isinstance(requested, list):
+        raise BadRequest("outputs must be a list")
+    parameters = header.get("parameters") or {}
+    binary_default = bool(parameters.get("binary_data_output", False))
     outputs, blobs = [], []
     for spec in requested:
         if not isinstance(spec, dict) or spec.get("name") != OUTPUT_NAME:
             name = spec.get("name") if isinstance(spec, dict) else spec
             raise BadRequest(f"unknown output {name!r}; the model gives {OUTPUT_NAME!r}")
         params = spec.get("parameters") or {}
-        k = params.get("classification", 0)
-        if not isinstance(k, int) or not 0 <= k <= NUM_CLASSES:
-            raise BadRequest(f"classification must be an integer in 0..{NUM_CLASSES}, got {k!r}")
-        if k:
-            strings = classification_strings(logits, k)
-            entry = {"name": OUTPUT_NAME, "datatype": "BYTES", "shape": [len(logits), k]}
+        if not isinstance(params, dict):
+            raise BadRequest(f"output {OUTPUT_NAME!r}: parameters must be a JSON object")
+        strings = inference.classification(logits, params.get("classification", 0))
+        if strings is not None:
+            entry = {"name": OUTPUT_NAME, "datatype": "BYTES", "shape": [len(logits), len(strings[0])]}
             flat = [s for row in strings for s in row]
-            blob = b"".join(struct.pack("<I", len(s.encode())) + s.encode() for s in flat)
+            blob = inference.pack_bytes([s.encode() for s in flat])
         else:
             entry = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": list(logits.shape)}
             flat = logits.reshape(-1).tolist()
@@ -172,14 +228,10 @@ def build_response(header: dict, logits: np.ndarray, model: str) -> Response:
         else:
             entry["data"] = flat
         outputs.append(entry)
-    body = {"model_name": model, "model_version": VERSION, "outputs": outputs}
+    body = {"model_name": model, "model_version": inference.VERSION, "outputs": outputs}
     if "id" in header:
         body["id"] = header["id"]
     text = json.dumps(body).encode()
     if not blobs:
         return Response(text, media_type="application/json")
-    return Response(
-        text + b"".join(blobs),
-        media_type="application/octet-stream",
-        headers={HEADER_LENGTH: str(len(text))},
-    )
+    return Response(text + b"".join(blobs), media_type="application/octet-stream", headers={HEADER_LENGTH: str(len(text))})

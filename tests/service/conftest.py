@@ -17,7 +17,8 @@ from tests.conftest import jpeg_bytes, synthetic_images
 
 def service_settings(onnx_model, **overrides) -> Settings:
     values = {"backend": "onnxruntime", "onnx_path": str(onnx_model), "weights_path": "unused.pdparams",
-              "max_batch_size": 8, "max_queue_delay_ms": 5.0, "decode_threads": 2, "intra_op_threads": 2}
+              "max_batch_size": 8, "max_queue_delay_ms": 5.0, "decode_threads": 2, "intra_op_threads": 2,
+              "grpc_port": 0}
     values.update(overrides)
     return Settings(**values)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -158,7 +159,17 @@ def test_deadline_504(make_client):
     backend = SlowBackend(max_batch=1, delay=0.5)
     client = make_client(backend=backend, max_batch_size=1, request_timeout_s=0.2)
     response = client.post("/predict", files=upload(png()))
-    assert response.status_code == 504 and "no result within 0.2 s" in response.text
+    assert response.status_code == 504 and "no result before the request's deadline" in response.text
+
+
+def test_a_request_can_ask_for_a_shorter_deadline_never_a_longer_one(make_client):
+    # A fake backend (not the model) that takes 2 s per batch.
+    client = make_client(backend=SlowBackend(max_batch=1, delay=2.0), max_batch_size=1, request_timeout_s=10)
+    started = time.perf_counter()
+    response = client.post("/predict", files=upload(png()), headers={"X-Request-Timeout-Ms": "150"})
+    assert response.status_code == 504 and time.perf_counter() - started < 1.5
+    assert client.post("/predict", files=upload(png()), headers={"X-Request-Timeout-Ms": "60000"}).status_code == 200
+    assert client.post("/predict", files=upload(png()), headers={"X-Request-Timeout-Ms": "-1"}).status_code == 422
 
 
 def test_health_readiness_labels_and_docs(client):

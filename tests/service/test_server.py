@@ -22,10 +22,17 @@ def start_server(onnx_model, **settings):
 
 
 @pytest.fixture(scope="module")
-def server(onnx_model):
-    process, url = start_server(onnx_model)
-    yield url
+def served(onnx_model):
+    """(HTTP base URL, gRPC address) of one real server for the module."""
+    grpc_port = launch.free_port()
+    process, url = start_server(onnx_model, grpc_port=grpc_port)
+    yield url, f"127.0.0.1:{grpc_port}"
     stop(process)
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[0]
 
 
 def test_predict_over_real_http(server, cifar_like_jpegs):
@@ -64,35 +71,33 @@ def test_tritonclient_json_binary_and_classification(server, onnx_model, cifar_l
     assert [label for _, _, label in first] == [CLASSES[i] for i in expected.argmax(1)]
 
 
-@pytest.mark.parametrize(
-    "body,headers,message",
-    [
-        ({"inputs": [{"name": "image", "shape": [1, 3, 64, 64], "datatype": "FP32", "data": [0.0] * 12288}]}, {},
-         "must have shape [N, 3, 128, 128]"),
-        ({"inputs": [{"name": "image", "shape": [1, 3, 128, 128], "datatype": "INT8", "data": [0] * 49152}]}, {},
-         "must be FP32"),
-        ({"inputs": [{"name": "pixels", "shape": [1, 3, 128, 128], "datatype": "FP32", "data": [0.0]}]}, {},
-         "unexpected input 'pixels'"),
-        ({"inputs": [{"name": "image", "shape": [1, 3, 128, 128], "datatype": "FP32", "data": [0.0] * 10}]}, {},
-         "needs 49152 values, got 10"),
-        ({"inputs": [{"name": "image", "shape": [1, 3, 128, 128], "datatype": "FP32",
-                      "parameters": {"binary_data_size": 100}}]}, {"binary": b"\x00" * 100},
-         "needs 196608 bytes of FP32"),
-        ({"outputs": [{"name": "probs"}],
-          "inputs": [{"name": "image", "shape": [1, 3, 128, 128], "datatype": "FP32", "data": [0.0] * 49152}]}, {},
-         "unknown output 'probs'"),
-    ],
-)
-def test_v2_bad_requests_are_400_in_the_v2_error_format(server, body, headers, message):
-    import json
+def test_both_models_through_tritonclient_http_and_grpc_on_a_real_server(served, onnx_model, cifar_like_jpegs):
+    import tritonclient.grpc as triton_grpc
+    import tritonclient.http as triton_http
 
-    header = json.dumps(body).encode()
-    binary = headers.get("binary", b"")
-    response = httpx.post(f"{server}/v2/models/alexnet_acmix/infer", content=header + binary,
-                          headers={"Inference-Header-Content-Length": str(len(header))} if binary else {})
-    assert response.status_code == 400
-    assert message in response.json()["error"]
-    assert httpx.get(f"{server}/v2/health/ready").status_code == 200
+    url, address = served
+    files = cifar_like_jpegs[:3]
+    batch = np.stack([preprocess(decode_image(data)) for data in files])
+    expected = run_onnx(onnx_model, batch)
+    http = triton_http.InferenceServerClient(url.removeprefix("http://"))
+    image = triton_http.InferInput("image", [3], "BYTES")
+    image.set_data_from_numpy(np.array(files, dtype=object), binary_data=True)
+    logits = http.infer("alexnet_acmix_image", [image]).as_numpy("logits")
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+    grpc = triton_grpc.InferenceServerClient(address)
+    assert grpc.is_server_ready() and grpc.is_model_ready("alexnet_acmix_image")
+    for model, tensor in (("alexnet_acmix", triton_grpc.InferInput("image", list(batch.shape), "FP32")),
+                          ("alexnet_acmix_image", triton_grpc.InferInput("image", [3], "BYTES"))):
+        tensor.set_data_from_numpy(batch if model == "alexnet_acmix" else np.array(files, dtype=object))
+        np.testing.assert_allclose(grpc.infer(model, [tensor]).as_numpy("logits"), expected, rtol=1e-4, atol=1e-4)
+    grpc.close()
+
+
+def test_a_deeply_nested_body_is_a_400_and_the_connection_keeps_serving(server):
+    with httpx.Client(base_url=server) as client:  # one keep-alive connection
+        response = client.post("/v2/models/alexnet_acmix/infer", content=b"[" * 100_000 + b"]" * 100_000)
+        assert response.status_code == 400 and "too deeply" in response.json()["error"]
+        assert client.get("/v2/health/ready").status_code == 200
 
 
 def test_unknown_model_is_404(server):
@@ -118,3 +123,25 @@ def test_sigterm_finishes_requests_in_flight_then_exits(onnx_model, cifar_like_j
     assert "drained and closed" in process.stdout.read()
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{url}/healthz", timeout=1)
+
+
+def test_sigterm_drains_grpc_requests_in_flight_too(onnx_model, cifar_like_jpegs):
+    import tritonclient.grpc as triton
+
+    grpc_port = launch.free_port()
+    process, _ = start_server(onnx_model, max_queue_delay_ms=1500, max_batch_size=64, grpc_port=grpc_port)
+    client = triton.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+
+    def infer(data):
+        tensor = triton.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([data], dtype=object))
+        return client.infer("alexnet_acmix_image", [tensor], client_timeout=30).as_numpy("logits").shape
+
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(infer, data) for data in cifar_like_jpegs[:6]]
+        time.sleep(0.7)
+        process.send_signal(signal.SIGTERM)
+        shapes = [f.result() for f in futures]
+    assert shapes == [(1, 10)] * 6
+    assert process.wait(timeout=30) in (0, -signal.SIGTERM)
+    client.close()

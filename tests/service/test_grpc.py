@@ -1,0 +1,223 @@
+"""The KServe v2 gRPC API: tritonclient.grpc unchanged, typed contents, every status code, drain."""
+
+from __future__ import annotations
+
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from PIL import Image
+
+from harness.server import free_port
+from model.preprocessing import decode_image, preprocess
+from model.spec import CLASSES
+from service.kserve_grpc.proto import kserve_v2_pb2 as pb
+from tests.conftest import run_onnx
+from tests.service.conftest import SlowBackend
+
+
+@pytest.fixture
+def grpc_client(make_client):
+    """make(**settings, backend=None) -> (TestClient, tritonclient.grpc client, channel address)."""
+    made = []
+
+    def make(backend=None, **settings):
+        port = free_port()
+        client = make_client(backend=backend, grpc_port=port, **settings)
+        address = f"127.0.0.1:{port}"
+        made.append(triton.InferenceServerClient(address))
+        return client, made[-1], address
+
+    yield make
+    for client in made:
+        client.close()
+
+
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def tensor_input(batch: np.ndarray) -> triton.InferInput:
+    tensor = triton.InferInput("image", list(batch.shape), "FP32")
+    tensor.set_data_from_numpy(batch)
+    return tensor
+
+
+def bytes_input(files: list[bytes]) -> triton.InferInput:
+    tensor = triton.InferInput("image", [len(files)], "BYTES")
+    tensor.set_data_from_numpy(np.array(files, dtype=object))
+    return tensor
+
+
+def status_of(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(triton.InferenceServerException) as caught:
+        call()
+    return code_named(caught.value.status()), caught.value.message()
+
+
+def code_named(status: str) -> grpc.StatusCode:
+    """tritonclient reports the status code as text, "StatusCode.NOT_FOUND"."""
+    return getattr(grpc.StatusCode, status.removeprefix("StatusCode."))
+
+
+def test_the_messages_are_the_protocols_field_for_field():
+    """Our messages against tritonclient's (generated from Triton's .proto): same numbers, types, names."""
+    from tritonclient.grpc import model_config_pb2, service_pb2
+
+    def fields(descriptor):
+        return {f.name: (f.number, f.type, f.is_repeated, fields(f.message_type) if f.message_type else None)
+                for f in descriptor.fields}
+
+    def within(ours, theirs, where):
+        for name, (number, kind, repeated, nested) in ours.items():
+            assert name in theirs, f"{where}.{name} is not in the protocol"
+            assert theirs[name][:3] == (number, kind, repeated), f"{where}.{name}"
+            if nested is not None:
+                within(nested, theirs[name][3], f"{where}.{name}")
+
+    for name, message in pb.DESCRIPTOR.message_types_by_name.items():
+        source = service_pb2 if name in service_pb2.DESCRIPTOR.message_types_by_name else model_config_pb2
+        within(fields(message), fields(source.DESCRIPTOR.message_types_by_name[name]), name)
+    ours = {v.name: v.number for v in pb.DESCRIPTOR.enum_types_by_name["DataType"].values}
+    assert ours == {v.name: v.number for v in model_config_pb2.DESCRIPTOR.enum_types_by_name["DataType"].values}
+
+
+def test_tritonclient_grpc_health_metadata_and_config(grpc_client):
+    _, client, _ = grpc_client()
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("alexnet_acmix") and client.is_model_ready("alexnet_acmix_image")
+    assert list(client.get_server_metadata().extensions) == ["binary_tensor_data", "classification"]
+    metadata = client.get_model_metadata("alexnet_acmix")
+    assert (metadata.inputs[0].name, metadata.inputs[0].datatype, list(metadata.inputs[0].shape)) == (
+        "image", "FP32", [-1, 3, 128, 128])
+    image = client.get_model_metadata("alexnet_acmix_image")
+    assert (image.inputs[0].datatype, list(image.inputs[0].shape)) == ("BYTES", [-1])
+    config = client.get_model_config("alexnet_acmix").config
+    assert config.max_batch_size == 8 and config.input[0].name == "image" and list(config.output[0].dims) == [10]
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    assert parameters["preprocessing_mean"] == "0.485,0.456,0.406" and parameters["preprocessing_layout"] == "NCHW"
+    assert parameters["labels"] == ",".join(CLASSES)
+
+
+def test_infer_raw_tensors_images_and_classification(grpc_client, onnx_model, cifar_like_jpegs):
+    _, client, _ = grpc_client()
+    batch = np.stack([preprocess(decode_image(data)) for data in cifar_like_jpegs[:4]])
+    expected = run_onnx(onnx_model, batch)
+    result = client.infer("alexnet_acmix", [tensor_input(batch)], request_id="req-7")
+    np.testing.assert_allclose(result.as_numpy("logits"), expected, rtol=1e-4, atol=1e-4)
+    assert result.get_response().id == "req-7"
+    result = client.infer("alexnet_acmix_image", [bytes_input(cifar_like_jpegs[:4])])
+    np.testing.assert_allclose(result.as_numpy("logits"), expected, rtol=1e-4, atol=1e-4)
+    top = client.infer("alexnet_acmix", [tensor_input(batch)],
+                       outputs=[triton.InferRequestedOutput("logits", class_count=2)]).as_numpy("logits")
+    assert top.shape == (4, 2)
+    assert [int(entry.decode().split(":")[1]) for entry in top[:, 0]] == expected.argmax(1).tolist()
+
+
+def raw_call(address: str, request, metadata=()):
+    """ModelInfer with our own messages (typed `contents`, which tritonclient never sends)."""
+    with grpc.insecure_channel(address) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                    request_serializer=pb.ModelInferRequest.SerializeToString,
+                                    response_deserializer=pb.ModelInferResponse.FromString)
+        return infer.with_call(request, metadata=metadata, timeout=30)
+
+
+def test_infer_typed_contents_and_trailing_metadata(grpc_client, onnx_model, cifar_like_jpegs):
+    _, _, address = grpc_client()
+    batch = np.stack([preprocess(decode_image(data)) for data in cifar_like_jpegs[:2]])
+    request = pb.ModelInferRequest(model_name="alexnet_acmix", id="typed")
+    request.inputs.add(name="image", datatype="FP32", shape=list(batch.shape)).contents.fp32_contents.extend(
+        batch.reshape(-1).tolist())
+    response, call = raw_call(address, request, metadata=(("x-request-id", "trace-42"),))
+    logits = np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(2, 10)
+    np.testing.assert_allclose(logits, run_onnx(onnx_model, batch), rtol=1e-4, atol=1e-4)
+    trailing = dict(call.trailing_metadata())
+    assert trailing["x-request-id"] == "trace-42" and len(trailing["x-model-digest"]) == 12
+    images = pb.ModelInferRequest(model_name="alexnet_acmix_image")
+    images.inputs.add(name="image", datatype="BYTES", shape=[2]).contents.bytes_contents.extend(cifar_like_jpegs[:2])
+    response, _ = raw_call(address, images)
+    np.testing.assert_allclose(np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(2, 10), logits,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_invalid_argument_not_found_and_the_message_names_the_cause(grpc_client, cifar_like_jpegs):
+    _, client, _ = grpc_client()
+    good = np.zeros((1, 3, 128, 128), np.float32)
+    cases = [
+        (lambda: client.infer("alexnet_acmix", [bytes_input([b"x"])]), grpc.StatusCode.INVALID_ARGUMENT,
+         "must be FP32"),
+        (lambda: client.infer("alexnet_acmix", [tensor_input(good * 0 + 200)]), grpc.StatusCode.INVALID_ARGUMENT,
+         "not a preprocessed image"),
+        (lambda: client.infer("alexnet_acmix", [tensor_input(good * np.nan)]), grpc.StatusCode.INVALID_ARGUMENT,
+         "NaN or infinite"),
+        (lambda: client.infer("alexnet_acmix_image", [bytes_input([cifar_like_jpegs[0], b"not an image"])]),
+         grpc.StatusCode.INVALID_ARGUMENT, "element 1: not a recognized image format"),
+        (lambda: client.infer("resnet", [tensor_input(good)]), grpc.StatusCode.NOT_FOUND, "unknown model 'resnet'"),
+        (lambda: client.infer("alexnet_acmix", [tensor_input(good)], model_version="2"), grpc.StatusCode.NOT_FOUND,
+         "unknown version '2'"),
+        (lambda: client.get_model_metadata("resnet"), grpc.StatusCode.NOT_FOUND, "unknown model"),
+    ]
+    for call, code, message in cases:
+        got, text = status_of(call)
+        assert got == code and message in text, (code, text)
+    assert client.is_server_ready()  # nothing of that broke the server
+
+
+def test_unauthenticated_without_the_api_key(grpc_client):
+    _, client, _ = grpc_client(api_key="secret")
+    batch = np.zeros((1, 3, 128, 128), np.float32)
+    code, message = status_of(lambda: client.infer("alexnet_acmix", [tensor_input(batch)]))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "API key" in message
+    assert client.infer("alexnet_acmix", [tensor_input(batch)], headers={"x-api-key": "secret"}).as_numpy("logits").shape == (1, 10)
+
+
+def test_messages_over_the_upload_limit_are_resource_exhausted(grpc_client):
+    _, client, _ = grpc_client(max_upload_bytes=100_000)
+    code, _ = status_of(lambda: client.infer("alexnet_acmix", [tensor_input(np.zeros((2, 3, 128, 128), np.float32))]))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_full_queue_is_resource_exhausted_and_a_passed_deadline_deadline_exceeded(grpc_client):
+    # A fake backend (not the model): slow, to fill the queue and to outlast deadlines.
+    _, client, _ = grpc_client(backend=SlowBackend(delay=0.5), max_queue_size=2, max_batch_size=1)
+    batch = np.zeros((1, 3, 128, 128), np.float32)
+
+    def infer(_):
+        try:
+            client.infer("alexnet_acmix", [tensor_input(batch)], client_timeout=20)
+            return grpc.StatusCode.OK
+        except triton.InferenceServerException as exc:
+            return code_named(exc.status())
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(infer, range(8)))
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
+    time.sleep(1.5)  # the queue empties
+    # tritonclient's `timeout` is the request's v2 timeout parameter, in microseconds (as Triton's).
+    code, message = status_of(lambda: client.infer("alexnet_acmix", [tensor_input(batch)], timeout=100_000))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_unavailable_while_draining(grpc_client):
+    client_http, client, _ = grpc_client()
+    client_http.app.state.service.draining = True
+    code, message = status_of(lambda: client.infer("alexnet_acmix", [tensor_input(np.zeros((1, 3, 128, 128),
+                                                                                               np.float32))]))
+    assert code == grpc.StatusCode.UNAVAILABLE and "draining" in message
+    assert not client.is_server_ready()
+
+
+def test_grpc_requests_count_in_the_metrics_by_method_and_code(grpc_client):
+    client_http, client, _ = grpc_client()
+    client.is_server_live()
+    status_of(lambda: client.get_model_metadata("resnet"))
+    text = client_http.get("/metrics").text
+    assert 'grpc_requests_total{code="OK",method="ServerLive"} 1.0' in text
+    assert 'grpc_requests_total{code="NOT_FOUND",method="ModelMetadata"} 1.0' in text

@@ -1,0 +1,148 @@
+"""In-process (TestClient) over the real model: the image model over v2, the published preprocessing
+contract, request identity, CORS, malformed bodies, and readiness that stays honest."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+
+from model.preprocessing import decode_image, preprocess
+from runtime.backend import BackendError
+from runtime.reference import reference_path
+from tests.conftest import run_onnx
+from tests.service.conftest import SlowBackend
+
+INFER = "/v2/models/alexnet_acmix/infer"
+INFER_IMAGE = "/v2/models/alexnet_acmix_image/infer"
+
+
+def tensor_body(batch: np.ndarray) -> dict:
+    return {"inputs": [{"name": "image", "datatype": "FP32", "shape": list(batch.shape),
+                        "data": batch.reshape(-1).tolist()}]}
+
+
+def test_the_image_model_takes_base64_files_in_json_and_names_a_bad_element(client, onnx_model, cifar_like_jpegs):
+    files = cifar_like_jpegs[:3]
+    body = {"id": "x1", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [3],
+                                    "data": [base64.b64encode(f).decode() for f in files]}]}
+    response = client.post(INFER_IMAGE, json=body)
+    assert response.status_code == 200, response.text
+    expected = run_onnx(onnx_model, np.stack([preprocess(decode_image(f)) for f in files]))
+    out = response.json()
+    assert out["id"] == "x1" and out["model_name"] == "alexnet_acmix_image"
+    np.testing.assert_allclose(np.array(out["outputs"][0]["data"]).reshape(3, 10), expected, rtol=1e-4, atol=1e-4)
+    body["inputs"][0]["data"][1] = base64.b64encode(b"GIF89a broken").decode()
+    response = client.post(INFER_IMAGE, json=body)
+    assert response.status_code == 400 and "element 1:" in response.json()["error"]
+    body["inputs"][0]["data"][1] = "***"
+    assert "element 1: not valid base64" in client.post(INFER_IMAGE, json=body).json()["error"]
+
+
+def test_the_preprocessing_contract_is_published_in_metadata_and_config(client):
+    metadata = client.get("/v2/models/alexnet_acmix").json()
+    assert metadata["parameters"]["preprocessing_std"] == "0.229,0.224,0.225"
+    assert metadata["parameters"]["preprocessing_resampling"].startswith("bilinear")
+    config = client.get("/v2/models/alexnet_acmix/config").json()
+    assert config["parameters"]["preprocessing_channel_order"] == {"string_value": "RGB"}
+    assert config["input"][0] == {"name": "image", "data_type": "TYPE_FP32", "dims": [3, 128, 128]}
+    image = client.get("/v2/models/alexnet_acmix_image").json()
+    assert image["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
+
+
+def test_raw_pixels_are_refused_with_how_to_preprocess(client, cifar_like_jpegs):
+    raw = np.asarray(decode_image(cifar_like_jpegs[0]).resize((128, 128)), np.float32).transpose(2, 0, 1)[None]
+    response = client.post(INFER, json=tensor_body(raw))
+    assert response.status_code == 400
+    message = response.json()["error"]
+    assert "not a preprocessed image" in message and "(value / 255 - mean) / std" in message
+    assert "alexnet_acmix_image" in message
+
+
+def test_real_preprocessed_validation_images_are_never_refused(shared_data):
+    from model.data import open_dataset
+    from service.inference import check_preprocessed
+
+    images = open_dataset(shared_data, split="val", val_split="model/weights/val_split.json")
+    for start in range(0, len(images), 500):
+        check_preprocessed(np.stack([preprocess(image) for image in images.images[start : start + 500]]), "m")
+    # Edge cases too: all black, all white, every channel at its extreme.
+    extremes = [np.full((32, 32, 3), v, np.uint8) for v in (0, 255)] + [np.eye(32, dtype=np.uint8)[..., None] * 255
+                                                                       * np.ones(3, np.uint8)]
+    check_preprocessed(np.stack([preprocess(image) for image in extremes]), "m")
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"[" * 100_000 + b"]" * 100_000, "nests arrays or objects too deeply"),
+    (json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 128, 128],
+                             "data": [float("nan")] * 49152}]}).encode(), "NaN: JSON numbers must be finite"),
+    (json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 128, 128],
+                             "data": [1e39] * 49152}]}).encode(), "NaN or infinite"),  # float32 overflow: inf
+    (b'{"inputs": [', "is not JSON"),
+    (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 128, 128], "data": [[[["a"]]]]}]}',
+     "not a (nested) list of numbers"),
+])
+def test_malformed_bodies_are_400_and_the_server_keeps_serving(client, body, message):
+    response = client.post(INFER, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and message in response.json()["error"]
+    assert client.get("/v2/health/ready").status_code == 200
+
+
+def test_request_ids_are_echoed_generated_and_logged_with_timings(client, cifar_like_jpegs, caplog):
+    with caplog.at_level(logging.INFO, logger="service.requests"):
+        given = client.post("/predict", files={"file": ("a.jpg", cifar_like_jpegs[0], "image/jpeg")},
+                            headers={"X-Request-ID": "client-7",
+                                     "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
+        generated = client.get("/labels")
+        bad = client.get("/labels", headers={"X-Request-ID": "has spaces and ; semicolons"})
+    assert given.headers["x-request-id"] == "client-7"
+    assert len(generated.headers["x-request-id"]) == 32 and bad.headers["x-request-id"] != "has spaces and ; semicolons"
+    (line,) = [r.getMessage() for r in caplog.records if "id=client-7" in r.getMessage()]
+    assert "route=POST /predict status=200" in line and "queue_ms=" in line and "infer_ms=" in line
+    assert "traceparent=00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01" in line
+    ready = client.get("/readyz").json()
+    assert given.headers["x-model-digest"] == ready["model_digest"][:12] and len(ready["model_digest"]) == 64
+
+
+def test_cors_preflight_allows_the_api_key_header(make_client):
+    client = make_client(cors_origins="https://app.example")
+    response = client.options("/predict", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                                                   "Access-Control-Request-Headers": "x-api-key"})
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == "https://app.example"
+    assert "x-api-key" in response.headers["access-control-allow-headers"].lower()
+    other = client.options("/predict", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in other.headers
+    assert "access-control-allow-origin" not in make_client().get("/labels", headers={"Origin": "https://app.example"}).headers
+
+
+def test_readiness_needs_the_reference_logits_reproduced(make_client, onnx_model, tmp_path):
+    onnx = shutil.copyfile(onnx_model, tmp_path / "m.onnx")
+    record = json.loads(reference_path(onnx_model).read_text())
+    record["logits"] = [[value + (3.0 if i == 0 else 0.0) for i, value in enumerate(row)] for row in record["logits"]]
+    reference_path(onnx).write_text(json.dumps(record))  # as if the artifact or the preprocessing were wrong
+    with pytest.raises(BackendError, match="reference check failed"):
+        make_client(onnx_path=str(onnx))
+
+
+def test_consecutive_failed_batches_turn_readiness_and_liveness_off_until_one_succeeds(make_client, cifar_like_jpegs):
+    backend = SlowBackend()  # a fake backend that fails on command (not the model)
+    client = make_client(backend=backend, max_consecutive_failures=3, max_batch_size=1)
+    backend.fail = True
+    upload = {"file": ("a.jpg", cifar_like_jpegs[0], "image/jpeg")}
+    for _ in range(3):
+        assert client.get("/healthz").status_code == 200
+        response = client.post("/predict", files=upload)
+        assert response.status_code == 500 and "inference failed" in response.json()["detail"]
+    assert client.get("/healthz").status_code == 503 and client.get("/readyz").status_code == 503
+    assert "3 batches failed in a row" in client.get("/readyz").json()["error"]
+    assert client.get("/v2/health/live").status_code == 503
+    backend.fail = False
+    # Requests are still taken (a load balancer has stopped sending them; direct ones may come):
+    # one good batch resets the count, before the orchestrator acts on liveness.
+    assert client.post("/predict", files=upload).status_code == 200
+    assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
