@@ -72,6 +72,7 @@ class DynamicBatcher:
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="inference")
         self._tasks: list[asyncio.Task] = []
         self._closing = False
+        self._drain_rate = 0.0  # images per second the workers finish while busy (moving average)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -79,6 +80,17 @@ class DynamicBatcher:
 
     def __len__(self) -> int:
         return len(self._queue)
+
+    def retry_after(self) -> float:
+        """Seconds until the queue, as long as it is now, is drained at the measured rate (1 s when
+        there is no measure yet), for a 429's Retry-After."""
+        if self._drain_rate <= 0:
+            return 1.0
+        return min(max(len(self._queue) / self._drain_rate, 1.0), 60.0)
+
+    def _note_drained(self, images: int, seconds: float) -> None:
+        rate = self.workers * images / max(seconds, 1e-6)
+        self._drain_rate = rate if self._drain_rate == 0 else 0.8 * self._drain_rate + 0.2 * rate
 
     async def infer(self, image: np.ndarray, deadline: float) -> np.ndarray:
         """Logits for one preprocessed image; raises QueueFullError, ShuttingDownError, TimeoutError."""
@@ -129,6 +141,7 @@ class DynamicBatcher:
                         request.future.set_exception(exc)
                 continue
             seconds = time.perf_counter() - started
+            self._note_drained(len(batch), seconds)
             self.observer.batch_done(len(batch), seconds, waits)
             for request, row, wait in zip(batch, logits, waits, strict=True):
                 if not request.future.done():

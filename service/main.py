@@ -137,7 +137,8 @@ def create_app(
         yield
         state.draining = True
         if grpc is not None:
-            await grpc_server.stop(grpc, DRAIN_SECONDS)
+            # New calls are refused since SIGTERM (draining); those in flight end by their deadline.
+            await grpc_server.stop(grpc, settings.request_timeout_s + 1)
         await close_service(state)
 
     app = FastAPI(

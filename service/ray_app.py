@@ -44,6 +44,9 @@ class ServeBatcher:
     def __len__(self) -> int:
         return 0  # Ray keeps the queue
 
+    def retry_after(self) -> float:
+        return 1.0  # Ray answers overload itself (max_ongoing_requests)
+
     async def infer(self, image: np.ndarray, deadline: float) -> np.ndarray:
         remaining = max(deadline - time.perf_counter(), 0)
         async with asyncio.timeout(remaining):

@@ -100,7 +100,7 @@ class ServiceState(BatchObserver):
         try:
             return await self.batcher.infer(image, deadline)
         except QueueFullError as exc:
-            raise Overloaded(f"too many requests waiting: {exc}", retry_after=1) from None
+            raise Overloaded(f"too many requests waiting: {exc}", retry_after=self.batcher.retry_after()) from None
         except ShuttingDownError as exc:
             raise Unavailable(str(exc)) from None
         except TimeoutError:

@@ -322,7 +322,7 @@ def test_runtime_stage_defaults_user_port_and_entrypoint(stage, backend):
     assert env.get("ACMIX_ENGINE_DIR") == ("/engines" if stage == "gpu" else None)
     users = arguments(stage, "USER")
     assert users and users[-1].split(":")[0] not in ("root", "0")
-    assert "8000" in arguments(stage, "EXPOSE")
+    assert {"8000", "8001"} <= set(" ".join(arguments(stage, "EXPOSE")).split())
     (entrypoint,) = arguments(stage, "ENTRYPOINT")
     assert json.loads(entrypoint)[0].endswith("docker/entrypoint.sh")
     assert any("docker/entrypoint.sh" in rest for rest in arguments(stage, "COPY"))
@@ -404,7 +404,7 @@ def test_compose_gpu_service(compose):
     (device,) = gpu_reservation(service)
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert device.get("count") in (1, "all") or device.get("device_ids")
-    assert [interpolate(port) for port in service["ports"]] == ["8000:8000"]
+    assert [interpolate(port) for port in service["ports"]] == ["8000:8000", "8001:8001"]
     assert "engine-cache:/engines" in service["volumes"] and "engine-cache" in compose["volumes"]
     assert service["restart"] == "unless-stopped"
     test = service["healthcheck"]["test"]
@@ -421,9 +421,10 @@ def seconds(duration: str) -> float:
 def test_compose_stops_gracefully_after_the_drain(compose, name):
     service = compose["services"][name]
     assert service["init"] is True  # PID 1 forwards SIGTERM to the service
-    source = (ROOT / "service" / "__main__.py").read_text()
-    (drain,) = re.findall(r"timeout_graceful_shutdown=(\d+)", source)
-    assert seconds(service["stop_grace_period"]) > int(drain)
+    from service.main import DRAIN_SECONDS
+
+    # HTTP drains for up to DRAIN_SECONDS, then the gRPC calls in flight for up to their deadline.
+    assert seconds(service["stop_grace_period"]) > DRAIN_SECONDS + Settings().request_timeout_s + 1
 
 
 @pytest.mark.parametrize("name", ["service", "service-cpu"])
@@ -474,7 +475,7 @@ def test_compose_cpu_service(compose):
     assert service["profiles"] == ["cpu"]
     assert service["build"]["target"] == "cpu"
     assert service_environment(compose, "service-cpu")["ACMIX_BACKEND"] == "onnxruntime"
-    assert [interpolate(port) for port in service["ports"]] == ["8000:8000"]
+    assert [interpolate(port) for port in service["ports"]] == ["8000:8000", "8001:8001"]
     assert not gpu_reservation(service)
     assert service["restart"] == "unless-stopped"
 

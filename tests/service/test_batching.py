@@ -164,3 +164,22 @@ def test_two_workers_share_a_trickling_queue():
 
     backend, results = run(main())
     assert [float(r[0]) for r in results] == [float(i) for i in range(24)] and sum(backend.calls) == 24
+
+
+def test_retry_after_is_the_queue_over_the_measured_drain_rate():
+    async def main():
+        # A fake backend taking 0.1 s per batch of up to 2 images: it drains ~20 images a second.
+        batcher = await started(SlowBackend(max_batch=2, delay=0.1), max_batch=2, max_delay_s=0.0)
+        assert batcher.retry_after() == 1.0  # nothing measured yet
+        deadline = time.perf_counter() + 30
+        first = [asyncio.ensure_future(batcher.infer(image(i), deadline)) for i in range(4)]
+        await asyncio.gather(*first)
+        waiting = [asyncio.ensure_future(batcher.infer(image(i), deadline)) for i in range(100)]
+        await asyncio.sleep(0)  # all 100 queued
+        estimate = batcher.retry_after()
+        await asyncio.gather(*waiting)
+        await batcher.close()
+        return estimate
+
+    estimate = run(main())
+    assert 3.0 <= estimate <= 6.0  # ~98 queued / ~20 per second
