@@ -1,9 +1,11 @@
-"""python -m service [--host H] [--port P] [--provision-only [--force-engine]]
+"""python -m service [--host H] [--port P] [--grpc-port G] [--workers N] [--provision-only [--force-engine]]
 
 Makes the artifacts the settings need and are missing or stale (export/provision.py: the ONNX
 from the weights in a child process, the TensorRT engine from the ONNX), then runs the service
-under uvicorn (settings: service/settings.py). The container's entrypoint runs exactly this.
---provision-only stops after the artifacts (e.g. `docker compose run --rm export`).
+under uvicorn (settings: service/settings.py), in one process or, with --workers N (ACMIX_WORKERS),
+in N worker processes sharing the ports under a supervisor (service/workers.py). The container's
+entrypoint runs exactly this. --provision-only stops after the artifacts (e.g. `docker compose run
+--rm export`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig, frame):
         self.state.draining = True
+        self.state.peers.mark_not_ready()
         super().handle_exit(sig, frame)
 
 
@@ -45,6 +48,8 @@ def parser(settings: Settings) -> argparse.ArgumentParser:
     parser.add_argument("--host", default=settings.host)
     parser.add_argument("--port", type=int, default=settings.port)
     parser.add_argument("--grpc-port", type=int, default=settings.grpc_port, help="the gRPC API's port (0: off)")
+    parser.add_argument("--workers", default=settings.workers, help="server processes (a number, or auto)")
+    parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)  # set by the supervisor
     parser.add_argument("--provision-only", action="store_true", help="make the artifacts, then exit")
     parser.add_argument("--force-engine", action="store_true", help="rebuild the TensorRT engine even if current")
     return parser
@@ -53,9 +58,12 @@ def parser(settings: Settings) -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     settings = Settings()
     args = parser(settings).parse_args(argv)
-    settings = settings.model_copy(update={"host": args.host, "port": args.port, "grpc_port": args.grpc_port})
+    settings = settings.model_copy(update={"host": args.host, "port": args.port, "grpc_port": args.grpc_port,
+                                           "workers": str(args.workers)})
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     backend, reason = settings.resolved_backend()
+    if args.worker_index is not None:  # a worker: the supervisor provisioned already
+        return serve(settings, reuse_port=True)
     plan = settings.plan(backend)
     # SIGTERM while provisioning (docker stop during a first-start build) stops it at once: as an
     # exception, which also kills a child export (subprocess.run does on the way out).
@@ -71,14 +79,30 @@ def main(argv=None) -> int:
     if args.provision_only:
         log.info("provisioning: %s is current", plan.served)
         return 0
+    workers = settings.resolved_workers(backend)
+    if workers > 1:
+        from service.workers import supervise
+
+        forwarded = ["--host", settings.host, "--port", str(settings.port), "--grpc-port", str(settings.grpc_port),
+                     "--workers", str(workers)]
+        return supervise(workers, forwarded, DRAIN_SECONDS + settings.request_timeout_s + 5)
+    return serve(settings)
+
+
+def serve(settings: Settings, reuse_port: bool = False) -> int:
+    """The app under uvicorn in this process; with reuse_port on a socket the other workers share."""
     app = create_app(settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
-        timeout_graceful_shutdown=DRAIN_SECONDS,
-        access_log=False,
+        timeout_graceful_shutdown=DRAIN_SECONDS, access_log=False,
     )
     server = DrainingServer(config, app.state.service)
-    server.run()
+    if reuse_port:
+        from service.workers import reuse_port_socket
+
+        server.run(sockets=[reuse_port_socket(settings.host, settings.port)])
+    else:
+        server.run()
     return 0 if server.started else 1
 
 

@@ -42,7 +42,7 @@ def load(state: ServiceState, backend=None, reason: str = "") -> None:
     if backend is None:
         name, reason = settings.resolved_backend()
         plan = settings.plan(name)
-        backend = create_backend(plan, settings.max_batch_size, settings.intra_op_threads)
+        backend = create_backend(plan, settings.max_batch_size, settings.threads_per_batch(state.peers.count))
     backend.load()
     try:
         for size in sorted({1, settings.max_batch_size}):
@@ -134,8 +134,10 @@ def create_app(
             return
         open_service(state, backend, backend_reason)
         grpc = await grpc_server.start(state) if settings.grpc_port else None
+        state.peers.mark_ready()
         yield
         state.draining = True
+        state.peers.mark_not_ready()
         if grpc is not None:
             # New calls are refused since SIGTERM (draining); those in flight end by their deadline.
             await grpc_server.stop(grpc, settings.request_timeout_s + 1)

@@ -1,10 +1,16 @@
-"""Prometheus metrics of one app instance (own registry, so several apps can live in one process)."""
+"""Prometheus metrics of one app instance (own registry, so several apps can live in one process).
+
+With several server processes (service/workers.py), prometheus_client's multiprocess mode
+(PROMETHEUS_MULTIPROC_DIR, set by the supervisor) counts every process: /metrics of any of them
+reads all their values; the queue length is summed over the live processes.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 from starlette.routing import Match
@@ -28,7 +34,8 @@ class Metrics(BatchObserver):
                                     registry=self.registry)
         self.inference = Histogram("inference_duration_seconds", "Backend time per batch",
                                    buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.queue = Gauge("batch_queue_length", "Images waiting for a batch", registry=self.registry)
+        self.queue = Gauge("batch_queue_length", "Images waiting for a batch (summed over the server processes)",
+                           registry=self.registry, multiprocess_mode="livesum")
         self.images = Counter("images_classified", "Images run through the backend", registry=self.registry)
         self.failed_batches = Counter("batches_failed", "Backend calls that failed", registry=self.registry)
         self.grpc_requests = Counter("grpc_requests", "gRPC requests by method and status code", ["method", "code"],
@@ -48,7 +55,11 @@ class Metrics(BatchObserver):
         self.failed_batches.inc()
 
     def response(self) -> Response:
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+        registry = self.registry
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def route_template(scope) -> str:

@@ -90,6 +90,8 @@ class RequestIdMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 extra = [(REQUEST_ID.encode(), record.request_id.encode())]
+                if self.state.peers.index is not None:  # which server process answered
+                    extra.append((b"x-worker", str(self.state.peers.index).encode()))
                 if self.state.model_digest:
                     extra.append((MODEL_DIGEST.encode(), self.state.model_digest[:12].encode()))
                 message = {**message, "headers": [*message.get("headers", []), *extra]}

@@ -53,13 +53,15 @@ class Settings(BaseSettings):
         128 * 128, ge=0, description="images up to this size are decoded on the event loop (cheaper than a thread hop)"
     )
     inference_workers: int = Field(
-        2, ge=1, description="batches computed at once (ONNX Runtime; TensorRT runs one), so cores never wait"
+        2, ge=1, description="batches computed at once by each process (ONNX Runtime; TensorRT runs one), so cores "
+                             "never wait"
     )
-    intra_op_threads: int = Field(
-        default_factory=lambda data: max(1, available_cores() // data["inference_workers"]),
-        ge=1,
-        description="ONNX Runtime threads per batch; default: cores / inference_workers",
+    intra_op_threads: int | None = Field(
+        None, ge=1, description="ONNX Runtime threads per batch; default: cores / (workers x inference_workers)"
     )
+    workers: str = Field(
+        "auto", pattern=r"^(auto|[1-9][0-9]*)$",
+        description="server processes sharing the ports (service/workers.py); auto: see resolved_workers")
     api_key: str | None = Field(None, description="when set, requests need header X-API-Key (or Bearer token)")
     max_consecutive_failures: int = Field(
         3, ge=0, description="batches failing in a row before readiness and liveness fail (0: never)")
@@ -86,6 +88,23 @@ class Settings(BaseSettings):
         if available:
             return "tensorrt", "auto: a GPU and TensorRT are present"
         return "onnxruntime", f"auto: {why}"
+
+    def resolved_workers(self, backend: str) -> int:
+        """The number of server processes. auto: 1 on ONNX Runtime (on a CPU host every process
+        competes with the others' inference for the same cores: measured, README "Scale up on one
+        host"), and on TensorRT one per 4 cores, at most 8 (each process feeds the one GPU through
+        its own execution context; the event loop of one tops out near 450 single-image req/s)."""
+        if self.workers != "auto":
+            return int(self.workers)
+        if backend == "tensorrt":
+            return max(1, min(8, available_cores() // 4))
+        return 1
+
+    def threads_per_batch(self, workers: int) -> int:
+        """ONNX Runtime threads per batch: so that processes x batches at once x threads <= cores."""
+        if self.intra_op_threads:
+            return self.intra_op_threads
+        return max(1, available_cores() // (workers * self.inference_workers))
 
     def plan(self, backend: str | None = None) -> ArtifactPlan:
         """The artifacts these settings run; `backend` when it is resolved already."""

@@ -18,6 +18,7 @@ from service.batching import BatchObserver, DynamicBatcher, QueueFullError, Shut
 from service.errors import BadRequest, DeadlineExceeded, InferenceFailed, Overloaded, Unavailable
 from service.metrics import Metrics
 from service.settings import Settings
+from service.workers import Peers
 
 
 @dataclass
@@ -39,6 +40,8 @@ class ServiceState(BatchObserver):
     # service reports itself not ready and not live, so that an orchestrator restarts it.
     consecutive_failures: int = 0
     last_failure: str | None = None
+    # The other server processes of this host, where there are (service/workers.py).
+    peers: Peers = field(default_factory=Peers.from_env)
 
     @property
     def failing(self) -> bool:
@@ -46,12 +49,16 @@ class ServiceState(BatchObserver):
         return bool(limit) and self.consecutive_failures >= limit
 
     def is_ready(self) -> bool:
-        return self.ready and not self.draining and not self.failing
+        return self.ready and not self.draining and not self.failing and self.peers.all_ready()
 
     def not_ready_reason(self) -> str | None:
         if self.failing:
             return f"{self.consecutive_failures} batches failed in a row (last: {self.last_failure})"
-        return self.load_error or ("draining" if self.draining else None if self.ready else "loading")
+        if self.load_error or self.draining or not self.ready:
+            return self.load_error or ("draining" if self.draining else "loading")
+        if not self.peers.all_ready():
+            return f"waiting for the other of the {self.peers.count} server processes to be ready"
+        return None
 
     # BatchObserver: metrics, and the failure count
     def queue_length(self, length: int) -> None:

@@ -214,7 +214,8 @@ async def start(state: ServiceState) -> grpc.aio.Server:
     limit = settings.max_upload_bytes + (1 << 16)  # the payload plus the message's own fields
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", limit),
-                                      ("grpc.so_reuseport", 0)])
+                                      # other server processes of this host share the port (service/workers.py)
+                                      ("grpc.so_reuseport", 1 if state.peers.count > 1 else 0)])
     servicer = Servicer(state)
     handlers = {name: handler(state, name, getattr(servicer, name), *types) for name, types in RPCS.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

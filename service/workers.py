@@ -1,0 +1,163 @@
+"""Several server processes on one host: `python -m service --workers N` (ACMIX_WORKERS).
+
+One process's event loop tops out near 450 single-image requests a second (HTTP and decoding), far
+below what a GPU engine computes, so on a GPU host N processes share the HTTP and gRPC ports
+(SO_REUSEPORT: the kernel spreads connections over them), each with its own batcher and backend
+(on a GPU, its own TensorRT execution context on the same GPU; on a CPU host, ONNX Runtime threads
+divided so that processes x threads never exceeds the cores: Settings.threads_per_batch).
+
+The supervisor (this module's `supervise`, the process `python -m service` started) provisions
+the artifacts once, before any worker starts; workers only load them. It restarts a worker that
+dies, and on SIGTERM passes the signal to every worker, each of which drains as one process does,
+then exits when they have. They share a folder: `metrics/` for prometheus_client's multiprocess
+mode (every worker's /metrics counts all of them), and `ready/<index>` where each worker writes its
+pid once it is loaded, warmed up and checked: a worker's readiness is true only while every
+index's file is there with a live process (`Peers`), so readiness waits for all of them and dips
+while one is being replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("service.workers")
+INDEX_ENV = "ACMIX_WORKER_INDEX"
+COUNT_ENV = "ACMIX_WORKER_COUNT"
+FOLDER_ENV = "ACMIX_WORKER_FOLDER"
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own
+# A worker that exits this many times in a row before it ever became ready stops the supervisor.
+STARTUP_FAILURES = 3
+
+
+@dataclass(frozen=True)
+class Peers:
+    """This process's place among the server processes (index None, count 1: the only one)."""
+
+    index: int | None = None
+    count: int = 1
+    folder: Path | None = None
+
+    @classmethod
+    def from_env(cls) -> Peers:
+        if INDEX_ENV not in os.environ:
+            return cls()
+        return cls(int(os.environ[INDEX_ENV]), int(os.environ[COUNT_ENV]), Path(os.environ[FOLDER_ENV]))
+
+    def _file(self, index: int) -> Path:
+        return self.folder / "ready" / str(index)
+
+    def mark_ready(self) -> None:
+        if self.index is not None:
+            path = self._file(self.index)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(str(os.getpid()))
+            os.replace(tmp, path)
+
+    def mark_not_ready(self) -> None:
+        if self.index is not None:
+            self._file(self.index).unlink(missing_ok=True)
+
+    def all_ready(self) -> bool:
+        """True when every worker has marked itself ready and is alive (always, for a single process)."""
+        if self.index is None:
+            return True
+        for index in range(self.count):
+            try:
+                pid = int(self._file(index).read_text())
+                os.kill(pid, 0)
+            except (OSError, ValueError):
+                return False
+        return True
+
+
+def worker_command(index: int, argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "service", *argv, "--worker-index", str(index)]
+
+
+def supervise(count: int, argv: list[str], drain_s: float) -> int:
+    """Run `count` workers until SIGTERM or SIGINT, restarting any that dies; 0 after a clean stop."""
+    folder = Path(tempfile.mkdtemp(prefix="acmix-workers-"))
+    (folder / "metrics").mkdir()
+    (folder / "ready").mkdir()
+    env = {**os.environ, COUNT_ENV: str(count), FOLDER_ENV: str(folder), METRICS_ENV: str(folder / "metrics")}
+    stopping = False
+
+    def stop(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+    def spawn(index: int) -> subprocess.Popen:
+        return subprocess.Popen(worker_command(index, argv), env={**env, INDEX_ENV: str(index)})
+
+    workers = {index: spawn(index) for index in range(count)}
+    failures = dict.fromkeys(workers, 0)
+    log.info("%d workers started: %s", count, ", ".join(str(p.pid) for p in workers.values()))
+    peers = Peers(0, count, folder)
+    code = 0
+    try:
+        while not stopping:
+            time.sleep(0.2)
+            for index, process in list(workers.items()):
+                if process.poll() is None:
+                    if peers._file(index).is_file():
+                        failures[index] = 0
+                    continue
+                if stopping:
+                    break
+                failures[index] += 1
+                reap(folder, process.pid, index)
+                if failures[index] >= STARTUP_FAILURES:
+                    log.error("worker %d exited %d times in a row before it was ready (status %s): stopping",
+                              index, failures[index], process.returncode)
+                    stopping, code = True, 1
+                    break
+                log.warning("worker %d (pid %d) exited with status %s: starting another", index, process.pid,
+                            process.returncode)
+                workers[index] = spawn(index)
+    finally:
+        for process in workers.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + drain_s
+        for process in workers.values():
+            try:
+                process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                process.kill()
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("all workers stopped")
+    return code
+
+
+def reap(folder: Path, pid: int, index: int) -> None:
+    """Forget a dead worker: its readiness mark, and its live gauges in the shared metrics."""
+    from prometheus_client import multiprocess
+
+    (folder / "ready" / str(index)).unlink(missing_ok=True)
+    multiprocess.mark_process_dead(pid, str(folder / "metrics"))
+
+
+def reuse_port_socket(host: str, port: int):
+    """A listening TCP socket that other processes may bind too (SO_REUSEPORT)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
