@@ -8,6 +8,8 @@
    (benchmarks/onnx_runtime.py).
 3. The service under load against the raw backend, by concurrency (benchmarks/service_load.py).
 4. Ray Serve with 2 replicas against the single FastAPI process (benchmarks/ray_vs_fastapi.py).
+4b. The service's own ceiling on a trivial model, and the real model, with 1 and 2 server processes
+   (benchmarks/service_ceiling.py).
 5. On a GPU host with TensorRT: the fp32, fp16 and int8 engines by batch size (benchmarks/tensorrt_engines.py).
 
 Every results file records the CPU it was measured on (runtime/cpu.py).
@@ -81,14 +83,40 @@ def plot_latency(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_ceiling(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["service_ceiling"]["rows"]
+    cases = sorted({(r["model"], r["kind"]) for r in rows}, key=lambda c: (c[0] != "trivial", c[1]))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    width = 0.38
+    for offset, workers in ((-width / 2, 1), (width / 2, 2)):
+        values = [next(r["images_per_s"] for r in rows if (r["model"], r["kind"], r["workers"]) == (*c, workers))
+                  for c in cases]
+        bars = ax.bar([i + offset for i in range(len(cases))], values, width, label=f"{workers} process(es)")
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks(range(len(cases)), [f"{model} model\n{kind}" for model, kind in cases])
+    cpu = results["service_ceiling"]["cpu"]
+    ax.set(ylabel="images / s", title=f"Service ceiling, 64 connections ({cpu['model']}, {cpu['cores']} cores)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--skip", nargs="*", default=[], choices=["paddle", "onnx_runtime", "service", "ray", "tensorrt"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["paddle", "onnx_runtime", "service", "ray", "ceiling", "tensorrt"])
     parser.add_argument("--onnx", default="build/alexnet_acmix.onnx", help="the model the service benchmark serves")
     parser.add_argument("--seconds", type=float, default=10, help="per service load level and round")
     args = parser.parse_args(argv)
 
-    from benchmarks import onnx_runtime, paddle_acmix, ray_vs_fastapi, service_load, tensorrt_engines
+    from benchmarks import onnx_runtime, paddle_acmix, ray_vs_fastapi, service_ceiling, service_load, tensorrt_engines
 
     steps = [
         ("paddle", lambda: paddle_acmix.main(["--out", str(BUILD / "paddle_acmix.json")])),
@@ -98,6 +126,8 @@ def main(argv=None) -> int:
                                                "--out", str(BUILD / "service_load.json")])),
         ("ray", lambda: ray_vs_fastapi.main(["--onnx", args.onnx, "--seconds", str(args.seconds),
                                              "--out", str(BUILD / "ray_vs_fastapi.json")])),
+        ("ceiling", lambda: service_ceiling.main(["--onnx", args.onnx, "--seconds", str(args.seconds),
+                                                  "--out", str(BUILD / "service_ceiling.json")])),
         ("tensorrt", lambda: tensorrt_engines.main(["--onnx", args.onnx, "--out", str(BUILD / "tensorrt.json")])),
     ]
     for name, run in tqdm([s for s in steps if s[0] not in args.skip], desc="benchmarks", unit="benchmark"):
@@ -109,7 +139,7 @@ def main(argv=None) -> int:
     results = {}
     for key, file in (("paddle_acmix", "paddle_acmix.json"), ("onnx_runtime", "onnx_runtime.json"),
                       ("service_load", "service_load.json"), ("ray_vs_fastapi", "ray_vs_fastapi.json"),
-                      ("tensorrt", "tensorrt.json")):
+                      ("service_ceiling", "service_ceiling.json"), ("tensorrt", "tensorrt.json")):
         if (BUILD / file).is_file():
             results[key] = json.loads((BUILD / file).read_text())
     DOCS.mkdir(parents=True, exist_ok=True)
@@ -118,6 +148,8 @@ def main(argv=None) -> int:
         plot_throughput(results, DOCS / "throughput_vs_batch.png")
     if "service_load" in results:
         plot_latency(results, DOCS / "service_latency_vs_concurrency.png")
+    if "service_ceiling" in results:
+        plot_ceiling(results, DOCS / "service_ceiling.png")
     print(f"wrote {DOCS / 'results.json'} and the plots in {DOCS}/", file=sys.stderr)
     return 0
 

@@ -35,6 +35,15 @@ import numpy as np
 from harness.server import start_server, stop
 from runtime.cpu import cpu_info
 
+# wrk's summary as one line that run_wrk parses; every wrk script here ends with it.
+WRK_RESULT = r"""
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT requests=%d seconds=%f p50=%d p95=%d p99=%d non2xx=%d connect=%d read=%d write=%d timeout=%d\n",
+    summary.requests, summary.duration / 1e6, latency:percentile(50), latency:percentile(95),
+    latency:percentile(99), e.status, e.connect, e.read, e.write, e.timeout))
+end
+"""
 WRK_SCRIPT = r"""
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "multipart/form-data; boundary=benchboundary"
@@ -43,13 +52,7 @@ local image = f:read("*all")
 f:close()
 wrk.body = "--benchboundary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jpg\"\r\n" ..
            "Content-Type: image/jpeg\r\n\r\n" .. image .. "\r\n--benchboundary--\r\n"
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("RESULT requests=%d seconds=%f p50=%d p95=%d p99=%d non2xx=%d connect=%d read=%d write=%d timeout=%d\n",
-    summary.requests, summary.duration / 1e6, latency:percentile(50), latency:percentile(95),
-    latency:percentile(99), e.status, e.connect, e.read, e.write, e.timeout))
-end
-"""
+""" + WRK_RESULT
 
 
 def raw_backend_throughput(onnx: Path, batch: int, seconds: float) -> float:
@@ -90,11 +93,13 @@ def wrk_inputs(folder: Path) -> tuple[Path, Path]:
     return sample_jpeg(folder / "x.jpg"), script
 
 
-def run_wrk(url: str, connections: int, seconds: float, image: Path, script: Path) -> dict:
+def run_wrk(url: str, connections: int, seconds: float, image: Path, script: Path, path: str = "/predict",
+            env: dict[str, str] | None = None) -> dict:
+    """wrk against url + path with `script` (BENCH_IMAGE and `env` in its environment): its figures."""
     command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script),
-               f"{url}/predict"]
-    output = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "BENCH_IMAGE": str(image)},
-                            check=True).stdout
+               f"{url}{path}"]
+    output = subprocess.run(command, capture_output=True, text=True,
+                            env={**os.environ, "BENCH_IMAGE": str(image), **(env or {})}, check=True).stdout
     match = re.search(r"RESULT (.*)", output)
     if not match:
         raise RuntimeError(f"unexpected wrk output:\n{output}")

@@ -26,11 +26,12 @@ def free_port() -> int:
 
 def start_server(onnx_path, timeout: float = 90, **settings) -> tuple[subprocess.Popen, str]:
     """(process, base URL) of a ready server on ONNX Runtime; settings: e.g. max_batch_size=32,
-    grpc_port=free_port() (gRPC is off unless given)."""
+    grpc_port=free_port() (gRPC is off unless given), workers=2 (one process unless given)."""
     port = free_port()
     # No weights: the given ONNX is used as it is, never exported again over.
     env = {**os.environ, "ACMIX_BACKEND": "onnxruntime", "ACMIX_ONNX_PATH": str(onnx_path),
-           "ACMIX_WEIGHTS_PATH": "unused.pdparams", "ACMIX_LOG_LEVEL": "warning", "ACMIX_GRPC_PORT": "0"}
+           "ACMIX_WEIGHTS_PATH": "unused.pdparams", "ACMIX_LOG_LEVEL": "warning", "ACMIX_GRPC_PORT": "0",
+           "ACMIX_WORKERS": "1"}
     env.update({f"ACMIX_{name.upper()}": str(value) for name, value in settings.items()})
     process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port)], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

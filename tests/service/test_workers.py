@@ -98,7 +98,12 @@ def test_worker_counts_and_threads_by_host(monkeypatch):
 
     monkeypatch.setattr(service.settings, "available_cores", lambda: 16)
     settings = Settings(workers="auto", inference_workers=2)
-    assert settings.resolved_workers("onnxruntime") == 1 and settings.resolved_workers("tensorrt") == 4
+    assert settings.resolved_workers("onnxruntime") == 4 and settings.resolved_workers("tensorrt") == 4
+    monkeypatch.setattr(service.settings, "available_cores", lambda: 2)
+    assert settings.resolved_workers("onnxruntime") == 2 and settings.resolved_workers("tensorrt") == 1
+    monkeypatch.setattr(service.settings, "available_cores", lambda: 1)
+    assert settings.resolved_workers("onnxruntime") == 1
+    monkeypatch.setattr(service.settings, "available_cores", lambda: 16)
     assert Settings(workers="3").resolved_workers("tensorrt") == 3
     assert settings.threads_per_batch(2) == 4  # 2 processes x 2 batches at once x 4 threads = 16 cores
     assert Settings(intra_op_threads=3).threads_per_batch(2) == 3
