@@ -84,18 +84,19 @@ def read_table(path: Path) -> dict | None:
 
 def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, data: str | Path | None = paths.DATA,
                   split_file: str | None = paths.SPLIT_FILE, count: int = 512,
-                  table_path: str | Path = CALIBRATION_TABLE) -> Path:
+                  table_path: str | Path | None = None) -> Path:
     """Write the int8 QDQ version of the fp32 `onnx_in` to `onnx_out`; returns the path.
 
-    Uses the calibration table when it belongs to the weights `onnx_in` was exported from, else
-    calibrates on `count` images of `data` and writes the table.
+    Uses the calibration table (default CALIBRATION_TABLE) when it belongs to the weights `onnx_in`
+    was exported from, else calibrates on `count` images of `data` and writes the table.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from export.fp16 import set_source
 
-    onnx_in, onnx_out, table_path = Path(onnx_in), Path(onnx_out), Path(table_path)
+    onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
+    table_path = Path(table_path) if table_path is not None else CALIBRATION_TABLE
     if not onnx_in.is_file():
         raise ExportError(f"{onnx_in}: no such ONNX file")
     weights_digest = onnx_metadata(onnx_in).get(WEIGHTS_DIGEST)

@@ -16,6 +16,7 @@ from model.data import CLASSES
 from model.spec import INPUT_NAME, INPUT_SHAPE, OUTPUT_NAME
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
+SHARED_PNG_DATA = SHARED_DATA.with_name("cifar10-train-png.tar.gz")
 
 
 def synthetic_images(per_class: int, seed: int = 0, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -111,6 +112,22 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_file():
         pytest.skip(f"the CIFAR-10 training archive is not at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def shared_png_data() -> Path:
+    if not SHARED_PNG_DATA.is_file():
+        pytest.skip(f"the lossless CIFAR-10 training archive is not at {SHARED_PNG_DATA}")
+    return SHARED_PNG_DATA
+
+
+@pytest.fixture(scope="session")
+def shipped_onnx(tmp_path_factory) -> Path:
+    """The shipped weights exported to ONNX once per test session (for figures on real images)."""
+    from export.onnx_export import export_onnx
+    from model import paths
+
+    return export_onnx(paths.WEIGHTS, tmp_path_factory.mktemp("shipped") / "alexnet_acmix.onnx")
 
 
 # --- tiny ONNX models with the real contract (harness/tiny_model.py) ---

@@ -104,3 +104,20 @@ def test_not_an_archive_and_corrupt_batches_are_named(tmp_path):
 def test_a_folder_data_set_has_no_test_split(folder_dataset):
     with pytest.raises(DataError, match="no test split"):
         open_dataset(folder_dataset[0], split="test")
+
+
+def test_a_split_written_from_the_jpeg_archive_selects_the_same_images_in_the_lossless_one(tmp_path, folder_dataset):
+    import json
+
+    from model.data import image_key, split_indices
+
+    root, _ = folder_dataset
+    data = open_dataset(root)
+    names = [source.replace(".png", ".jpg") for source in data.sources[::3]]  # recorded from the JPEG copy
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"origin": "cifar10-train-jpeg.tar.gz", "seed": 0, "per_class": 1, "val": names}))
+    train_idx, val_idx = split_indices(data, split, per_class=1, seed=0)
+    assert [image_key(data.sources[i]) for i in val_idx] == [image_key(n) for n in names]
+    assert len(train_idx) + len(val_idx) == len(data) and not set(train_idx) & set(val_idx)
+    assert len(open_dataset(root, split="val", val_split=split)) == len(names)
+    assert image_key("train/cat/0042.png") == image_key("train/cat/0042.jpg") == "train/cat/0042"

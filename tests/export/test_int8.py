@@ -1,0 +1,112 @@
+"""The int8 QDQ ONNX: its I/O, what it records, its calibration table, its accuracy on real images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from export.__main__ import main
+from export.errors import ExportError
+from export.int8 import CALIBRATION_DIGEST, quantize_int8
+from runtime.artifacts import SOURCE_DIGEST, derived_onnx_path, onnx_metadata, onnx_staleness, sha256_file
+
+
+@pytest.fixture(scope="module")
+def int8_of_the_exported_model(onnx_model, tmp_path_factory):
+    """(fp32, int8, calibration table) of the session's exported model, calibrated on synthetic images."""
+    from tests.conftest import synthetic_images, write_class_folders
+
+    folder = tmp_path_factory.mktemp("int8")
+    images, labels = synthetic_images(per_class=4, seed=5)
+    data = write_class_folders(folder / "images", images, labels)
+    table = folder / "int8_calibration.json"
+    out = quantize_int8(onnx_model, derived_onnx_path(folder / "m.onnx", "int8"), data=data, split_file=None, count=32,
+                        table_path=table)
+    return onnx_model, out, table
+
+
+def test_the_int8_onnx_keeps_float_io_and_is_qdq(int8_of_the_exported_model):
+    _, int8, _ = int8_of_the_exported_model
+    model = onnx.load(str(int8))
+    float_type = onnx.TensorProto.FLOAT
+    assert [(v.name, v.type.tensor_type.elem_type) for v in model.graph.input] == [("image", float_type)]
+    assert [(v.name, v.type.tensor_type.elem_type) for v in model.graph.output] == [("logits", float_type)]
+    ops = {node.op_type for node in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "MatMul"} <= ops
+    zero_points = [onnx.numpy_helper.to_array(init) for init in model.graph.initializer if "zero_point" in init.name]
+    zero_points = [z for z in zero_points if z.dtype != np.int32]  # biases are int32
+    assert zero_points and all((z == 0).all() and z.dtype == np.int8 for z in zero_points)  # symmetric int8
+
+
+def test_it_records_its_source_and_calibration_and_reuses_the_table(int8_of_the_exported_model, tmp_path):
+    fp32, int8, table = int8_of_the_exported_model
+    metadata = onnx_metadata(int8)
+    assert metadata[SOURCE_DIGEST] == sha256_file(fp32) and len(metadata[CALIBRATION_DIGEST]) == 64
+    assert onnx_staleness(int8, fp32, SOURCE_DIGEST) is None
+    recorded = json.loads(table.read_text())
+    assert recorded["weights_sha256"] == onnx_metadata(fp32)["weights_sha256"] and recorded["images"]["count"] == 32
+    # No data set (a Docker build): the table of these weights gives the same graph.
+    again = quantize_int8(fp32, tmp_path / "again.int8.onnx", data=None, table_path=table)
+    assert onnx_metadata(again)[CALIBRATION_DIGEST] == metadata[CALIBRATION_DIGEST]
+
+
+def test_without_a_table_for_these_weights_nor_images_it_says_so(onnx_model, tmp_path):
+    with pytest.raises(ExportError, match="cannot reuse the calibration \\(there is none\\) and the calibration images "
+                                          "are not here"):
+        quantize_int8(onnx_model, tmp_path / "x.onnx", data=tmp_path / "absent", table_path=tmp_path / "t.json")
+
+
+def test_a_corrupt_calibration_table_is_one_cli_error_line(onnx_model, tmp_path, capsys):
+    import shutil
+
+    import export.int8
+
+    source = shutil.copyfile(onnx_model, tmp_path / "m.onnx")
+    table = tmp_path / "int8_calibration.json"
+    table.write_text("{not json")
+    original = export.int8.CALIBRATION_TABLE
+    export.int8.CALIBRATION_TABLE = table
+    try:
+        code = main(["onnx", "--precision", "int8", "--from-onnx", str(source), "--data", str(tmp_path / "none")])
+    finally:
+        export.int8.CALIBRATION_TABLE = original
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "not a calibration table" in errors[0]
+
+
+def test_int8_top1_within_a_point_of_fp32_on_real_validation_images(shared_png_data, shipped_onnx, tmp_path):
+    from model.data import open_dataset
+    from model.preprocessing import preprocess_batch
+    from tests.conftest import run_onnx
+
+    int8 = quantize_int8(shipped_onnx, tmp_path / "shipped.int8.onnx", data=shared_png_data,
+                         split_file="model/weights/val_split.json", count=256, table_path=tmp_path / "t.json")
+    val = open_dataset(shared_png_data, split="val", val_split="model/weights/val_split.json")
+    picks = np.random.default_rng(0).choice(len(val), 1000, replace=False)
+    batch, labels = preprocess_batch([val.images[i] for i in picks]), val.labels[picks]
+    fp32_acc = (run_onnx(shipped_onnx, batch).argmax(1) == labels).mean()
+    int8_acc = (run_onnx(int8, batch).argmax(1) == labels).mean()
+    assert abs(int8_acc - fp32_acc) <= 0.01, (fp32_acc, int8_acc)
+
+
+@pytest.mark.gpu
+def test_an_int8_engine_agrees_with_onnx_runtime_int8(int8_of_the_exported_model, tmp_path):
+    from export.engine import make_engine
+    from runtime.artifacts import EngineSpec
+    from runtime.cuda import tensorrt_status
+    from runtime.tensorrt import TensorRTBackend
+    from tests.conftest import images, run_onnx
+
+    ok, reason = tensorrt_status()
+    if not ok:
+        pytest.skip(f"needs TensorRT and a CUDA GPU: {reason}")
+    _, int8, _ = int8_of_the_exported_model
+    batch = images(64, seed=3)
+    make_engine(int8, tmp_path / "m.int8.plan", EngineSpec("int8", 1, 32, 64), lambda path: {}, progress=False)
+    with TensorRTBackend(tmp_path / "m.int8.plan") as engine:
+        logits = engine.infer(batch)
+    agreement = (logits.argmax(1) == run_onnx(int8, batch).argmax(1)).mean()
+    assert agreement >= 0.99
