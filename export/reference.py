@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from export.verify import held_out_images
 from model.files import write_bytes
 from runtime.reference import Reference, reference_path
 
@@ -20,23 +21,6 @@ def png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def candidate_images(data: str | Path | None, split_file: str | None, count: int = 256) -> tuple[list, str]:
-    """(uint8 images, where they came from): validation images of `data`, else seeded noise images."""
-    from model.data import DataError, open_dataset
-
-    if data is not None and Path(data).exists():
-        try:
-            images = open_dataset(data, split="val" if split_file else "all", val_split=split_file)
-        except DataError:
-            images = None
-        if images is not None and len(images):
-            picks = np.sort(np.random.default_rng(0).choice(len(images), size=min(count, len(images)), replace=False))
-            which = "validation images" if split_file else "images"
-            return [images.images[i] for i in picks], f"{which} of {Path(data).name}"
-    rng = np.random.default_rng(0)
-    return [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(count)], "generated noise images"
 
 
 def choose(logits: np.ndarray, count: int = REFERENCE_IMAGES, min_margin: float = MIN_MARGIN) -> np.ndarray:
@@ -63,7 +47,7 @@ def write_reference(onnx_path: str | Path, model, data: str | Path | None, split
 
     from model.preprocessing import decode_image, preprocess
 
-    images, source = candidate_images(data, split_file)
+    images, source = held_out_images(data, 256, split_file)
     encoded = [png_bytes(image) for image in images]
     batch = np.stack([preprocess(decode_image(data)) for data in encoded])
     model.eval()

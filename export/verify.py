@@ -46,20 +46,28 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
     }
 
 
-def verification_images(data: str | Path | None, count: int, split_file: str | None, seed: int = 0) -> np.ndarray:
-    """A preprocessed float32 batch: `count` validation images from `data`, else seeded noise images."""
+def held_out_images(data: str | Path | None, count: int, split_file: str | None, seed: int = 0) -> tuple[list, str]:
+    """(`count` uint8 images, where they came from): validation images of `data` (all of its images
+    without a split file), else seeded noise images where `data` is absent; ExportError for a data
+    set that cannot be read."""
     from model.data import DataError, open_dataset
-    from model.preprocessing import preprocess_batch
 
     if data is not None and Path(data).exists():
         try:
             images = open_dataset(data, split="val" if split_file else "all", val_split=split_file)
         except DataError as exc:
             raise ExportError(str(exc)) from None
-        picks = np.random.default_rng(seed).choice(len(images), size=min(count, len(images)), replace=False)
-        return preprocess_batch([images.images[i] for i in np.sort(picks)])
+        picks = np.sort(np.random.default_rng(seed).choice(len(images), size=min(count, len(images)), replace=False))
+        return [images.images[i] for i in picks], f"{'validation images' if split_file else 'images'} of {Path(data).name}"
     rng = np.random.default_rng(seed)
-    return preprocess_batch([rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(count)])
+    return [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(count)], "generated noise images"
+
+
+def verification_images(data: str | Path | None, count: int, split_file: str | None, seed: int = 0) -> np.ndarray:
+    """A preprocessed float32 batch of held_out_images."""
+    from model.preprocessing import preprocess_batch
+
+    return preprocess_batch(held_out_images(data, count, split_file, seed)[0])
 
 
 def verify_onnx(onnx_path, weights, batch: np.ndarray, arch: str = "alexnet_acmix") -> dict:

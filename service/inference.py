@@ -60,7 +60,7 @@ def check_model(state: ServiceState, model: str, version: str | None = None) -> 
     return model == image
 
 
-def platform(state: ServiceState) -> str:
+def platform_name(state: ServiceState) -> str:
     return "tensorrt_plan" if state.backend_name == "tensorrt" else "onnxruntime_onnx"
 
 
@@ -72,7 +72,7 @@ def model_metadata(state: ServiceState, model: str) -> dict:
     return {
         "name": model,
         "versions": [VERSION],
-        "platform": platform(state),
+        "platform": platform_name(state),
         "inputs": [tensor_input],
         "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, NUM_CLASSES]}],
         "parameters": model_parameters(state, image),
@@ -96,7 +96,7 @@ def model_config(state: ServiceState, model: str) -> dict:
     settings = state.settings
     return {
         "name": model,
-        "platform": platform(state),
+        "platform": platform_name(state),
         "backend": "tensorrt" if state.backend_name == "tensorrt" else "onnxruntime",
         "max_batch_size": settings.max_batch_size,
         "input": [{"name": INPUT_NAME, "data_type": "TYPE_STRING" if image else "TYPE_FP32",
