@@ -96,7 +96,7 @@ def plot_ceiling(results: dict, path: Path) -> None:
     for offset, workers in ((-width / 2, 1), (width / 2, 2)):
         values = [next(r["images_per_s"] for r in rows if (r["model"], r["kind"], r["workers"]) == (*c, workers))
                   for c in cases]
-        bars = ax.bar([i + offset for i in range(len(cases))], values, width, label=f"{workers} process(es)")
+        bars = ax.bar([i + offset for i in range(len(cases))], values, width, label="1 process" if workers == 1 else f"{workers} processes")
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_xticks(range(len(cases)), [f"{model} model\n{kind}" for model, kind in cases])
     cpu = results["service_ceiling"]["cpu"]
