@@ -52,7 +52,7 @@ def test_make_serve_on_a_fresh_clone_answers_readyz(tmp_path):
         pytest.skip("no shipped weights are committed yet")
     (clone / ".venv").symlink_to(ROOT / ".venv")  # setup is then a no-op: its stamp is newer than the lock
     port = free_port()
-    env = {**os.environ, "ACMIX_PORT": str(port), "ACMIX_BACKEND": "onnxruntime"}
+    env = {**os.environ, "ACMIX_PORT": str(port), "ACMIX_GRPC_PORT": str(free_port()), "ACMIX_BACKEND": "onnxruntime"}
     process = subprocess.Popen(["make", "serve"], cwd=clone, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
