@@ -57,7 +57,7 @@ class ServiceState(BatchObserver):
         if self.load_error or self.draining or not self.ready:
             return self.load_error or ("draining" if self.draining else "loading")
         if not self.peers.all_ready():
-            return f"waiting for the other of the {self.peers.count} server processes to be ready"
+            return f"waiting for the other server processes ({self.peers.count} in all) to be ready"
         return None
 
     # BatchObserver: metrics, and the failure count

@@ -85,8 +85,8 @@ class Servicer:
         state = self.state
         image = inference.check_model(state, request.model_name, request.model_version)
         require_key(state, metadata)
-        if not state.is_ready():
-            raise Unavailable(f"the model is not ready: {state.not_ready_reason()}")
+        if state.draining:  # new calls stop at SIGTERM; those in flight finish
+            raise Unavailable("the service is draining")
         if len(request.inputs) != 1:
             raise BadRequest(f"expected exactly one input, {INPUT_NAME!r}")
         tensor = request.inputs[0]
