@@ -120,8 +120,9 @@ def proxy_table(rows: list[dict]) -> str:
     lines = ["| proxy run | recipe | epochs | validation accuracy by epoch | best | minutes |", "|---|---|---|---|---|---|"]
     for row in rows:
         by_epoch = ", ".join(f"{a:.4f}" for a in row["val_accuracy_by_epoch"])
+        minutes = "not recorded" if row.get("minutes") is None else f"{row['minutes']:.0f}"
         lines.append(f"| `{row['name']}` | {row['recipe']} | {row['epochs']} | {by_epoch} | **{row['val_accuracy']:.4f}** "
-                     f"| {row['minutes']:.0f} |")
+                     f"| {minutes} |")
     return "\n".join(lines)
 
 

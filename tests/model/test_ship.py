@@ -145,3 +145,11 @@ def test_the_readme_quotes_the_shipped_weights():
     assert float(quoted[1]) == round(metrics["best"]["val_accuracy"], 3)
     assert int(quoted[2]) == metrics["best"]["epoch"]
     assert int(quoted[3]) == len(metrics["history"])
+
+
+def test_a_proxy_row_without_minutes_says_so():
+    from model.ship import proxy_table
+
+    row = {"name": "reference", "recipe": "Adam", "epochs": 4, "val_accuracy": 0.51, "val_accuracy_by_epoch": [0.4, 0.51],
+           "minutes": None}
+    assert "| 0.4000, 0.5100 | **0.5100** | not recorded |" in proxy_table([row])

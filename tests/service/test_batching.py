@@ -184,6 +184,6 @@ def test_retry_after_is_the_queue_over_the_measured_drain_rate():
         return estimate, wall_rate
 
     estimate, wall_rate = run(main())
-    # ~98 queued: no faster than the fake's 20 images/s allows, no slower than the wall clock saw
-    # (batches measured alone exclude the time between them, so the estimate is at most that).
-    assert 98 / 20 * 0.9 <= estimate <= 100 / wall_rate
+    # ~98 queued: no faster than the fake's 20 images/s allows; no slower than the wall clock saw,
+    # within the moving average's weight on the first, slowest batch.
+    assert 98 / 20 * 0.9 <= estimate <= 1.5 * 100 / wall_rate
