@@ -15,8 +15,9 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	touch $(STAMP)
 
+# Two processes (pytest-xdist): most tests wait on servers and child processes; plain `pytest` runs serially.
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 # The service on http://127.0.0.1:8000 (ONNX Runtime here; exports the ONNX first if it is missing or stale).
 serve: setup
