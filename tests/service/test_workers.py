@@ -65,14 +65,23 @@ def test_a_killed_worker_is_replaced_and_readiness_dips_meanwhile(two_workers):
     assert len(after) == 2 and min(before) not in after
 
 
+def queued(url: str) -> float:
+    """The batch queue length summed over the server's processes, from /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(float(v) for v in re.findall(r"^\w*batch_queue_length(?:\{[^}]*\})? (\S+)$", text, re.M))
+
+
 def test_sigterm_drains_both_workers_with_requests_in_flight(tiny_onnx, cifar_like_jpegs):
-    process, url = launch.start_server(tiny_onnx, workers=2, max_queue_delay_ms=1500, max_batch_size=64, timeout=120,
+    process, url = launch.start_server(tiny_onnx, workers=2, max_queue_delay_ms=5000, max_batch_size=64, timeout=120,
                                        log_level="info")
     files = cifar_like_jpegs * 2
-    with ThreadPoolExecutor(len(files)) as pool:  # every request connected before the signal
+    with ThreadPoolExecutor(len(files)) as pool:
         futures = [pool.submit(lambda d: httpx.post(f"{url}/predict", files=upload(d), timeout=30), data)
                    for data in files]
-        time.sleep(0.8)
+        # The signal once every request is in a batcher's queue (accepted), however loaded the machine.
+        end = time.monotonic() + 4
+        while queued(url) < len(files) and time.monotonic() < end:
+            time.sleep(0.05)
         process.send_signal(signal.SIGTERM)
         responses = [f.result() for f in futures]
     assert [r.status_code for r in responses] == [200] * len(responses)
