@@ -9,6 +9,13 @@ Every session the project creates (the service, export verification, every bench
   takes the cores that HTTP handling and image decoding share with inference; a sleeping pool
   costs a little latency per batch only;
 * `threads` intra-op threads per session (default: ONNX Runtime's, one per core), one inter-op.
+
+An int8 QDQ file (export/int8.py) quantizes activations as int8 with zero point 0, because
+TensorRT's explicit quantization requires it. ONNX Runtime's x86 CPU kernels want unsigned
+activations: on the CPU, `create_session` loads such a file with every activation Q/DQ pair
+rewritten to uint8 with zero point 128, which denotes exactly the same values (q + 128, same
+scale; weights stay int8). Measured on an Intel Xeon (AVX-512 VNNI), batch 128: 566 img/s as
+written, 768 rewritten (README, INT8). The file on disk, which TensorRT builds from, is unchanged.
 """
 
 from __future__ import annotations
@@ -40,6 +47,55 @@ def session_options(threads: int | None = None):
     return options
 
 
+def unsigned_activations(model) -> int:
+    """Rewrite, in place, the activation QuantizeLinear/DequantizeLinear nodes of an ONNX `model`
+    whose zero point is a scalar int8 0 to a uint8 zero point of 128; returns how many changed.
+
+    Activation nodes are every QuantizeLinear and the DequantizeLinear nodes fed by one; weight and
+    bias DequantizeLinear nodes read initializers and keep their int8/int32 values.
+    """
+    from onnx import TensorProto, numpy_helper
+
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    quantized = {node.output[0] for node in graph.node if node.op_type == "QuantizeLinear"}
+    added: dict[str, str] = {}
+    changed = 0
+    for node in graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
+            continue
+        if node.op_type == "DequantizeLinear" and node.input[0] not in quantized:
+            continue
+        zero_point = initializers.get(node.input[2])
+        if zero_point is None or zero_point.data_type != TensorProto.INT8:
+            continue
+        value = numpy_helper.to_array(zero_point)
+        if value.size != 1 or int(value.reshape(-1)[0]) != 0:
+            continue
+        if zero_point.name not in added:
+            name = f"{zero_point.name}_as_uint8"
+            graph.initializer.append(numpy_helper.from_array(np.full(value.shape, 128, np.uint8), name))
+            added[zero_point.name] = name
+        node.input[2] = added[zero_point.name]
+        changed += 1
+    used = {name for node in graph.node for name in node.input}
+    unused = [init for init in graph.initializer if init.name in added and init.name not in used]
+    for init in unused:
+        graph.initializer.remove(init)
+    return changed
+
+
+def cpu_graph(path: Path) -> bytes | None:
+    """The serialized graph ONNX Runtime's CPU provider should run instead of the file at `path`
+    (int8 activations made unsigned), or None to load the file as it is."""
+    import onnx
+
+    model = onnx.load(str(path))
+    if not any(node.op_type == "QuantizeLinear" for node in model.graph.node):
+        return None
+    return model.SerializeToString() if unsigned_activations(model) else None
+
+
 def create_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None):
     """An InferenceSession over `path` with the project's options; BackendError naming the file if
     it is missing or ONNX Runtime cannot load it. providers default to CUDA where ONNX Runtime has
@@ -52,7 +108,8 @@ def create_session(path: str | Path, threads: int | None = None, providers: list
     if providers is None:
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
     try:
-        return ort.InferenceSession(str(path), session_options(threads), providers=providers)
+        graph = cpu_graph(path) if providers[:1] == ["CPUExecutionProvider"] else None
+        return ort.InferenceSession(graph or str(path), session_options(threads), providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise BackendError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})") from None
 

@@ -41,6 +41,42 @@ def test_the_int8_onnx_keeps_float_io_and_is_qdq(int8_of_the_exported_model):
     assert zero_points and all((z == 0).all() and z.dtype == np.int8 for z in zero_points)  # symmetric int8
 
 
+def activation_zero_points(model) -> list[np.ndarray]:
+    """The zero points of every QuantizeLinear and of the DequantizeLinear nodes fed by one."""
+    values = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    quantized = {node.output[0] for node in model.graph.node if node.op_type == "QuantizeLinear"}
+    return [values[node.input[2]] for node in model.graph.node
+            if node.op_type == "QuantizeLinear" or (node.op_type == "DequantizeLinear" and node.input[0] in quantized)]
+
+
+def test_on_the_cpu_int8_activations_run_as_uint8_with_the_same_values(int8_of_the_exported_model):
+    from runtime.onnxruntime import cpu_graph, create_session, unsigned_activations
+    from tests.conftest import images, run_onnx
+
+    fp32, int8, _ = int8_of_the_exported_model
+    on_disk = sha256_file(int8)
+    model = onnx.load(str(int8))
+    weights_before = [onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8
+                      and onnx.numpy_helper.to_array(i).size > 1]
+    signed = activation_zero_points(model)
+    assert unsigned_activations(model) == len(signed) > 0
+    assert all(z.dtype == np.uint8 and (z == 128).all() for z in activation_zero_points(model))
+    weights_after = [onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8
+                     and onnx.numpy_helper.to_array(i).size > 1]
+    assert len(weights_after) == len(weights_before) and all((a == b).all() for a, b in zip(weights_before, weights_after, strict=True))
+    assert cpu_graph(fp32) is None and cpu_graph(int8) is not None
+
+    # The same quantized values: the CPU session's logits are those of the file as written, up to
+    # a step or two of a quantization grid where integer and float kernels round a product apart
+    # (a wrong zero point would shift every activation by 128 steps).
+    batch = images(32, seed=4)
+    as_written = run_onnx(int8, batch)
+    served = create_session(int8, threads=1, providers=["CPUExecutionProvider"]).run(["logits"], {"image": batch})[0]
+    assert np.abs(served - as_written).max() <= 0.05 * np.abs(as_written).max()
+    assert (served.argmax(1) == as_written.argmax(1)).mean() >= 0.9
+    assert sha256_file(int8) == on_disk  # TensorRT builds from the file as written
+
+
 def test_it_records_its_source_and_calibration_and_reuses_the_table(int8_of_the_exported_model, tmp_path):
     fp32, int8, table = int8_of_the_exported_model
     metadata = onnx_metadata(int8)
