@@ -95,7 +95,7 @@ def open_service(state: ServiceState, backend=None, reason: str = "given", batch
             max_delay_s=settings.max_queue_delay_ms / 1000,
             max_queue=settings.max_queue_size,
             observer=state,
-            workers=settings.inference_workers,
+            workers=settings.batches_per_process(state.peers.count),
         )
         batcher.start()
     state.batcher = batcher

@@ -116,3 +116,8 @@ def test_worker_counts_and_threads_by_host(monkeypatch):
     assert Settings(workers="3").resolved_workers("tensorrt") == 3
     assert settings.threads_per_batch(2) == 4  # 2 processes x 2 batches at once x 4 threads = 16 cores
     assert Settings(intra_op_threads=3).threads_per_batch(2) == 3
+    # By default two batches at once in a single process, one each where there are several.
+    default = Settings()
+    assert default.batches_per_process(1) == 2 and default.threads_per_batch(1) == 8
+    assert default.batches_per_process(4) == 1 and default.threads_per_batch(4) == 4
+    assert Settings(inference_workers=3).batches_per_process(4) == 3
