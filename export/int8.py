@@ -4,8 +4,10 @@ quantization, strongly typed network; no calibrator API).
 ONNX Runtime's static quantization (onnxruntime.quantization.quantize_static, pinned with
 onnxruntime) writes QuantizeLinear/DequantizeLinear pairs around the convolutions and matrix
 products: weights int8 symmetric per output channel, activations int8 symmetric per tensor (what
-TensorRT requires: zero point 0), ranges at the 99.99th percentile of the calibration images'
-values (MinMax agreed with fp32 on 96.2% of validation images, the percentile on 97.8%, same
+TensorRT requires: zero point 0), ranges at the 99.999th percentile of the calibration images'
+values (top-1 agreement with fp32 on 256 validation images, on the weights shipped in session 8:
+98.4%, against 96.5% at the 99.99th, 97.7% at the 99.9th and 96.9% with entropy; on the weights
+before, MinMax 96.2% and the 99.99th percentile 97.8%, same
 accuracy), one Q/DQ pair per consumer. Input `image` and output `logits` stay float32, so every
 backend feeds and reads the same arrays.
 
@@ -120,7 +122,7 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, data: str | Path | 
                 str(onnx_in), str(quantized), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=OP_TYPES,
                 per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.Percentile, calibration_cache_path=str(cache),
-                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": 99.99,
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": 99.999,
                                "DedicatedQDQPair": True},
             )
         except (ValueError, RuntimeError, KeyError) as exc:
