@@ -173,23 +173,33 @@ def handler(state: ServiceState, name: str, method, request_type, response_type)
         if state.model_digest:
             trailing.append((MODEL_DIGEST, state.model_digest[:12]))
         context.set_trailing_metadata(trailing)
+        counted = False
+
+        def count(final: grpc.StatusCode) -> None:
+            # Before an abort sends the status: a caller that reads /metrics on seeing it finds it counted.
+            nonlocal code, counted
+            code = final
+            if not counted:
+                counted = True
+                state.metrics.grpc_requests.labels(name, final.name).inc()
+
         try:
             return await method(request, metadata)
         except ServiceError as exc:
-            code = getattr(grpc.StatusCode, exc.grpc_code)
+            count(getattr(grpc.StatusCode, exc.grpc_code))
             await context.abort(code, exc.message)
         except TimeoutError:
-            code = grpc.StatusCode.DEADLINE_EXCEEDED
+            count(grpc.StatusCode.DEADLINE_EXCEEDED)
             await context.abort(code, "no result before the request's deadline")
         except Exception as exc:  # a bug, not the request's fault: logged, INTERNAL to the caller
             if isinstance(exc, grpc.aio.AbortError):
                 raise
-            code = grpc.StatusCode.INTERNAL
+            count(grpc.StatusCode.INTERNAL)
             log.exception("gRPC %s failed", name)
             await context.abort(code, f"internal error: {type(exc).__name__}")
         finally:
             current.reset(token)
-            state.metrics.grpc_requests.labels(name, code.name).inc()
+            count(code)
             if name == "ModelInfer":
                 log.info(record.line(code.name))
 
