@@ -173,35 +173,25 @@ def handler(state: ServiceState, name: str, method, request_type, response_type)
         if state.model_digest:
             trailing.append((MODEL_DIGEST, state.model_digest[:12]))
         context.set_trailing_metadata(trailing)
-        counted = False
-
-        def count(final: grpc.StatusCode) -> None:
-            # Before an abort sends the status: a caller that reads /metrics on seeing it finds it counted.
-            nonlocal code, counted
-            code = final
-            if not counted:
-                counted = True
-                state.metrics.grpc_requests.labels(name, final.name).inc()
-
         try:
             return await method(request, metadata)
         except ServiceError as exc:
-            count(getattr(grpc.StatusCode, exc.grpc_code))
-            await context.abort(code, exc.message)
+            code, message = getattr(grpc.StatusCode, exc.grpc_code), exc.message
         except TimeoutError:
-            count(grpc.StatusCode.DEADLINE_EXCEEDED)
-            await context.abort(code, "no result before the request's deadline")
+            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "no result before the request's deadline"
+        except grpc.aio.AbortError:
+            raise
         except Exception as exc:  # a bug, not the request's fault: logged, INTERNAL to the caller
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            count(grpc.StatusCode.INTERNAL)
+            code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
             log.exception("gRPC %s failed", name)
-            await context.abort(code, f"internal error: {type(exc).__name__}")
         finally:
+            # Counted before the abort below sends the status: a caller that reads /metrics on
+            # seeing it finds it counted.
             current.reset(token)
-            count(code)
+            state.metrics.grpc_requests.labels(name, code.name).inc()
             if name == "ModelInfer":
                 log.info(record.line(code.name))
+        await context.abort(code, message)
 
     return grpc.unary_unary_rpc_method_handler(call, request_deserializer=request_type.FromString,
                                                response_serializer=response_type.SerializeToString)
