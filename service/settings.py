@@ -107,7 +107,7 @@ class Settings(BaseSettings):
         """Batches each of `workers` processes computes at once (inference_workers, when set). By
         default two in a single process, so that the cores do not wait while one batch's replies go
         out and the next fills; one where there are several processes, whose batches fill those gaps
-        for each other: measured on 2 cores with 2 processes and the real model, one batch each
+        for each other: measured on a 2-core Intel Xeon with 2 processes and the real model, one batch each
         served 469-504 req/s with a p99 of 185-194 ms against 441-465 req/s and 275-284 ms for two
         (README, "Scale up on one host")."""
         if self.inference_workers:
