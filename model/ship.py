@@ -23,23 +23,28 @@ from model import paths
 from model.calibration import CALIBRATION_FILE, calibrate, plot_reliability
 from model.data import DataError
 from model.evaluate import evaluate
-from model.train import RECIPE_FLAGS, SHIPPED_METRICS, SHIPPED_WEIGHTS, TrainConfig, recorded_config
+from model.train import RECIPE_FLAGS, SHIPPED_METRICS, SHIPPED_WEIGHTS, TrainConfig, lineage, recorded_config
 
 WEIGHTS_DIR = paths.WEIGHTS_DIR
 TARGET_ACCURACY = 0.85
 FLOOR_ACCURACY = 0.82
 RECIPE_SEARCH = "recipe_search.json"
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
 
 
 def epoch_table(history: list[dict]) -> str:
+    """One row per epoch; a run that keeps a weight average shows the trained weights' accuracy beside it."""
+    averaged = any("raw_val_accuracy" in h for h in history)
     rows = [
-        "| epoch | lr at end | train loss | train acc (augmented) | val loss | val acc | minutes |",
-        "|---|---|---|---|---|---|---|",
+        "| epoch | lr at end | train loss | train acc (augmented) | val loss | val acc "
+        + ("(weight average) | val acc (trained weights) " if averaged else "") + "| minutes |",
+        "|---|---|---|---|---|---|" + ("---|" if averaged else "") + "---|",
     ]
     for h in history:
+        raw = f" {h['raw_val_accuracy']:.4f} |" if averaged else ""
         rows.append(
             f"| {h['epoch']} | {h['lr']:.2e} | {h['train_loss']:.4f} | {h['train_accuracy']:.4f} | "
-            f"{h['val_loss']:.4f} | {h['val_accuracy']:.4f} | {h['epoch_seconds'] / 60:.1f} |"
+            f"{h['val_loss']:.4f} | {h['val_accuracy']:.4f} |{raw} {h['epoch_seconds'] / 60:.1f} |"
         )
     return "\n".join(rows)
 
@@ -77,10 +82,12 @@ OPTIMIZER_NAMES = {"adam": "Adam (L2 weight decay)", "adamw": "AdamW (decoupled 
 def recipe_text(config: dict) -> str:
     warmup = f"{config['warmup_epochs']:g} epochs of linear warmup, then " if config["warmup_epochs"] else ""
     clip = f", gradient norm clipped at {config['clip_grad_norm']:g}" if config["clip_grad_norm"] else ""
+    average = (f"; the run validates and keeps an exponential moving average of the weights (decay "
+               f"{config['ema']:g} per step)" if config.get("ema") else "")
     return (f"{OPTIMIZER_NAMES[config['optimizer']]}, lr {config['lr']:g} with {warmup}cosine decay per step over "
             f"the {config['epochs']} epochs, weight decay {config['weight_decay']:g}{clip}, label smoothing "
             f"{config['label_smoothing']:g}, batch {config['batch_size']} (drop last), dropout 0.5; augmentation: "
-            f"{augmentation_text(config)}; seed {config['seed']}")
+            f"{augmentation_text(config)}; seed {config['seed']}{average}")
 
 
 def train_command(config: dict, out: Path) -> str:
@@ -143,8 +150,10 @@ def model_card(metrics: dict, evaluation: dict, paddle_version: str, run: Path, 
                calibration: dict | None = None, proxies: list[dict] | None = None) -> str:
     config, history, best = recorded_config(metrics), metrics["history"], metrics["best"]
     parent = metrics.get("parent")
-    stages = ([(parent, recorded_config(parent), "the first run")] if parent else []) + [
-        (metrics, config, "the second run" if parent else "the run")]
+    records = lineage(metrics)
+    names = ["the run"] if len(records) == 1 else [
+        f"the {ORDINALS[i]} run" if i < len(ORDINALS) else f"run {i + 1}" for i in range(len(records))]
+    stages = [(record, recorded_config(record), name) for record, name in zip(records, names)]
     recent = sorted(h["epoch_seconds"] for h in history[-5:])
     minutes = recent[len(recent) // 2] / 60
     per_class = "\n".join(
@@ -153,8 +162,9 @@ def model_card(metrics: dict, evaluation: dict, paddle_version: str, run: Path, 
     trained = " + ".join(f"{len(record['history'])} / {cfg['epochs']}" for record, cfg, _ in stages)
     recipes = "\n".join(f"* Recipe of {name}: {recipe_text(cfg)}." for _, cfg, name in stages)
     tables = "\n\n".join(f"Epochs of {name}:\n\n{epoch_table(record['history'])}" for record, _, name in stages)
-    commands = [train_command(cfg, Path(config["init_weights"]).parent if i == 0 and parent else run)
-                for i, (_, cfg, _) in enumerate(stages)]
+    # Each run wrote its best weights where the next one started from; the last one into `run`.
+    outs = [Path(cfg["init_weights"]).parent for _, cfg, _ in stages[1:]] + [run]
+    commands = [train_command(cfg, out) for (_, cfg, _), out in zip(stages, outs)]
     commands = "\n".join([*commands, f"python -m model.ship --run {run}"])
     data = metrics.get("data") or Path(evaluation["data"]).name
     jpeg_row = (f"| validation accuracy, JPEG q75 copy of the same images (`{Path(jpeg['data']).name}`) | "
@@ -171,7 +181,7 @@ in PaddlePaddle {paddle_version} on this project's 2-core CPU machine.
 |---|---|
 | validation accuracy ({evaluation["n"]:,} held-out training images, lossless) | **{evaluation["accuracy"]:.4f}** |
 {jpeg_row}
-| epochs trained / planned | {trained} (best: epoch {best["epoch"]}{" of the second run" if parent else ""}) |
+| epochs trained / planned | {trained} (best: epoch {best["epoch"]}{f" of {names[-1]}" if parent else ""}) |
 | calibration: expected calibration error after / before | {f"{calibration['ece_after']:.4f} / {calibration['ece_before']:.4f}" if calibration else "–"} |
 | test accuracy | measured independently (the test split is withheld here) |
 

@@ -28,6 +28,7 @@ import queue
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -73,12 +74,17 @@ class TrainConfig:
     erasing: float = 0.0
     jpeg: float = 0.0
     init_weights: str | None = None
+    # Exponential moving average of the weights, updated after every step with this decay (0: off).
+    # The average is what the run validates, keeps as its best weights and ships.
+    ema: float = 0.0
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"unknown augmentation {self.augment!r}; choose from {', '.join(AUGMENTATIONS)}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema decay {self.ema} is not in [0, 1)")
 
     def augmentation(self):
         if self.augment == "translate":
@@ -133,6 +139,38 @@ def build_optimizer(config: TrainConfig, model, steps_per_epoch: int):
         optimizer = paddle.optimizer.Adam(learning_rate=scheduler, parameters=params,
                                           weight_decay=config.weight_decay, use_multi_tensor=True, **clip)
     return optimizer, scheduler
+
+
+class WeightAverage:
+    """An exponential moving average of a model's parameters: after each optimizer step,
+    average = decay * average + (1 - decay) * weights. It starts from the model's weights when
+    it is made (those a run starts from), and holds no gradient."""
+
+    def __init__(self, model, decay: float):
+        self.decay = decay
+        self.parameters = dict(model.named_parameters())
+        self.average = {name: p.detach().clone() for name, p in self.parameters.items()}
+
+    def update(self) -> None:
+        import paddle
+
+        with paddle.no_grad():
+            for name, param in self.parameters.items():
+                average = self.average[name]
+                average.scale_(self.decay)
+                average.add_(param.detach() * (1.0 - self.decay))
+
+    def state_dict(self) -> dict:
+        """The averaged parameters, keyed as the model's state dict (loads into a model as weights)."""
+        return dict(self.average)
+
+    def set_state_dict(self, state: dict) -> None:
+        import paddle
+
+        missing = sorted(set(self.average) - set(state))
+        if missing:
+            raise ValueError(f"the weight average lacks {missing[0]} and {len(missing) - 1} more")
+        self.average = {name: paddle.to_tensor(state[name]) for name in self.average}
 
 
 def train_batches(data: LabeledImages, batch_size: int, augment, rng: np.random.Generator, limit: int | None):
@@ -219,26 +257,41 @@ def flush_subnormal_state(state: dict) -> dict:
     return out
 
 
+def lineage(record: dict) -> list[dict]:
+    """The run records that `record` descends from, oldest first and ending with `record`: each run
+    started from the best weights of the one before it (its "parent")."""
+    chain = []
+    while record is not None:
+        chain.append(record)
+        record = record.get("parent")
+    return chain[::-1]
+
+
 def plot_curves(history: list[dict], path: Path, parent: dict | None = None) -> None:
-    """Loss and accuracy per epoch; a run started from another's (parent's) best weights is drawn after it."""
+    """Loss and accuracy per epoch; the runs this one descends from (parent's lineage) are drawn before it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    offset = len(parent["history"]) if parent else 0
-    history = (parent["history"] if parent else []) + [{**h, "epoch": h["epoch"] + offset} for h in history]
+    combined, starts, offset = [], [], 0
+    for stage in lineage(parent) if parent else []:
+        combined += [{**h, "epoch": h["epoch"] + offset} for h in stage["history"]]
+        offset += len(stage["history"])
+        starts.append((offset, stage["best"]["epoch"]))
+    history = combined + [{**h, "epoch": h["epoch"] + offset} for h in history]
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
     ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
-    ax_loss.set(xlabel="epoch", ylabel="loss (label-smoothed CE)", title="Loss")
+    ax_loss.set(xlabel="epoch", ylabel="loss (cross-entropy, label-smoothed where the run smoothed)", title="Loss")
     ax_acc.plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train (augmented)")
     ax_acc.plot(epochs, [h["val_accuracy"] for h in history], "o-", label="validation")
     ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy", title="Accuracy")
     for ax in (ax_loss, ax_acc):
-        if offset:
-            ax.axvline(offset + 0.5, color="gray", linestyle="--", label=f"from the weights of epoch {parent['best']['epoch']}")
+        for i, (end, best) in enumerate(starts):
+            ax.axvline(end + 0.5, color="gray", linestyle="--",
+                       label="a new run from the previous one's best epoch" if i == 0 else None)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -256,6 +309,7 @@ class Session:
     scheduler: object
     steps_per_epoch: int
     record: dict
+    average: WeightAverage | None = None
 
 
 def train(
@@ -288,12 +342,17 @@ def train(
     for epoch in range(len(session.record["history"]) + 1, last_epoch + 1):
         started = time.perf_counter()
         entry = train_epoch(session, train_data, augment, epoch)
-        val = evaluate_split(session.model, val_data, config.label_smoothing)
+        if session.average is not None:
+            raw = evaluate_split(session.model, val_data, config.label_smoothing)
+            entry.update(raw_val_loss=raw["loss"], raw_val_accuracy=raw["accuracy"])
+        with kept_weights(session) as kept:
+            val = evaluate_split(kept, val_data, config.label_smoothing)
         entry.update(val_loss=val["loss"], val_accuracy=val["accuracy"], epoch_seconds=time.perf_counter() - started)
         save_epoch(session, entry, out)
         print(
             f"epoch {epoch}: train loss {entry['train_loss']:.4f} acc {entry['train_accuracy']:.4f} | "
-            f"val loss {entry['val_loss']:.4f} acc {entry['val_accuracy']:.4f} | "
+            f"val loss {entry['val_loss']:.4f} acc {entry['val_accuracy']:.4f}"
+            + (f" (raw weights {entry['raw_val_accuracy']:.4f})" if "raw_val_accuracy" in entry else "") + " | "
             f"{entry['train_images_per_s']:.0f} img/s",
             file=sys.stderr,
         )
@@ -319,6 +378,9 @@ def start_session(config: TrainConfig, train_size: int, out: Path, resume: bool,
     if resume and (out / "last.pdparams").exists():
         model.set_state_dict(paddle.load(str(out / "last.pdparams")))
         load_optimizer_state(model, optimizer, paddle.load(str(out / "last.pdopt")))
+        if config.ema:
+            session.average = WeightAverage(model, config.ema)
+            session.average.set_state_dict(paddle.load(str(out / "last.pdema")))
         session.record = json.loads((out / "metrics.json").read_text())
         check_same_config(session.record, config, out)
         check_checkpoint(scheduler, session.record, steps_per_epoch, out)
@@ -331,7 +393,25 @@ def start_session(config: TrainConfig, train_size: int, out: Path, resume: bool,
     elif config.init_weights:
         model.set_state_dict(paddle.load(config.init_weights))
         session.record["parent"] = parent_record(Path(config.init_weights))
+    if config.ema and session.average is None:
+        session.average = WeightAverage(model, config.ema)
     return session
+
+
+@contextmanager
+def kept_weights(session: Session):
+    """The model holding the weights the run validates and keeps (the weight average's, where there
+    is one, swapped in for the block: a second model in the process would slow training down)."""
+    if session.average is None:
+        yield session.model
+        return
+    model = session.model
+    trained = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model.set_state_dict(session.average.state_dict())
+    try:
+        yield model
+    finally:
+        model.set_state_dict(trained)
 
 
 def train_epoch(session: Session, train_data: LabeledImages, augment, epoch: int) -> dict:
@@ -356,6 +436,8 @@ def train_epoch(session: Session, train_data: LabeledImages, augment, epoch: int
         optimizer.step()
         optimizer.clear_grad()
         session.scheduler.step()
+        if session.average is not None:
+            session.average.update()
         seen += len(y)
         correct += int((logits.argmax(1) == y).sum())
         loss_sum += float(loss) * len(y)
@@ -379,12 +461,16 @@ def save_epoch(session: Session, entry: dict, out: Path) -> None:
     record["history"].append(entry)
     flush_subnormal_parameters(model)
     weights = model.state_dict()
+    kept = weights if session.average is None else flush_subnormal_state(session.average.state_dict())
     if record["best"] is None or entry["val_accuracy"] > record["best"]["val_accuracy"]:
         record["best"] = {"epoch": entry["epoch"], "val_accuracy": entry["val_accuracy"]}
         with replacing(out / "best.pdparams") as tmp:
-            paddle.save(weights, tmp)
+            paddle.save(kept, tmp)
     with replacing(out / "last.pdparams") as tmp:
         paddle.save(weights, tmp)
+    if session.average is not None:
+        with replacing(out / "last.pdema") as tmp:
+            paddle.save(kept, tmp)
     with replacing(out / "last.pdopt") as tmp:
         paddle.save(flush_subnormal_state(optimizer_state(model, session.optimizer)), tmp)
     # Written last: metrics.json says which epoch the checkpoint holds (see check_checkpoint).
@@ -482,6 +568,7 @@ RECIPE_HELP = {
     "erasing": "translate augmentation: probability of erasing a random rectangle",
     "jpeg": "probability of re-encoding a training image as JPEG (random quality 40-95)",
     "init_weights": "start a new run from these weights (a run's best.pdparams or shipped weights)",
+    "ema": "decay of an exponential moving average of the weights per step, which the run validates and keeps (0: off)",
 }
 
 

@@ -153,3 +153,29 @@ def test_a_proxy_row_without_minutes_says_so():
     row = {"name": "reference", "recipe": "Adam", "epochs": 4, "val_accuracy": 0.51, "val_accuracy_by_epoch": [0.4, 0.51],
            "minutes": None}
     assert "| 0.4000, 0.5100 | **0.5100** | not recorded |" in proxy_table([row])
+
+
+def test_the_card_of_a_third_run_names_every_stage_and_where_each_started(run, folder_dataset, tmp_path):
+    root, _ = folder_dataset
+    first = json.loads((run / "metrics.json").read_text())
+    first["history"] = [history_entry(epoch, 0.3 + epoch / 100) for epoch in range(1, 13)]
+    first["best"] = {"epoch": 11, "val_accuracy": 0.41}
+    second = {"config": {**first["config"], "epochs": 3, "lr": 3e-4, "init_weights": "model/weights/alexnet_acmix.pdparams"},
+              "history": [history_entry(e, 0.5 + e / 100) for e in (1, 2, 3)],
+              "best": {"epoch": 3, "val_accuracy": 0.53}, "parent": first}
+    third = {"config": {**first["config"], "epochs": 4, "lr": 2e-4, "ema": 0.999,
+                        "init_weights": "model/weights/alexnet_acmix.pdparams"},
+             "history": [{**history_entry(e, 0.6 + e / 100), "raw_val_accuracy": 0.55 + e / 100} for e in (1, 2)],
+             "best": {"epoch": 2, "val_accuracy": 0.62}, "parent": second}
+    (run / "metrics.json").write_text(json.dumps(third))
+
+    ship(run, str(root), "unused.json", out=tmp_path / "weights", split="all")
+    card = (tmp_path / "weights" / "README.md").read_text()
+    assert "| epochs trained / planned | 12 / 50 + 3 / 3 + 2 / 4 (best: epoch 2 of the third run) |" in card
+    for name in ("the first run", "the second run", "the third run"):
+        assert f"* Recipe of {name}:" in card and f"Epochs of {name}:" in card
+    assert "exponential moving average of the weights (decay 0.999 per step)" in card
+    # The third run's table shows the average's accuracy and the trained weights' beside it.
+    assert "| val acc (weight average) | val acc (trained weights) |" in card
+    assert "| 2 | 1.00e-03 | 1.8000 | 0.3000 | 1.7000 | 0.6200 | 0.5700 | 11.0 |" in card
+    assert card.count("--out model/weights") == 2  # the first two runs' weights were shipped there

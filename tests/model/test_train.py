@@ -239,3 +239,51 @@ def test_saved_weights_and_checkpoints_hold_no_subnormal_numbers(paddle, data, t
         saved = paddle.load(str(tmp_path / "run" / name))
         found = {key: count_subnormals(value.numpy()) for key, value in saved.items() if hasattr(value, "numpy")}
         assert sum(found.values()) == 0, (name, {k: v for k, v in found.items() if v})
+
+
+def test_the_weight_average_follows_its_definition_and_leaves_the_model_alone(paddle):
+    from model.alexnet import build_model
+    from model.train import WeightAverage
+
+    paddle.seed(0)
+    model = build_model("alexnet")
+    start = {n: p.numpy().copy() for n, p in model.named_parameters()}
+    average = WeightAverage(model, decay=0.9)
+    expected = dict(start)
+    for step in range(3):
+        for p in model.parameters():
+            p.set_value(p.numpy() + 0.5 * (step + 1))
+        average.update()
+        expected = {n: 0.9 * expected[n] + 0.1 * p.numpy() for n, p in model.named_parameters()}
+    for name, value in average.state_dict().items():
+        np.testing.assert_allclose(value.numpy(), expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        assert not np.allclose(value.numpy(), dict(model.named_parameters())[name].numpy())
+
+
+def test_with_an_average_the_run_keeps_the_averaged_weights_and_resumes_it(paddle, data, tmp_path):
+    from model.alexnet import build_model
+    from model.predict import predict_logits
+    from model.train import train
+
+    straight = train(config(epochs=2, ema=0.5), *data, tmp_path / "straight")
+    for entry in straight["history"]:
+        assert {"raw_val_accuracy", "raw_val_loss", "val_accuracy"} <= set(entry)
+    best = paddle.load(str(tmp_path / "straight" / "best.pdparams"))
+    last = paddle.load(str(tmp_path / "straight" / "last.pdparams"))
+    average = paddle.load(str(tmp_path / "straight" / "last.pdema"))
+    key = "classifier.0.weight"
+    assert not np.allclose(average[key].numpy(), last[key].numpy())  # the trained weights are not the average's
+    if straight["best"]["epoch"] == 2:
+        np.testing.assert_array_equal(best[key].numpy(), average[key].numpy())
+    # The recorded validation figure is the kept weights' own.
+    model = build_model("alexnet_acmix")
+    model.set_state_dict(best)
+    val = data[1]
+    accuracy = float((predict_logits(model, val.images).argmax(1) == val.labels).mean())
+    assert accuracy == pytest.approx(straight["best"]["val_accuracy"])
+
+    train(config(epochs=2, ema=0.5), *data, tmp_path / "split", until_epoch=1)
+    train(config(epochs=2, ema=0.5), *data, tmp_path / "split", resume=True)
+    resumed = paddle.load(str(tmp_path / "split" / "last.pdema"))
+    for name in average:
+        np.testing.assert_allclose(resumed[name].numpy(), average[name].numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
