@@ -153,7 +153,7 @@ def model_card(metrics: dict, evaluation: dict, paddle_version: str, run: Path, 
     records = lineage(metrics)
     names = ["the run"] if len(records) == 1 else [
         f"the {ORDINALS[i]} run" if i < len(ORDINALS) else f"run {i + 1}" for i in range(len(records))]
-    stages = [(record, recorded_config(record), name) for record, name in zip(records, names)]
+    stages = [(record, recorded_config(record), name) for record, name in zip(records, names, strict=True)]
     recent = sorted(h["epoch_seconds"] for h in history[-5:])
     minutes = recent[len(recent) // 2] / 60
     per_class = "\n".join(
@@ -164,7 +164,7 @@ def model_card(metrics: dict, evaluation: dict, paddle_version: str, run: Path, 
     tables = "\n\n".join(f"Epochs of {name}:\n\n{epoch_table(record['history'])}" for record, _, name in stages)
     # Each run wrote its best weights where the next one started from; the last one into `run`.
     outs = [Path(cfg["init_weights"]).parent for _, cfg, _ in stages[1:]] + [run]
-    commands = [train_command(cfg, out) for (_, cfg, _), out in zip(stages, outs)]
+    commands = [train_command(cfg, out) for (_, cfg, _), out in zip(stages, outs, strict=True)]
     commands = "\n".join([*commands, f"python -m model.ship --run {run}"])
     data = metrics.get("data") or Path(evaluation["data"]).name
     jpeg_row = (f"| validation accuracy, JPEG q75 copy of the same images (`{Path(jpeg['data']).name}`) | "

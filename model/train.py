@@ -278,7 +278,7 @@ def plot_curves(history: list[dict], path: Path, parent: dict | None = None) -> 
     for stage in lineage(parent) if parent else []:
         combined += [{**h, "epoch": h["epoch"] + offset} for h in stage["history"]]
         offset += len(stage["history"])
-        starts.append((offset, stage["best"]["epoch"]))
+        starts.append(offset)
     history = combined + [{**h, "epoch": h["epoch"] + offset} for h in history]
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
@@ -289,7 +289,7 @@ def plot_curves(history: list[dict], path: Path, parent: dict | None = None) -> 
     ax_acc.plot(epochs, [h["val_accuracy"] for h in history], "o-", label="validation")
     ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy", title="Accuracy")
     for ax in (ax_loss, ax_acc):
-        for i, (end, best) in enumerate(starts):
+        for i, end in enumerate(starts):
             ax.axvline(end + 0.5, color="gray", linestyle="--",
                        label="a new run from the previous one's best epoch" if i == 0 else None)
         ax.grid(alpha=0.3)
