@@ -11,11 +11,17 @@ before, MinMax 96.2% and the 99.99th percentile 97.8%, same
 accuracy), one Q/DQ pair per consumer. Input `image` and output `logits` stay float32, so every
 backend feeds and reads the same arrays.
 
+What is quantized is the fp32 graph with ACmix's convolution path folded into one dense
+convolution per layer (export/conv_fold.py): ONNX Runtime's int8 kernels run the fp32 graph's
+grouped convolutions slowly, dense ones fast (README, "INT8"). The fold is exact algebra on the
+fp32 file; the fp32 file itself keeps the grouped form, which is the faster one in fp32.
+
 Calibration images are held-out in the sense that matters: training images outside the
 validation split, so that the validation accuracy of the int8 model stays an honest figure.
 The ranges they give are kept in `model/weights/int8_calibration.json` with the digest of the
-weights they belong to and of the image list: building from those weights again (a Docker build
-has no data set) reuses them; other weights need the images. The int8 ONNX records the digest of
+weights they belong to, of the graph they were measured on (tensor names) and of the image list:
+building the same graph from those weights again (a Docker build has no data set) reuses them;
+other weights or another graph need the images. The int8 ONNX records the digest of
 its fp32 source and of the calibration (runtime/artifacts.py).
 """
 
@@ -28,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export.conv_fold import fold_grouped_convolutions
 from export.errors import ExportError
 from model import paths
 from model.files import replacing, write_bytes
@@ -84,13 +91,23 @@ def read_table(path: Path) -> dict | None:
     return table
 
 
+def graph_digest(model) -> str:
+    """sha256 of a graph's structure: its nodes' types, inputs and outputs (the tensor names that
+    calibration ranges are keyed by), not its weights."""
+    digest = hashlib.sha256()
+    for node in model.graph.node:
+        digest.update(f"{node.op_type}({','.join(node.input)})->{','.join(node.output)};".encode())
+    return digest.hexdigest()
+
+
 def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, data: str | Path | None = paths.DATA,
                   split_file: str | None = paths.SPLIT_FILE, count: int = 512,
                   table_path: str | Path | None = None) -> Path:
     """Write the int8 QDQ version of the fp32 `onnx_in` to `onnx_out`; returns the path.
 
     Uses the calibration table (default CALIBRATION_TABLE) when it belongs to the weights `onnx_in`
-    was exported from, else calibrates on `count` images of `data` and writes the table.
+    was exported from and to the graph quantized, else calibrates on `count` images of `data` and
+    writes the table.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -103,15 +120,22 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, data: str | Path | 
         raise ExportError(f"{onnx_in}: no such ONNX file")
     weights_digest = onnx_metadata(onnx_in).get(WEIGHTS_DIGEST)
     table = read_table(table_path)
-    reuse = table is not None and weights_digest is not None and table["weights_sha256"] == weights_digest
     with tempfile.TemporaryDirectory(prefix="int8.") as tmp:
+        folded = onnx.load(str(onnx_in))
+        fold_grouped_convolutions(folded)
+        structure = graph_digest(folded)
+        prepared = Path(tmp) / "folded.onnx"
+        onnx.save(folded, str(prepared))
+        reuse = (table is not None and weights_digest is not None and table["weights_sha256"] == weights_digest
+                 and table.get("graph_sha256") == structure)
         cache = Path(tmp) / "ranges.json"
         reader = None
         if reuse:
             cache.write_text(json.dumps(table["ranges"]))
         else:
             if data is None or not Path(data).exists():
-                why = "it is for other weights" if table else "there is none"
+                why = ("there is none" if table is None else "it is for other weights"
+                       if table["weights_sha256"] != weights_digest else "it is for another graph")
                 raise ExportError(f"{table_path}: cannot reuse the calibration ({why}) and the calibration images "
                                   f"are not here ({data}); run where the data set is")
             images, described = calibration_images(data, split_file, count)
@@ -119,7 +143,7 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, data: str | Path | 
         quantized = Path(tmp) / "int8.onnx"
         try:
             quantize_static(
-                str(onnx_in), str(quantized), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=OP_TYPES,
+                str(prepared), str(quantized), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=OP_TYPES,
                 per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.Percentile, calibration_cache_path=str(cache),
                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": 99.999,
@@ -130,11 +154,10 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, data: str | Path | 
         ranges = json.loads(cache.read_text())
         model = onnx.load(str(quantized))
     if not reuse:
-        table = {"weights_sha256": weights_digest, "images": described, "ranges": ranges}
+        table = {"weights_sha256": weights_digest, "graph_sha256": structure, "images": described, "ranges": ranges}
         write_bytes(table_path, (json.dumps(table, indent=1, sort_keys=True) + "\n").encode())
-    source = onnx.load(str(onnx_in), load_external_data=False)
     del model.metadata_props[:]
-    model.metadata_props.extend(source.metadata_props)
+    model.metadata_props.extend(folded.metadata_props)
     set_source(model, onnx_in)
     model.metadata_props.add(key=CALIBRATION_DIGEST, value=hashlib.sha256(
         json.dumps(table["ranges"], sort_keys=True).encode()).hexdigest())

@@ -257,7 +257,9 @@ class ACmix(nn.Layer):
         terms, qkv = [], []
         for i in range(3):
             projected = F.conv2d(x, weight[i].reshape([-1, self.in_planes, 1, 1]), bias[i].reshape([-1]))
-            term_bias = self.dep_conv.bias * self.rate2 if i == 0 else None  # once, in the first term
+            # dep_conv's one shared bias, once, as the first convolution's per-channel bias (a [1] bias
+            # would be traced as a separate Add)
+            term_bias = (self.dep_conv.bias * self.rate2).expand([self.out_planes]) if i == 0 else None
             terms.append(F.conv2d(projected, spread[:, i].reshape([self.out_planes, -1, k, k]), term_bias,
                                   padding=k // 2, groups=groups))
             per_head = projected.reshape([0, groups, head, group_dims, length]).transpose([0, 2, 1, 3, 4])

@@ -37,6 +37,9 @@ def test_the_int8_onnx_keeps_float_io_and_is_qdq(int8_of_the_exported_model):
     assert [(v.name, v.type.tensor_type.elem_type) for v in model.graph.output] == [("logits", float_type)]
     ops = {node.op_type for node in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv", "MatMul"} <= ops
+    # ACmix's convolution path is quantized in its dense form (export/conv_fold.py): no grouped convolution.
+    groups = [a.i for node in model.graph.node if node.op_type == "Conv" for a in node.attribute if a.name == "group"]
+    assert all(g == 1 for g in groups)
     zero_points = [onnx.numpy_helper.to_array(init) for init in model.graph.initializer if "zero_point" in init.name]
     zero_points = [z for z in zero_points if z.dtype != np.int32]  # biases are int32
     assert zero_points and all((z == 0).all() and z.dtype == np.int8 for z in zero_points)  # symmetric int8
@@ -92,6 +95,15 @@ def test_it_records_its_source_and_calibration_and_reuses_the_table(int8_of_the_
     # No data set (a Docker build): the table of these weights gives the same graph.
     again = quantize_int8(fp32, tmp_path / "again.int8.onnx", data=None, table_path=table)
     assert onnx_metadata(again)[CALIBRATION_DIGEST] == metadata[CALIBRATION_DIGEST]
+
+
+def test_a_table_measured_on_another_graph_is_not_reused(int8_of_the_exported_model, tmp_path):
+    fp32, _, table = int8_of_the_exported_model
+    recorded = json.loads(table.read_text())
+    other = tmp_path / "other_graph.json"
+    other.write_text(json.dumps({**recorded, "graph_sha256": "0" * 64}))  # e.g. before a change of layout
+    with pytest.raises(ExportError, match="cannot reuse the calibration \\(it is for another graph\\)"):
+        quantize_int8(fp32, tmp_path / "x.onnx", data=tmp_path / "absent", table_path=other)
 
 
 def test_without_a_table_for_these_weights_nor_images_it_says_so(onnx_model, tmp_path):
