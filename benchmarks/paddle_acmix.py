@@ -5,8 +5,10 @@
 * Training: the training loop as `python -m model.train` runs it (batches augmented in a thread by
   model.train.train_batches, forward, backward, the optimizer) over 32x32 images, for the
   previous training path (benchmarks/previous_training.py: the eager forward and the reference
-  augmentation at 128x128 before this work) and for the current one (model/alexnet.py, the
-  translation augmentation at 32x32 with JPEG re-encoding). Seconds per step.
+  augmentation at 128x128 before this work, in its process settings: MKL's AVX2 code path on AMD)
+  and for the current one (model/alexnet.py, the translation augmentation at 32x32 with JPEG
+  re-encoding, model/runtime.py's settings). Seconds per step, in the steady state: the first
+  WARMUP_STEPS of each process, which allocate Paddle's memory (1.3-1.5x slower), are not timed.
 * Inference (eval, no grad): the reference notebook's ACmix formulation (model/reference_acmix.py)
   against the current one.
 
@@ -32,10 +34,11 @@ from tqdm import tqdm
 from runtime.cpu import cpu_info, describe
 
 TASKS = {"train_step": ("previous", "current"), "inference": ("reference", "current")}
+WARMUP_STEPS = 3
 
 
 def measure(task: str, variant: str, batch: int, steps: int) -> list[float]:
-    """Seconds per training step or per inference call of one variant, after one untimed one."""
+    """Seconds per training step (after WARMUP_STEPS untimed ones) or per inference call (after one) of one variant."""
     from model.runtime import import_paddle
 
     paddle = import_paddle()
@@ -72,19 +75,20 @@ def measure(task: str, variant: str, batch: int, steps: int) -> list[float]:
     else:
         model, augment = AlexNet_ACmix(), TranslateAugmentation(jpeg=0.5)
     optimizer = paddle.optimizer.Adam(parameters=model.parameters(), weight_decay=1e-5, use_multi_tensor=True)
-    count = batch * (steps + 1)
+    count = batch * (steps + WARMUP_STEPS)
     images = LabeledImages(list(rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)),
                            rng.integers(0, 10, count), [str(i) for i in range(count)])
     model.train()
     times, started = [], time.perf_counter()
-    for step, (xb, yb) in enumerate(train_batches(images, batch, augment, np.random.default_rng(1), steps + 1)):
+    batches = train_batches(images, batch, augment, np.random.default_rng(1), steps + WARMUP_STEPS)
+    for step, (xb, yb) in enumerate(batches):
         loss = smoothed_cross_entropy(model(paddle.to_tensor(xb)), paddle.to_tensor(yb), 0.1)
         loss.backward()
         optimizer.step()
         optimizer.clear_grad()
         float(loss)
         now = time.perf_counter()
-        if step:
+        if step >= WARMUP_STEPS:
             times.append(now - started)
         started = now
     return times
@@ -93,7 +97,12 @@ def measure(task: str, variant: str, batch: int, steps: int) -> list[float]:
 def in_child(task: str, variant: str, batch: int, steps: int) -> list[float]:
     command = [sys.executable, "-m", "benchmarks.paddle_acmix", "--child", f"{task}:{variant}", "--batch", str(batch),
                "--steps", str(steps)]
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    env = None
+    if (task, variant) == ("train_step", "previous"):
+        from benchmarks.previous_training import previous_environment
+
+        env = previous_environment()
+    done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

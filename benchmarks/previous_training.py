@@ -3,10 +3,13 @@ that `python -m benchmarks.paddle_acmix` measures the current one against, in th
 
 Same parameters as model/alexnet.py (the weights are shared); only the eager forward differs:
 q, k, v sliced out of the projection, `k - pe` and the stem's biases broadcast over 4-D tensors,
-dep_conv's col2im by F.fold. Its batches come from the reference augmentation at 128x128.
+dep_conv's col2im by F.fold. Its batches come from the reference augmentation at 128x128, and its
+process took MKL's AVX2 code path on every AMD CPU (`previous_environment`).
 """
 
 from __future__ import annotations
+
+import os
 
 import paddle
 import paddle.nn.functional as F
@@ -53,3 +56,15 @@ def previous_model() -> AlexNet_ACmix:
         elif isinstance(layer, ACmix):
             model.features[i] = PreviousACmix(layer.in_planes, layer.out_planes, kernel_conv=layer.kernel_conv)
     return model
+
+
+def previous_environment(cpuinfo_path: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The process environment the previous path ran with: MKL_DEBUG_CPU_TYPE=5 (AVX2) on AMD, as
+    model/runtime.py set it then, whatever the CPU's AVX-512 (a value the user set is kept)."""
+    from model.runtime import MKL_AVX2, cpu_vendor_and_flags
+
+    env = dict(os.environ)
+    vendor, _ = cpu_vendor_and_flags(cpuinfo_path)
+    if vendor == "AuthenticAMD":
+        env.setdefault("MKL_DEBUG_CPU_TYPE", MKL_AVX2)
+    return env

@@ -6,29 +6,42 @@ import pytest
 
 from model import runtime
 
+AMD_AVX2 = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma\n"
+AMD_AVX512 = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 avx512f avx512dq avx512cd avx512bw avx512vl avx512_bf16\n"
+INTEL = "vendor_id\t: GenuineIntel\nflags\t\t: fpu avx2 avx512f avx512dq avx512cd avx512bw avx512vl\n"
 
-@pytest.mark.parametrize("amd,preset,expected", [
-    (True, None, "5"),      # AMD: MKL's AVX2 kernels instead of its generic ones
-    (False, None, None),    # Intel and others: MKL's own choice (AVX-512 where there is one)
-    (True, "0", "0"),       # a value the user set is kept
+
+@pytest.mark.parametrize("cpuinfo,expected", [
+    (AMD_AVX2, "5"),     # AMD with AVX2 (e.g. Zen 2/3): MKL's AVX2 kernels instead of its generic ones
+    (AMD_AVX512, "7"),   # AMD with the Xeon AVX-512 set (Zen 4/5): MKL's AVX-512 kernels
+    (INTEL, None),       # Intel: MKL's own choice
+    ("", None),          # unreadable or another vendor
 ])
-def test_mkl_kernel_choice(monkeypatch, amd, preset, expected):
-    monkeypatch.setattr(runtime, "is_amd_cpu", lambda: amd)
+def test_mkl_code_path_per_cpu(tmp_path, cpuinfo, expected):
+    path = tmp_path / "cpuinfo"
+    path.write_text("processor\t: 0\n" + cpuinfo)
+    assert runtime.mkl_code_path(str(path)) == expected
+
+
+def test_amd_with_avx512_but_not_all_of_the_xeon_set_keeps_avx2(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(AMD_AVX512.replace(" avx512bw", ""))
+    assert runtime.mkl_code_path(str(path)) == "5"
+
+
+@pytest.mark.parametrize("chosen,preset,expected", [
+    ("7", None, "7"),
+    (None, None, None),   # nothing set on Intel
+    ("5", "0", "0"),      # a value the user set is kept
+])
+def test_the_choice_is_set_only_where_the_user_has_not(monkeypatch, chosen, preset, expected):
+    monkeypatch.setattr(runtime, "mkl_code_path", lambda: chosen)
     if preset is None:
         monkeypatch.delenv("MKL_DEBUG_CPU_TYPE", raising=False)
     else:
         monkeypatch.setenv("MKL_DEBUG_CPU_TYPE", preset)
     runtime.use_fast_mkl_kernels_on_amd()
     assert runtime.os.environ.get("MKL_DEBUG_CPU_TYPE") == expected
-
-
-def test_cpu_vendor_is_read_from_cpuinfo(tmp_path):
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n")
-    assert runtime.is_amd_cpu(str(cpuinfo))
-    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel Xeon\n")
-    assert not runtime.is_amd_cpu(str(cpuinfo))
-    assert not runtime.is_amd_cpu(str(tmp_path / "absent"))
 
 
 def test_the_cpu_is_used_when_asked_or_when_paddle_has_no_cuda(paddle):
@@ -65,3 +78,19 @@ def test_training_runs_on_a_cuda_gpu(tmp_path):
     record = train(TrainConfig(epochs=1, batch_size=8, max_steps_per_epoch=2), synthetic_split(2, 0),
                    synthetic_split(1, 1), tmp_path, device=device, device_reason=reason)
     assert record["device"] == "gpu" and record["history"][0]["train_loss"] > 0
+
+
+def test_the_training_benchmark_runs_the_previous_path_with_its_own_mkl_choice(tmp_path, monkeypatch):
+    """The baseline of `python -m benchmarks.paddle_acmix` is the previous code path as it ran: AVX2 on
+    every AMD CPU, so that the AVX-512 choice counts as part of the speed-up it measures."""
+    from benchmarks.previous_training import previous_environment
+
+    monkeypatch.delenv("MKL_DEBUG_CPU_TYPE", raising=False)
+    path = tmp_path / "cpuinfo"
+    path.write_text("processor\t: 0\n" + AMD_AVX512)
+    assert runtime.mkl_code_path(str(path)) == "7"
+    assert previous_environment(str(path))["MKL_DEBUG_CPU_TYPE"] == "5"
+    path.write_text("processor\t: 0\n" + INTEL)
+    assert "MKL_DEBUG_CPU_TYPE" not in previous_environment(str(path))
+    monkeypatch.setenv("MKL_DEBUG_CPU_TYPE", "0")  # the user's value, for both paths
+    assert previous_environment(str(path))["MKL_DEBUG_CPU_TYPE"] == "0"
