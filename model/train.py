@@ -329,7 +329,8 @@ def train(
     until_epoch stops early (after that epoch's checkpoint), to be continued with resume.
     continue_from (a folder that model.ship wrote: SHIPPED_WEIGHTS and SHIPPED_METRICS) continues
     the shipped run after its best epoch when no checkpoint is left: same history, schedule and
-    batches; only the optimizer's moments, which are not shipped, start afresh.
+    batches; only the optimizer's moments, which are not shipped, start afresh (and, in a run that keeps
+    a weight average, the trained weights start from the average, which is what was shipped).
     """
     import_paddle(device=device)
     out.mkdir(parents=True, exist_ok=True)
