@@ -22,21 +22,26 @@ MKL_AVX2, MKL_AVX512 = "5", "7"
 AVX512_FOR_MKL = ("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl")
 
 
-def cpu_vendor_and_flags(cpuinfo_path: str = "/proc/cpuinfo") -> tuple[str, set[str]]:
-    """The first CPU's vendor_id and flags ("" and none where /proc/cpuinfo cannot be read)."""
-    vendor, flags = "", set()
+def read_cpuinfo(cpuinfo_path: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The first CPU's "model name", "vendor_id" and "flags" lines of /proc/cpuinfo ({} where it cannot
+    be read: not Linux). runtime/cpu.py, which benchmarks record, reads it through here too."""
+    fields: dict[str, str] = {}
     try:
         with open(cpuinfo_path) as cpuinfo:
             for line in cpuinfo:
                 key, _, value = line.partition(":")
-                if key.strip() == "vendor_id" and not vendor:
-                    vendor = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:  # not Linux
+                key = key.strip()
+                if key in ("model name", "vendor_id", "flags") and key not in fields:
+                    fields[key] = value.strip()
+    except OSError:
         pass
-    return vendor, flags
+    return fields
+
+
+def cpu_vendor_and_flags(cpuinfo_path: str = "/proc/cpuinfo") -> tuple[str, set[str]]:
+    """The first CPU's vendor_id and flags ("" and none where /proc/cpuinfo cannot be read)."""
+    fields = read_cpuinfo(cpuinfo_path)
+    return fields.get("vendor_id", ""), set(fields.get("flags", "").split())
 
 
 def mkl_code_path(cpuinfo_path: str = "/proc/cpuinfo") -> str | None:

@@ -1,7 +1,6 @@
 """This machine's CPU: model name and the vector extensions that decide which kernels run fastest.
 
-Every benchmark records it with its figures (figures from two CPUs are never mixed); the export
-layout choice reads the extensions too.
+Every benchmark records it with its figures (figures from two CPUs are never mixed).
 """
 
 from __future__ import annotations
@@ -15,16 +14,9 @@ def cpu_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
     """{"model": ..., "vendor": ..., "cores": N, "extensions": [...]} ("unknown" where not Linux)."""
     import os
 
-    fields: dict[str, str] = {}
-    try:
-        with open(cpuinfo_path) as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("model name", "vendor_id", "flags") and key not in fields:
-                    fields[key] = value.strip()
-    except OSError:
-        pass
+    from model.runtime import read_cpuinfo
+
+    fields = read_cpuinfo(cpuinfo_path)
     flags = set(fields.get("flags", "").split())
     return {
         "model": fields.get("model name", platform.processor() or "unknown"),
