@@ -23,15 +23,16 @@ AVX512_FOR_MKL = ("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl")
 
 
 def read_cpuinfo(cpuinfo_path: str = "/proc/cpuinfo") -> dict[str, str]:
-    """The first CPU's "model name", "vendor_id" and "flags" lines of /proc/cpuinfo ({} where it cannot
-    be read: not Linux). runtime/cpu.py, which benchmarks record, reads it through here too."""
+    """The first CPU's "model name", "vendor_id", "cpu family", "model" and "flags" lines of
+    /proc/cpuinfo ({} where it cannot be read: not Linux). runtime/cpu.py, which benchmarks record,
+    reads it through here too."""
     fields: dict[str, str] = {}
     try:
         with open(cpuinfo_path) as cpuinfo:
             for line in cpuinfo:
                 key, _, value = line.partition(":")
                 key = key.strip()
-                if key in ("model name", "vendor_id", "flags") and key not in fields:
+                if key in ("model name", "vendor_id", "cpu family", "model", "flags") and key not in fields:
                     fields[key] = value.strip()
     except OSError:
         pass
