@@ -284,7 +284,7 @@ def plot_curves(history: list[dict], path: Path, parent: dict | None = None) -> 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
     ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
-    ax_loss.set(xlabel="epoch", ylabel="loss (cross-entropy, label-smoothed where the run smoothed)", title="Loss")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss (label-smoothed in runs that smoothed)")
     ax_acc.plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train (augmented)")
     ax_acc.plot(epochs, [h["val_accuracy"] for h in history], "o-", label="validation")
     ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy", title="Accuracy")
