@@ -25,22 +25,7 @@ from collections import defaultdict
 
 import numpy as np
 
-
-def _attributes(node) -> dict:
-    from onnx import helper
-
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _is_projection(node, initializers) -> bool:
-    """A 1x1 convolution, stride 1, no padding, one group, constant weights."""
-    if node.op_type != "Conv" or node.input[1] not in initializers:
-        return False
-    attrs = _attributes(node)
-    weight = initializers[node.input[1]]
-    return (weight.ndim == 4 and weight.shape[2:] == (1, 1) and attrs.get("group", 1) == 1
-            and set(attrs.get("strides", [1, 1])) == {1} and set(attrs.get("pads", [0, 0, 0, 0])) == {0}
-            and attrs.get("auto_pad", "NOTSET") == "NOTSET")
+from export.onnx_graph import attributes, drop_unused_initializers, index, is_projection
 
 
 def _is_same_size_grouped(node, initializers) -> bool:
@@ -49,7 +34,7 @@ def _is_same_size_grouped(node, initializers) -> bool:
         return False
     if len(node.input) > 2 and node.input[2] and node.input[2] not in initializers:
         return False
-    attrs = _attributes(node)
+    attrs = attributes(node)
     weight = initializers[node.input[1]]
     k = weight.shape[2] if weight.ndim == 4 else 0
     return (attrs.get("group", 1) > 1 and k % 2 == 1 and weight.shape[3] == k
@@ -115,17 +100,13 @@ def fold_grouped_convolutions(model) -> int:
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
     initializers = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
+    producer, consumers = index(graph)
 
     by_input = defaultdict(list)  # x -> [(grouped conv, its projection)]
     for node in graph.node:
         projection = producer.get(node.input[0]) if node.input else None
         if (_is_same_size_grouped(node, initializers) and projection is not None
-                and _is_projection(projection, initializers)):
+                and is_projection(projection, initializers)):
             by_input[projection.input[0]].append((node, projection))
 
     folded = 0
@@ -138,7 +119,7 @@ def fold_grouped_convolutions(model) -> int:
         height, width = shape[2:]
         weight, constant = 0.0, 0.0
         for conv, projection in convolutions:
-            grouped, groups = initializers[conv.input[1]], _attributes(conv)["group"]
+            grouped, groups = initializers[conv.input[1]], attributes(conv)["group"]
             project_w = initializers[projection.input[1]]
             project_b = (initializers[projection.input[2]] if len(projection.input) > 2 and projection.input[2]
                          else np.zeros(project_w.shape[0], np.float32))
@@ -160,7 +141,5 @@ def fold_grouped_convolutions(model) -> int:
             graph.node.insert(position + offset, node)
         folded += 1
     if folded:
-        used = {name for node in graph.node for name in node.input}
-        for init in [i for i in graph.initializer if i.name not in used]:
-            graph.initializer.remove(init)
+        drop_unused_initializers(graph)
     return folded

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from runtime.backend import BackendError
@@ -44,3 +45,47 @@ def test_a_missing_or_corrupt_file_is_named(tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"\0garbage")
     with pytest.raises(BackendError, match="bad.onnx: ONNX Runtime cannot load it"):
         create_session(tmp_path / "bad.onnx")
+
+
+def relu_qdq_graph(second_reader: str | None = None):
+    """x -> Relu -> MaxPool -> QuantizeLinear (uint8, zero point 128) -> DequantizeLinear -> y, as
+    unsigned_activations leaves an int8 file on the CPU; optionally a second reader of the Relu."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "z")]
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["m"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("QuantizeLinear", ["m", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if second_reader:
+        nodes.append(helper.make_node(second_reader, ["r", "r"], ["other"]))
+        outputs.append(helper.make_tensor_value_info("other", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 4])],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_relu_before_a_quantization_becomes_its_zero_point():
+    """relu_into_quantize: zero point 0 makes the uint8 quantization clamp at 0, which is the ReLU;
+    within the calibrated range the values are the same as with the ReLU (a plain session is the
+    oracle)."""
+    import onnxruntime as ort
+
+    from runtime.onnxruntime import relu_into_quantize
+
+    x = np.random.default_rng(0).uniform(-6, 3, (2, 3, 4, 4)).astype(np.float32)  # within 127 steps of 0.05
+    model = relu_qdq_graph()
+    expected = ort.InferenceSession(model.SerializeToString()).run(["y"], {"x": x})[0]
+    assert relu_into_quantize(model) == 1
+    assert "Relu" not in {n.op_type for n in model.graph.node}
+    got = ort.InferenceSession(model.SerializeToString()).run(["y"], {"x": x})[0]
+    np.testing.assert_array_equal(got, expected)
+    assert (got == 0).any()  # negative inputs were there and were clamped
+
+
+def test_a_relu_with_another_reader_stays():
+    from runtime.onnxruntime import relu_into_quantize
+
+    model = relu_qdq_graph(second_reader="Add")
+    assert relu_into_quantize(model) == 0 and "Relu" in {n.op_type for n in model.graph.node}
