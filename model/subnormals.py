@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import numpy as np
 
+_BITS = {2: np.uint16, 4: np.uint32, 8: np.uint64}  # IEEE half, single and double by size
+
 
 def subnormal_mask(array: np.ndarray) -> np.ndarray:
-    """True where a floating-point value is subnormal (non-zero and below the smallest normal)."""
+    """True where a floating-point value is subnormal (non-zero and below the smallest normal).
+
+    Read from the bits (exponent field 0, mantissa not), not by comparing magnitudes: a thread that
+    runs ONNX Runtime reads subnormal inputs as zero (runtime/cpu.py), and there `|x| > 0` is False
+    for every subnormal x."""
     array = np.asarray(array)
-    if not np.issubdtype(array.dtype, np.floating):
+    if not np.issubdtype(array.dtype, np.floating) or array.dtype.itemsize not in _BITS:
         return np.zeros(array.shape, dtype=bool)
-    magnitude = np.abs(array)
-    return (magnitude > 0) & (magnitude < np.finfo(array.dtype).tiny)
+    info = np.finfo(array.dtype)
+    bits = np.ascontiguousarray(array).view(_BITS[array.dtype.itemsize])
+    mantissa = (1 << info.nmant) - 1
+    exponent = ((1 << info.nexp) - 1) << info.nmant
+    return ((bits & exponent) == 0) & ((bits & mantissa) != 0)
 
 
 def count_subnormals(array: np.ndarray) -> int:

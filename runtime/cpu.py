@@ -1,10 +1,13 @@
-"""This machine's CPU: model name and the vector extensions that decide which kernels run fastest.
+"""This machine's CPU: model name and the vector extensions that decide which kernels run fastest,
+and the one switch of its floating-point mode the project sets (denormals as zero).
 
 Every benchmark records it with its figures (figures from two CPUs are never mixed).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import platform
 
 EXTENSIONS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
@@ -34,3 +37,54 @@ def describe(info: dict | None = None) -> str:
     info = info or cpu_info()
     family = f" (family {info['family']})" if info.get("family", "unknown") != "unknown" else ""
     return f"{info['model']}{family}, {info['cores']} cores, {' '.join(info['extensions']) or 'no AVX2'}"
+
+
+# MXCSR bits: flush results that would be subnormal to zero (FTZ, bit 15) and read subnormal
+# inputs as zero (DAZ, bit 6).
+FLUSH_TO_ZERO, DENORMALS_ARE_ZERO = 1 << 15, 1 << 6
+# glibc's fenv_t on x86-64: the x87 environment (28 bytes), then the MXCSR register.
+_FENV_SIZE, _MXCSR_OFFSET = 32, 28
+
+
+@functools.cache
+def _libm():
+    """glibc's libm where FTZ/DAZ can be set (x86-64 Linux), else None."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def denormals_as_zero():
+    """Within the block, the calling thread flushes subnormal results to zero and reads subnormal
+    inputs as zero (FTZ and DAZ in its MXCSR, through glibc's fegetenv/fesetenv); its previous
+    mode comes back after. Where that cannot be set (not x86-64 Linux), the block runs unchanged.
+
+    ONNX Runtime's `session.set_denormal_as_zero` sets the mode in its thread pool only, not in the
+    thread that calls `run`, which computes its share of every parallel node: with the option set,
+    0.6% of the first ACmix layer's attention weights still came out subnormal (AMD EPYC, 64
+    validation images; none with this block around `run`). Subnormal operands cost ~10x per
+    product on some Intel CPUs (../shared/notes/subnormals.md).
+    """
+    import ctypes
+    import struct
+
+    libm = _libm()
+    saved = ctypes.create_string_buffer(_FENV_SIZE)
+    if libm is None or libm.fegetenv(saved) != 0:
+        yield
+        return
+    flushing = ctypes.create_string_buffer(saved.raw, _FENV_SIZE)
+    mxcsr = struct.unpack_from("<I", saved.raw, _MXCSR_OFFSET)[0]
+    struct.pack_into("<I", flushing, _MXCSR_OFFSET, mxcsr | FLUSH_TO_ZERO | DENORMALS_ARE_ZERO)
+    libm.fesetenv(flushing)
+    try:
+        yield
+    finally:
+        libm.fesetenv(saved)

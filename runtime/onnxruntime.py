@@ -4,7 +4,9 @@ Every session the project creates (the service, export verification, every bench
 `create_session`, so that what is measured is what is served:
 
 * denormals as zero (`session.set_denormal_as_zero`): subnormal activations cost ~100x per
-  product on some CPUs (../shared/notes/subnormals.md); the export flushes subnormal weights too;
+  product on some CPUs (../shared/notes/subnormals.md); the export flushes subnormal weights too.
+  That option covers ONNX Runtime's pool threads only, so each `run` of a session made here sets the
+  same mode in the calling thread for its duration (runtime/cpu.py);
 * idle intra-op threads sleep instead of spinning (`session.intra_op.allow_spinning` 0): spinning
   takes the cores that HTTP handling and image decoding share with inference; a sleeping pool
   costs a little latency per batch only;
@@ -31,6 +33,7 @@ import numpy as np
 
 from model.spec import INPUT_NAME, OUTPUT_NAME
 from runtime.backend import Backend, BackendError
+from runtime.cpu import denormals_as_zero
 
 SESSION_CONFIG = {
     "session.set_denormal_as_zero": "1",
@@ -160,6 +163,21 @@ def cpu_graph(path: Path) -> bytes:
     return model.SerializeToString()
 
 
+class Session:
+    """An onnxruntime.InferenceSession whose `run` computes with denormals as zero in the calling
+    thread too (module docstring); everything else is the session's own."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def run(self, *args, **kwargs):
+        with denormals_as_zero():
+            return self.session.run(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
 def create_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None):
     """An InferenceSession over `path` with the project's options; BackendError naming the file if
     it is missing or ONNX Runtime cannot load it. providers default to CUDA where ONNX Runtime has
@@ -173,7 +191,7 @@ def create_session(path: str | Path, threads: int | None = None, providers: list
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
     try:
         graph = cpu_graph(path) if providers[:1] == ["CPUExecutionProvider"] else str(path)
-        return ort.InferenceSession(graph, session_options(threads), providers=providers)
+        return Session(ort.InferenceSession(graph, session_options(threads), providers=providers))
     except Exception as exc:  # onnxruntime raises its own exception types
         raise BackendError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})") from None
 

@@ -140,6 +140,15 @@ def run_onnx(path, batch: np.ndarray) -> np.ndarray:
     return session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
 
 
+def subnormal_float32(bits: int = 0x000AE398) -> np.float32:
+    """A subnormal float32 (default ~1e-39) made from its bits: converting a Python float would give
+    0 in a thread that flushes denormals, as every thread that has run ONNX Runtime does
+    (runtime/cpu.py)."""
+    value = np.array([bits], np.uint32).view(np.float32)[0]
+    assert 0 < bits < 0x00800000
+    return value
+
+
 def images(n: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).normal(0, 1, (n, *INPUT_SHAPE)).astype(np.float32)
 

@@ -186,10 +186,11 @@ def test_cli_onnx_fp16_derives_records_its_source_and_verifies(onnx_model, tmp_p
 def test_subnormal_weights_are_flushed_and_the_logits_stay(paddle, weights, tmp_path):
     from export.onnx_export import export_onnx
     from model.subnormals import count_subnormals
+    from tests.conftest import subnormal_float32
 
     state = paddle.load(str(weights))
     fc = state["classifier.0.weight"].numpy().copy()
-    fc[:, :64] = 1e-39  # dead units' weights, shrunk by weight decay (../shared/notes/subnormals.md)
+    fc[:, :64] = subnormal_float32()  # ~1e-39: dead units' weights, shrunk by weight decay (../shared/notes/subnormals.md)
     state["classifier.0.weight"] = paddle.to_tensor(fc)
     dirty = tmp_path / "dirty.pdparams"
     paddle.save(state, str(dirty))

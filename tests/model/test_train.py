@@ -225,14 +225,16 @@ def test_saved_weights_and_checkpoints_hold_no_subnormal_numbers(paddle, data, t
     from model.alexnet import build_model
     from model.subnormals import count_subnormals
     from model.train import train
+    from tests.conftest import subnormal_float32
 
     model = build_model()
     state = model.state_dict()
     dead = state["classifier.3.weight"].numpy().copy()
-    dead[:, :100] = 3e-39  # what weight decay leaves of dead units
+    dead[:, :100] = subnormal_float32(0x0020AA2E)  # ~3e-39: what weight decay leaves of dead units
     state["classifier.3.weight"] = paddle.to_tensor(dead)
     dirty = tmp_path / "dirty.pdparams"
     paddle.save(state, str(dirty))
+    assert count_subnormals(paddle.load(str(dirty))["classifier.3.weight"].numpy()) == dead.shape[0] * 100
     # lr 0: training moves no weight, so only the flush on save can take the subnormals out.
     train(config(epochs=1, lr=0.0, init_weights=str(dirty)), *data, tmp_path / "run")
     for name in ("best.pdparams", "last.pdparams", "last.pdopt"):

@@ -1,8 +1,13 @@
-"""runtime/cpu.py: the CPU that every benchmark results file records."""
+"""runtime/cpu.py: the CPU that every benchmark results file records, and denormals as zero."""
 
 from __future__ import annotations
 
-from runtime.cpu import cpu_info, describe
+import platform
+
+import numpy as np
+import pytest
+
+from runtime.cpu import cpu_info, denormals_as_zero, describe
 
 ZEN5 = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -39,3 +44,47 @@ def test_without_cpuinfo_it_says_unknown(tmp_path):
     info = cpu_info(str(tmp_path / "absent"))
     assert info["vendor"] == "unknown" and info["family"] == "unknown" and info["extensions"] == []
     assert "(family" not in describe(info)
+
+
+needs_x86_linux = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"),
+    reason="FTZ/DAZ are set through glibc's x86-64 floating-point environment")
+SMALLEST_NORMAL = np.finfo(np.float32).tiny
+
+
+def halve(x: np.ndarray) -> np.ndarray:
+    return x * np.float32(0.5)
+
+
+@needs_x86_linux
+def test_within_the_block_subnormal_results_are_zero_and_the_mode_comes_back():
+    x = np.array([SMALLEST_NORMAL], np.float32)
+    assert halve(x)[0] > 0  # a subnormal result
+    with denormals_as_zero():
+        assert halve(x)[0] == 0
+    assert halve(x)[0] > 0
+
+
+@needs_x86_linux
+def test_a_session_of_the_factory_runs_with_denormals_as_zero_in_the_calling_thread(tmp_path):
+    """ONNX Runtime's own option leaves the thread that calls run computing subnormals (one thread:
+    the whole graph runs there); a session from create_session does not, and leaves the thread's
+    mode as it was."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from runtime.onnxruntime import create_session, session_options
+
+    half = numpy_helper.from_array(np.array([0.5], np.float32), "half")
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "half"], ["y"])], "halve",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [half])
+    path = tmp_path / "halve.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = {"x": np.array([SMALLEST_NORMAL], np.float32)}
+    plain = ort.InferenceSession(str(path), session_options(threads=1), providers=["CPUExecutionProvider"])
+    assert plain.get_session_options().get_session_config_entry("session.set_denormal_as_zero") == "1"
+    assert plain.run(["y"], x)[0][0] > 0
+    assert create_session(path, threads=1, providers=["CPUExecutionProvider"]).run(["y"], x)[0][0] == 0
+    assert halve(x["x"])[0] > 0
