@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.onnx_graph import attributes, constant, drop_unused_initializers, index, initializer_arrays
+from export.onnx_graph import constant, drop_unused_initializers, index, initializer_arrays, permutation
 
 TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
 SWAP_LAST, SWAP_MIDDLE = [0, 1, 3, 2], [0, 2, 1, 3]
@@ -64,10 +64,6 @@ class _Writer:
                 helper.make_node("Transpose", [split], [out], perm=SWAP_MIDDLE)], out
 
 
-def _perm(node) -> list[int]:
-    return list(attributes(node).get("perm", []))
-
-
 def _head_split(node, initializers, producer, consumers) -> tuple[int, int, int] | None:
     """(heads, dims, L) if `node` is a single-consumer Reshape of a projection to [0, heads, dims, L]."""
     if node is None or node.op_type != "Reshape" or len(consumers.get(node.output[0], [])) != 1:
@@ -91,7 +87,7 @@ def attention_channels_last(model) -> int:
     for matmul in [n for n in graph.node if n.op_type == "MatMul"]:
         left, right = (producer.get(name) for name in matmul.input[:2])
         # q^T @ (k - pe): left is Transpose(0, 1, 3, 2) of the head split of q's projection
-        if left is not None and left.op_type == "Transpose" and _perm(left) == SWAP_LAST:
+        if left is not None and left.op_type == "Transpose" and permutation(left) == SWAP_LAST:
             split = producer.get(left.input[0])
             found = _head_split(split, initializers, producer, consumers)
             if found and len(consumers.get(left.output[0], [])) == 1:
@@ -103,7 +99,7 @@ def attention_channels_last(model) -> int:
                 changed += 1
                 continue
         # v @ attn^T, then Reshape to [0, C, h, w]: left is the head split of v's projection
-        if right is None or right.op_type != "Transpose" or _perm(right) != SWAP_LAST:
+        if right is None or right.op_type != "Transpose" or permutation(right) != SWAP_LAST:
             continue
         found = _head_split(left, initializers, producer, consumers)
         users = consumers.get(matmul.output[0], [])
@@ -141,6 +137,7 @@ def flatten_channels_last(model) -> int:
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in inferred.graph.value_info}
     initializers = initializer_arrays(graph)
     producer, consumers = index(graph)
+    writer = _Writer(graph)
     changed = 0
     for reshape in [n for n in graph.node if n.op_type == "Reshape"]:
         users = consumers.get(reshape.output[0], [])
@@ -159,7 +156,6 @@ def flatten_channels_last(model) -> int:
         graph.initializer.append(numpy_helper.from_array(rows, name))
         matmul.input[1] = name
         nhwc = f"{reshape.input[0]}_channels_last"
-        writer = _Writer(graph)
         writer.insert_before(reshape, [helper.make_node("Transpose", [reshape.input[0]], [nhwc], perm=TO_NHWC)])
         reshape.input[0] = nhwc
         changed += 1

@@ -25,7 +25,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from export.onnx_graph import attributes, drop_unused_initializers, index, is_projection
+from export.onnx_graph import attributes, drop_unused_initializers, index, initializer_arrays, is_projection
 
 
 def _is_same_size_grouped(node, initializers) -> bool:
@@ -99,7 +99,7 @@ def fold_grouped_convolutions(model) -> int:
     inferred = onnx.shape_inference.infer_shapes(model)
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
-    initializers = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    initializers = initializer_arrays(graph)
     producer, consumers = index(graph)
 
     by_input = defaultdict(list)  # x -> [(grouped conv, its projection)]

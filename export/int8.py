@@ -41,6 +41,7 @@ import numpy as np
 from export.channels_last import attention_channels_last, flatten_channels_last
 from export.conv_fold import fold_grouped_convolutions
 from export.errors import ExportError
+from export.onnx_graph import index
 from export.projection_fold import fold_into_projections
 from model import paths
 from model.files import replacing, write_bytes
@@ -125,11 +126,7 @@ def quantize_after_relu(model) -> int:
     (runtime/onnxruntime.py). Before, the pair made ONNX Runtime dequantize the stem's output to
     float for the ReLU: 10 ms of 78 in one profile at batch 128 on an AMD EPYC (README, "INT8")."""
     graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    producer, readers = index(graph)
     removed = 0
     for relu in [n for n in graph.node if n.op_type == "Relu"]:
         dequantize = producer.get(relu.input[0])

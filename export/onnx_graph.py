@@ -15,6 +15,11 @@ def attributes(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+def permutation(node) -> list[int]:
+    """A Transpose node's perm attribute ([] if it has none)."""
+    return list(attributes(node).get("perm", []))
+
+
 def index(graph) -> tuple[dict, dict]:
     """(producer of each tensor, readers of each tensor)."""
     producer = {o: n for n in graph.node for o in n.output}

@@ -22,19 +22,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.onnx_graph import attributes, constant, drop_unused_initializers, index, initializer_arrays, is_projection
+from export.onnx_graph import constant, drop_unused_initializers, index, initializer_arrays, is_projection, permutation
 
 # Ops through which a product with a scalar moves unchanged (the tensor passes by reshaping,
 # transposing, or as one factor of a matrix product).
 _LINEAR = {"Reshape", "Transpose", "MatMul"}
 
 
-def _set_initializer(graph, name: str, value: np.ndarray) -> str:
-    """A new initializer holding `value`, named after `name`; returns its name."""
+def _set_initializer(graph, initializers: dict, name: str, value: np.ndarray) -> str:
+    """A new initializer holding `value`, named after `name`, also entered in `initializers`;
+    returns its name."""
     from onnx import numpy_helper
 
     new = f"{name}_folded{len(graph.initializer)}"
-    graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), new))
+    value = value.astype(np.float32)
+    graph.initializer.append(numpy_helper.from_array(value, new))
+    initializers[new] = value
     return new
 
 
@@ -43,6 +46,15 @@ def _projection_bias(node, initializers) -> np.ndarray:
     if len(node.input) > 2 and node.input[2]:
         return initializers[node.input[2]]
     return np.zeros(weight.shape[0], np.float32)
+
+
+def _replace_projection(graph, initializers: dict, conv, weight: np.ndarray, bias: np.ndarray) -> None:
+    """Give the 1x1 projection `conv` new weights and bias, as new initializers."""
+    conv.input[1] = _set_initializer(graph, initializers, conv.input[1], weight)
+    if len(conv.input) > 2:
+        conv.input[2] = _set_initializer(graph, initializers, conv.input[2] or conv.name, bias)
+    else:
+        conv.input.append(_set_initializer(graph, initializers, conv.name, bias))
 
 
 def reorder_heads(model) -> int:
@@ -65,7 +77,7 @@ def reorder_heads(model) -> int:
         if shape is None or len(shape) != 5 or len(after) != 1 or after[0].op_type != "Transpose":
             continue
         transpose = after[0]
-        if list(attributes(transpose).get("perm", [])) != [0, 2, 1, 3, 4]:
+        if permutation(transpose) != [0, 2, 1, 3, 4]:
             continue
         merge = consumers.get(transpose.output[0], [])
         if len(merge) != 1 or merge[0].op_type != "Reshape":
@@ -77,12 +89,7 @@ def reorder_heads(model) -> int:
             continue
         # new channel (h, g, d) is old channel (g, h, d)
         order = np.arange(weight.shape[0]).reshape(groups, heads, dims).transpose(1, 0, 2).reshape(-1)
-        bias = _projection_bias(conv, initializers)
-        conv.input[1] = _set_initializer(graph, conv.input[1], weight[order])
-        if len(conv.input) > 2:
-            conv.input[2] = _set_initializer(graph, conv.input[2] or conv.name, bias[order])
-        else:
-            conv.input.append(_set_initializer(graph, conv.name, bias[order]))
+        _replace_projection(graph, initializers, conv, weight[order], _projection_bias(conv, initializers)[order])
         merge.input[0] = conv.output[0]
         graph.node.remove(split)
         graph.node.remove(transpose)
@@ -117,37 +124,30 @@ def fold_scalar_factors(model) -> int:
     projection through single-consumer Reshape, Transpose or MatMul nodes: the projection's weights
     and bias take the factor, the Mul goes. Returns how many changed."""
     graph = model.graph
+    initializers = initializer_arrays(graph)
+    producer, consumers = index(graph)
+    outputs = {o.name for o in graph.output}
     changed = 0
-    while True:
-        initializers = initializer_arrays(graph)
-        producer, consumers = index(graph)
-        for mul in graph.node:
-            if mul.op_type != "Mul":
-                continue
-            values = [constant(name, initializers, producer) for name in mul.input]
-            scalar = [i for i, v in enumerate(values) if v is not None and v.size == 1]
-            if len(scalar) != 1:
-                continue
-            tensor = mul.input[1 - scalar[0]]
-            conv = _projection_behind(tensor, producer, consumers, initializers)
-            if conv is None or mul.output[0] in {o.name for o in graph.output}:
-                continue
-            factor = float(values[scalar[0]].reshape(-1)[0])
-            weight, bias = initializers[conv.input[1]], _projection_bias(conv, initializers)
-            conv.input[1] = _set_initializer(graph, conv.input[1], weight * factor)
-            if len(conv.input) > 2:
-                conv.input[2] = _set_initializer(graph, conv.input[2] or conv.name, bias * factor)
-            else:
-                conv.input.append(_set_initializer(graph, conv.name, bias * factor))
-            for user in consumers.get(mul.output[0], []):
-                for i, name in enumerate(user.input):
-                    if name == mul.output[0]:
-                        user.input[i] = tensor
-            graph.node.remove(mul)
-            changed += 1
-            break
-        else:
-            break
+    for mul in [n for n in graph.node if n.op_type == "Mul"]:
+        values = [constant(name, initializers, producer) for name in mul.input]
+        scalar = [i for i, v in enumerate(values) if v is not None and v.size == 1]
+        if len(scalar) != 1 or mul.output[0] in outputs:
+            continue
+        tensor = mul.input[1 - scalar[0]]
+        conv = _projection_behind(tensor, producer, consumers, initializers)
+        if conv is None:
+            continue
+        factor = float(values[scalar[0]].reshape(-1)[0])
+        weight, bias = initializers[conv.input[1]], _projection_bias(conv, initializers)
+        _replace_projection(graph, initializers, conv, weight * factor, bias * factor)
+        users = consumers.pop(mul.output[0], [])
+        for user in users:
+            for i, name in enumerate(user.input):
+                if name == mul.output[0]:
+                    user.input[i] = tensor
+        consumers[tensor] = [n for n in consumers[tensor] if n is not mul] + users
+        graph.node.remove(mul)
+        changed += 1
     if changed:
         drop_unused_initializers(graph)
     return changed
