@@ -31,6 +31,8 @@ from model.spec import NUM_CLASSES
 
 # A large negative instead of -inf keeps the mask finite in fp16 engines.
 MASKED_LOGIT = -1e4
+# The classifier's dropout probability in training: the reference's.
+DROPOUT = 0.5
 
 # Head dimensions per group of the exported convolution path: with 4 heads, 4 of them make groups
 # of 16 input and 16 output channels, the blocks (8 on AVX2) in which ONNX Runtime runs direct
@@ -291,14 +293,14 @@ def _stem() -> list[nn.Layer]:
     ]
 
 
-def _classifier(num_classes: int) -> nn.Sequential:
+def _classifier(num_classes: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(3 * 3 * 128, 2048),
         nn.ReLU(),
-        nn.Dropout(0.5),
+        nn.Dropout(dropout),
         nn.Linear(2048, 2048),
         nn.ReLU(),
-        nn.Dropout(0.5),
+        nn.Dropout(dropout),
         nn.Linear(2048, num_classes),
     )
 
@@ -306,7 +308,7 @@ def _classifier(num_classes: int) -> nn.Sequential:
 class AlexNet_ACmix(nn.Layer):  # the reference's name, kept for its checkpoints
     """AlexNet with its last three convolutions replaced by ACmix layers (7,051,159 parameters)."""
 
-    def __init__(self, num_classes: int = NUM_CLASSES):
+    def __init__(self, num_classes: int = NUM_CLASSES, dropout: float = DROPOUT):
         super().__init__()
         self.features = nn.Sequential(
             *_stem(),
@@ -318,7 +320,7 @@ class AlexNet_ACmix(nn.Layer):  # the reference's name, kept for its checkpoints
             nn.ReLU(),
             nn.MaxPool2D(kernel_size=3, stride=2),
         )
-        self.classifier = _classifier(num_classes)
+        self.classifier = _classifier(num_classes, dropout)
 
     def forward(self, x):
         return self.classifier(paddle.flatten(self.features(x), 1))
@@ -327,7 +329,7 @@ class AlexNet_ACmix(nn.Layer):  # the reference's name, kept for its checkpoints
 class AlexNet(nn.Layer):
     """The plain AlexNet baseline of the reference (7,524,042 parameters)."""
 
-    def __init__(self, num_classes: int = NUM_CLASSES):
+    def __init__(self, num_classes: int = NUM_CLASSES, dropout: float = DROPOUT):
         super().__init__()
         self.features = nn.Sequential(
             *_stem(),
@@ -339,7 +341,7 @@ class AlexNet(nn.Layer):
             nn.ReLU(),
             nn.MaxPool2D(kernel_size=3, stride=2),
         )
-        self.classifier = _classifier(num_classes)
+        self.classifier = _classifier(num_classes, dropout)
 
     def forward(self, x):
         return self.classifier(paddle.flatten(self.features(x), 1))
@@ -348,8 +350,9 @@ class AlexNet(nn.Layer):
 ARCHITECTURES = {"alexnet_acmix": AlexNet_ACmix, "alexnet": AlexNet}
 
 
-def build_model(arch: str = "alexnet_acmix", num_classes: int = NUM_CLASSES) -> nn.Layer:
+def build_model(arch: str = "alexnet_acmix", num_classes: int = NUM_CLASSES, dropout: float = DROPOUT) -> nn.Layer:
+    """`dropout`: the classifier's dropout probability in training (no parameters depend on it)."""
     try:
-        return ARCHITECTURES[arch](num_classes=num_classes)
+        return ARCHITECTURES[arch](num_classes=num_classes, dropout=dropout)
     except KeyError:
         raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}") from None

@@ -86,7 +86,7 @@ def recipe_text(config: dict) -> str:
                f"{config['ema']:g} per step)" if config.get("ema") else "")
     return (f"{OPTIMIZER_NAMES[config['optimizer']]}, lr {config['lr']:g} with {warmup}cosine decay per step over "
             f"the {config['epochs']} epochs, weight decay {config['weight_decay']:g}{clip}, label smoothing "
-            f"{config['label_smoothing']:g}, batch {config['batch_size']} (drop last), dropout 0.5; augmentation: "
+            f"{config['label_smoothing']:g}, batch {config['batch_size']} (drop last), dropout {config['dropout']:g}; augmentation: "
             f"{augmentation_text(config)}; seed {config['seed']}{average}")
 
 

@@ -59,6 +59,8 @@ class TrainConfig:
     # Linear warmup from 0 over this many epochs, then cosine decay to 0 over the rest.
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.1
+    # The classifier's dropout probability (no parameters depend on it; the reference's 0.5).
+    dropout: float = 0.5
     # Clip the gradient's global norm to this (0: off). The network's initial logits are large
     # (std ~11 on real images: each ACmix layer doubles the scale), so SGD needs it.
     clip_grad_norm: float = 0.0
@@ -372,7 +374,7 @@ def start_session(config: TrainConfig, train_size: int, out: Path, resume: bool,
     if steps_per_epoch == 0:
         raise DataError(f"{train_size} training images are fewer than one batch of {config.batch_size}")
     paddle.seed(config.seed)
-    model = build_model(config.arch)
+    model = build_model(config.arch, dropout=config.dropout)
     optimizer, scheduler = build_optimizer(config, model, steps_per_epoch)
     session = Session(config, model, optimizer, scheduler, steps_per_epoch,
                       {"config": asdict(config), "history": [], "best": None})
@@ -560,6 +562,7 @@ RECIPE_HELP = {
     "momentum": "sgd's Nesterov momentum",
     "warmup_epochs": "linear warmup before the cosine decay",
     "max_steps_per_epoch": "for quick trials",
+    "dropout": "the classifier's dropout probability",
     "clip_grad_norm": "clip the gradient's global norm (0: off)",
     "augment": f"one of {', '.join(AUGMENTATIONS)}",
     "crop_scale_min": "reference augmentation: random resized crop's smallest area",

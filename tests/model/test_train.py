@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +200,20 @@ def test_a_record_written_before_the_augmentation_fields_reads_as_the_reference_
     check_same_config(old, TrainConfig(), tmp_path)
     with pytest.raises(ValueError, match=r"another configuration \(rotation=20.0\)"):
         check_same_config(old, TrainConfig(rotation=0.0), tmp_path)
+    with pytest.raises(ValueError, match=r"another configuration \(dropout=0.5\)"):
+        check_same_config(old, TrainConfig(dropout=0.3), tmp_path)
+
+
+def test_dropout_is_a_recipe_setting_that_changes_no_parameter(paddle, tmp_path):
+    from model.alexnet import build_model
+    from model.ship import recipe_text
+    from model.train import start_session
+
+    session = start_session(config(dropout=0.2), train_size=64, out=tmp_path, resume=False, continue_from=None)
+    assert [layer.p for layer in session.model.sublayers() if isinstance(layer, paddle.nn.Dropout)] == [0.2, 0.2]
+    shapes = {name: tuple(value.shape) for name, value in session.model.state_dict().items()}
+    assert shapes == {name: tuple(value.shape) for name, value in build_model().state_dict().items()}
+    assert "dropout 0.2;" in recipe_text(asdict(config(dropout=0.2)))
 
 
 def test_cli_resume_takes_the_recorded_configuration_and_refuses_a_differing_flag(paddle, folder_dataset, tmp_path,
