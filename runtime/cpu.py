@@ -10,7 +10,9 @@ import contextlib
 import functools
 import platform
 
-EXTENSIONS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+EXTENSIONS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+# Any of these gives ONNX Runtime's x86 int8 kernels a 32-bit sum of uint8 x int8 products.
+VNNI = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
 def cpu_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
@@ -37,6 +39,19 @@ def describe(info: dict | None = None) -> str:
     info = info or cpu_info()
     family = f" (family {info['family']})" if info.get("family", "unknown") != "unknown" else ""
     return f"{info['model']}{family}, {info['cores']} cores, {' '.join(info['extensions']) or 'no AVX2'}"
+
+
+def int8_pairs_saturate(info: dict | None = None, machine: str | None = None) -> bool:
+    """Whether ONNX Runtime's uint8 x int8 kernels on this CPU add each pair of neighbouring products
+    in 16 bits with saturation: x86-64 without VNNI (AVX2, or AVX-512 without VNNI), where MLAS
+    runs VPMADDUBSW, which clamps a pair's sum to +-32767 (ONNX Runtime's quantization guide,
+    "saturation"; its MlasGemmU8S8KernelAvx2 and MlasConvSymKernelAvx2). VNNI sums in 32 bits.
+    runtime/onnxruntime.py keeps the layers that would saturate off those kernels."""
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64"):
+        return False
+    info = info or cpu_info()
+    return not any(name in info["extensions"] for name in VNNI)
 
 
 # MXCSR bits: flush results that would be subnormal to zero (FTZ, bit 15) and read subnormal

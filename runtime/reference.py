@@ -62,22 +62,32 @@ def read_reference(path: str | Path) -> Reference:
         raise ReferenceError(f"{path}: not a reference file ({exc})") from None
 
 
-def check(backend, reference: Reference, precision: str = "fp32") -> dict:
-    """Run the reference images through `backend` (loaded); the figures, or ReferenceError naming
-    what differs: a top-1 that changed, or the largest logit difference over the precision's tolerance."""
+def reference_batch(reference: Reference) -> np.ndarray:
+    """The reference images as the network's input batch, preprocessed as served."""
     from model.preprocessing import decode_image, preprocess
 
-    batch = np.stack([preprocess(decode_image(image)) for image in reference.images])
-    logits = np.concatenate([backend.infer(batch[i : i + backend.max_batch])
-                             for i in range(0, len(batch), backend.max_batch)])
+    return np.stack([preprocess(decode_image(image)) for image in reference.images])
+
+
+def compare(logits: np.ndarray, reference: Reference, precision: str = "fp32") -> dict:
+    """The figures of `logits` (of reference_batch) against the reference's, or ReferenceError naming
+    what differs: a top-1 that changed, or the largest logit difference over the precision's tolerance."""
     diff = float(np.abs(logits - reference.logits).max())
     flipped = np.flatnonzero(logits.argmax(1) != reference.logits.argmax(1))
-    result = {"n": len(batch), "max_abs_diff": diff, "top1_changed": len(flipped), "precision": precision,
+    result = {"n": len(logits), "max_abs_diff": diff, "top1_changed": len(flipped), "precision": precision,
               "tolerance": LOGIT_TOLERANCE[precision]}
     if len(flipped):
-        raise ReferenceError(f"reference check failed: the top-1 class of {len(flipped)} of {len(batch)} "
+        raise ReferenceError(f"reference check failed: the top-1 class of {len(flipped)} of {len(logits)} "
                              f"reference images changed (first: image {flipped[0]}); max |logit diff| {diff:.3g}")
     if not np.isfinite(diff) or diff > LOGIT_TOLERANCE[precision]:
         raise ReferenceError(f"reference check failed: max |logit diff| {diff:.3g} over the {precision} "
-                             f"tolerance {LOGIT_TOLERANCE[precision]:g} on {len(batch)} reference images")
+                             f"tolerance {LOGIT_TOLERANCE[precision]:g} on {len(logits)} reference images")
     return result
+
+
+def check(backend, reference: Reference, precision: str = "fp32") -> dict:
+    """Run the reference images through `backend` (loaded) and compare its logits (`compare`)."""
+    batch = reference_batch(reference)
+    logits = np.concatenate([backend.infer(batch[i : i + backend.max_batch])
+                             for i in range(0, len(batch), backend.max_batch)])
+    return compare(logits, reference, precision)

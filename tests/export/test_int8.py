@@ -105,6 +105,57 @@ def test_on_the_cpu_int8_activations_run_as_uint8_with_the_same_values(int8_of_t
     assert sha256_file(int8) == on_disk  # TensorRT builds from the file as written
 
 
+def test_where_int8_pairs_saturate_the_layer_reading_offset_bytes_gets_uint8_weights(int8_of_the_exported_model):
+    """On x86 without VNNI the stem (its input quantized around a zero point of 128) gets uint8
+    weights w + 128 with zero point 128; every other layer keeps int8; the logits are the same here,
+    where both kernels are exact."""
+    from onnx import numpy_helper
+
+    from runtime.onnxruntime import cpu_graph, create_session
+
+    _, int8, _ = int8_of_the_exported_model
+    plain, rewritten = (onnx.ModelProto.FromString(cpu_graph(int8, pairs_saturate=flag)) for flag in (False, True))
+
+    def weights(model):
+        """{conv name: (weight values, zero point)} as stored."""
+        inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        producers = {out: node for node in model.graph.node for out in node.output}
+        return {node.name: (inits[producers[node.input[1]].input[0]], inits[producers[node.input[1]].input[2]])
+                for node in model.graph.node if node.op_type == "Conv"}
+
+    before, after = weights(plain), weights(rewritten)
+    changed = [name for name in before if before[name][0].dtype != after[name][0].dtype]
+    stem = next(node.name for node in plain.graph.node if node.op_type == "Conv")
+    assert changed == [stem]
+    (signed, _), (unsigned, zero) = before[stem], after[stem]
+    assert unsigned.dtype == np.uint8 and zero.dtype == np.uint8 and (zero == 128).all()
+    np.testing.assert_array_equal(unsigned.astype(np.int16) - 128, signed)
+    assert all(w.dtype == np.int8 and not z.any() for name, (w, z) in after.items() if name != stem)
+
+    x = np.random.default_rng(3).normal(size=(4, 3, 128, 128)).astype(np.float32)
+    folder = int8.parent
+    (folder / "saturating.onnx").write_bytes(rewritten.SerializeToString())
+    (folder / "plain.onnx").write_bytes(plain.SerializeToString())
+    got, expected = (create_session(folder / name).run(["logits"], {"image": x})[0] for name in ("saturating.onnx", "plain.onnx"))
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_the_avx2_emulation_reproduces_this_cpu_when_exact(int8_of_the_exported_model):
+    """benchmarks/int8_avx2_emulation.py: its exact recomputation of the stem gives ONNX Runtime's
+    logits (up to a rare rounding tie in the requantization after it: 0.18 at most on 1,000
+    validation images), so what it reports for the saturating one is the kernels' arithmetic."""
+    from benchmarks.int8_avx2_emulation import emulate
+    from tests.conftest import images
+
+    _, int8, _ = int8_of_the_exported_model
+    x = images(6)
+    report = emulate(int8, images=6, layer_images=2, batches=[(x, np.zeros(len(x), np.int64))])
+    assert report["exact_max_abs_diff"] < 0.25
+    assert report["agreement_with_this_cpu"]["exact"] == 1.0
+    stem = next(iter(report["layers"].values()))
+    assert stem["pairs"] > 0 and 0 <= stem["saturated_pairs"] <= stem["pairs"]
+
+
 def test_it_records_its_source_and_calibration_and_reuses_the_table(int8_of_the_exported_model, tmp_path):
     fp32, int8, table = int8_of_the_exported_model
     metadata = onnx_metadata(int8)

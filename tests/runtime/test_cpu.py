@@ -7,7 +7,7 @@ import platform
 import numpy as np
 import pytest
 
-from runtime.cpu import cpu_info, denormals_as_zero, describe
+from runtime.cpu import cpu_info, denormals_as_zero, describe, int8_pairs_saturate
 
 ZEN5 = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -44,6 +44,21 @@ def test_without_cpuinfo_it_says_unknown(tmp_path):
     info = cpu_info(str(tmp_path / "absent"))
     assert info["vendor"] == "unknown" and info["family"] == "unknown" and info["extensions"] == []
     assert "(family" not in describe(info)
+
+
+@pytest.mark.parametrize(("flags", "machine", "saturate"), [
+    ("avx avx2 fma", "x86_64", True),  # AVX2 only: VPMADDUBSW
+    ("avx2 avx512f avx512bw", "x86_64", True),  # AVX-512 without VNNI
+    ("avx2 avx512f avx512_vnni", "x86_64", False),
+    ("avx2 avx_vnni", "x86_64", False),  # Alder Lake and later clients
+    ("avx2 avx512f amx_tile amx_int8", "x86_64", False),
+    ("fp asimd asimddp", "aarch64", False),  # not x86: other kernels
+])
+def test_int8_pairs_saturate_on_x86_without_vnni(tmp_path, flags, machine, saturate):
+    """The rule over /proc/cpuinfo flags (written here; the kernels themselves cannot run here)."""
+    path = tmp_path / "cpuinfo"
+    path.write_text(ZEN5.replace("fpu sse2 avx avx2 fma avx512f avx512dq avx512_vnni avx512_bf16", flags))
+    assert int8_pairs_saturate(cpu_info(str(path)), machine=machine) is saturate
 
 
 needs_x86_linux = pytest.mark.skipif(
