@@ -163,7 +163,7 @@ def parser() -> argparse.ArgumentParser:
     def verify_options(p):
         p.add_argument("--data", default=paths.DATA, help="images to verify on (generated ones when absent)")
         p.add_argument("--split-file", default=paths.SPLIT_FILE, help="verify on these held-out images")
-        p.add_argument("--count", type=int, default=256, help="how many images")
+        p.add_argument("--count", type=int, default=1024, help="how many images (1,024: an agreement near 98%% is known to about 0.4 points; on 256, to 0.8, and int8 at 98.3%% measured 96.9%%)")
 
     def engine_options(p):
         defaults = EngineSpec()
