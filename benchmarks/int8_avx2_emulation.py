@@ -51,9 +51,17 @@ def layer_inputs(graph) -> list[dict]:
                        "scale": float(values[source.input[1]].reshape(-1)[0]),
                        "weights": values[weight.input[0]].astype(np.int32),
                        "weight_scales": values[weight.input[1]].astype(np.float64),
-                       "bias": node.input[2] if len(node.input) > 2 else None,
+                       "bias": _dequantized_bias(node, producers, values),
                        "attributes": {a.name: helper.get_attribute_value(a) for a in node.attribute}})
     return layers
+
+
+def _dequantized_bias(node, producers: dict, values: dict) -> np.ndarray | None:
+    """A layer's bias as float64, where it is dequantized from a constant (int32 times scale)."""
+    source = producers.get(node.input[2]) if len(node.input) > 2 else None
+    if source is None or source.op_type != "DequantizeLinear" or source.input[0] not in values:
+        return None
+    return values[source.input[0]].astype(np.float64) * values[source.input[1]].astype(np.float64)
 
 
 def reduction_rows(x: np.ndarray, layer: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -95,12 +103,12 @@ def accumulate(rows: np.ndarray, weights: np.ndarray, saturate: bool) -> tuple[n
     return acc, clamped
 
 
-def stem_output(x_float: np.ndarray, stem: dict, bias: np.ndarray, saturate: bool) -> tuple[np.ndarray, int]:
+def stem_output(x_float: np.ndarray, stem: dict, saturate: bool) -> tuple[np.ndarray, int]:
     """The stem convolution's float output as the int8 kernels compute it (exactly, or saturating)."""
     q = np.clip(np.rint(x_float / stem["scale"]) + stem["zero_point"], 0, 255).astype(np.int32)
     rows, weights = reduction_rows(q, stem)
     acc, clamped = accumulate(rows, weights, saturate)
-    y = (acc - stem["zero_point"] * weights.sum(1)[None]) * stem["scale"] * stem["weight_scales"][None] + bias[None]
+    y = (acc - stem["zero_point"] * weights.sum(1)[None]) * stem["scale"] * stem["weight_scales"][None] + stem["bias"][None]
     a = stem["attributes"]
     (kh, kw), (sh, sw), pads = a["kernel_shape"], a.get("strides", [1, 1]), a.get("pads", [0, 0, 0, 0])
     oh, ow = (x_float.shape[2] + pads[0] + pads[2] - kh) // sh + 1, (x_float.shape[3] + pads[1] + pads[3] - kw) // sw + 1
@@ -143,7 +151,7 @@ def emulate(int8_path: Path, images: int, layer_images: int, data_path: str | No
     """The figures (module docstring) as a dict with a printable "text". `batches`: an iterable of
     (images, labels) instead of the validation split."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
     from tqdm import tqdm
 
     from runtime.onnxruntime import cpu_graph, create_session
@@ -152,26 +160,22 @@ def emulate(int8_path: Path, images: int, layer_images: int, data_path: str | No
     graph_bytes = cpu_graph(int8_path, pairs_saturate=False)
     model = onnx.ModelProto.FromString(graph_bytes)
     layers = layer_inputs(model.graph)
-    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    producers = {out: node for node in model.graph.node for out in node.output}
     with tempfile.TemporaryDirectory() as tmp:
-        full_path = Path(tmp) / "full.onnx"
-        full_path.write_bytes(graph_bytes)
         probe = onnx.ModelProto.FromString(graph_bytes)
         for layer in layers:
             probe.graph.output.append(helper.make_tensor_value_info(layer["input"], onnx.TensorProto.UINT8, None))
         (Path(tmp) / "probe.onnx").write_bytes(probe.SerializeToString())
         stem = next(layer for layer in layers if layer["zero_point"])  # the image, quantized symmetrically
-        bias_node = producers[stem["bias"]]
-        bias = values[bias_node.input[0]].astype(np.float64) * values[bias_node.input[1]].astype(np.float64)
         rest = onnx.ModelProto.FromString(graph_bytes)
         rest.graph.node.remove(next(n for n in rest.graph.node if n.name == stem["node"].name))
         rest.graph.input.append(helper.make_tensor_value_info(stem["node"].output[0], onnx.TensorProto.FLOAT, None))
         (Path(tmp) / "rest.onnx").write_bytes(rest.SerializeToString())
-        full, probe_session, rest_session = (create_session(Path(tmp) / name) for name in ("full.onnx", "probe.onnx", "rest.onnx"))
+        # the probe is the whole graph with the layers' inputs as outputs too: asked for the logits
+        # only, it is this CPU's int8 model
+        probe_session, rest_session = (create_session(Path(tmp) / name) for name in ("probe.onnx", "rest.onnx"))
 
         def rest_logits(x, saturate):
-            y, clamped = stem_output(x, stem, bias, saturate)
+            y, clamped = stem_output(x, stem, saturate)
             return rest_session.run(["logits"], {"image": x, stem["node"].output[0]: y})[0], clamped
 
         batches = list(batches) if batches is not None else list(validation_batches(data_path, images))
@@ -187,7 +191,7 @@ def emulate(int8_path: Path, images: int, layer_images: int, data_path: str | No
         answers = {"this CPU": [], "exact": [], "saturating": []}
         labels = []
         for x, y in tqdm(batches, desc="images", leave=False):
-            answers["this CPU"].append(full.run(["logits"], {"image": x})[0])
+            answers["this CPU"].append(probe_session.run(["logits"], {"image": x})[0])
             answers["exact"].append(rest_logits(x, False)[0])
             answers["saturating"].append(rest_logits(x, True)[0])
             labels.append(y)
@@ -199,7 +203,7 @@ def emulate(int8_path: Path, images: int, layer_images: int, data_path: str | No
             ref = read_reference(ref_file)
             x = reference_batch(ref)
             reference = {}
-            for name, got in (("this CPU", full.run(["logits"], {"image": x})[0]), ("saturating", rest_logits(x, True)[0])):
+            for name, got in (("this CPU", probe_session.run(["logits"], {"image": x})[0]), ("saturating", rest_logits(x, True)[0])):
                 try:
                     outcome = compare(got, ref, "int8")
                     reference[name] = f"passes (max |logit diff| {outcome['max_abs_diff']:.2f})"
