@@ -12,7 +12,7 @@ on the stem's output computed exactly and with saturation, and prints the top-1 
 against this CPU's, and the reference check at start (runtime/reference.py) on each. The exact
 emulation must reproduce this CPU's logits: that checks the emulation itself.
 
-runtime/onnxruntime.py gives such CPUs uint8 weights for that layer (uint8 x uint8 kernels, which
+runtime/int8_cpu_graph.py gives such CPUs uint8 weights for that layer (uint8 x uint8 kernels, which
 do not saturate), so there they compute what this CPU computes.
 """
 
@@ -32,7 +32,7 @@ INT16 = (-32768, 32767)
 
 
 def layer_inputs(graph) -> list[dict]:
-    """Each Conv/MatMul/Gemm of a CPU graph (runtime/onnxruntime.py cpu_graph) that reads a uint8
+    """Each Conv/MatMul/Gemm of a CPU graph (runtime/int8_cpu_graph.py cpu_graph) that reads a uint8
     input and constant int8 weights: its node, input tensor, zero point, scale, weights and scales."""
     from onnx import helper, numpy_helper
 
@@ -154,7 +154,8 @@ def emulate(int8_path: Path, images: int, layer_images: int, data_path: str | No
     from onnx import helper
     from tqdm import tqdm
 
-    from runtime.onnxruntime import cpu_graph, create_session
+    from runtime.int8_cpu_graph import cpu_graph
+    from runtime.onnxruntime import create_session
     from runtime.reference import ReferenceError, compare, read_reference, reference_batch, reference_path
 
     graph_bytes = cpu_graph(int8_path, pairs_saturate=False)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.onnx_graph import constant, drop_unused_initializers, index, initializer_arrays, permutation
+from runtime.onnx_graph import constant, drop_unused_initializers, index, initializer_arrays, permutation
 
 TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
 SWAP_LAST, SWAP_MIDDLE = [0, 1, 3, 2], [0, 2, 1, 3]

@@ -25,7 +25,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from export.onnx_graph import attributes, drop_unused_initializers, index, initializer_arrays, is_projection
+from runtime.onnx_graph import attributes, drop_unused_initializers, index, initializer_arrays, is_projection
 
 
 def _is_same_size_grouped(node, initializers) -> bool:

@@ -41,11 +41,11 @@ import numpy as np
 from export.channels_last import attention_channels_last, flatten_channels_last
 from export.conv_fold import fold_grouped_convolutions
 from export.errors import ExportError
-from export.onnx_graph import index
 from export.projection_fold import fold_into_projections
 from model import paths
 from model.files import replacing, write_bytes
 from runtime.artifacts import WEIGHTS_DIGEST, onnx_metadata
+from runtime.onnx_graph import index
 
 CALIBRATION_TABLE = paths.WEIGHTS_DIR / "int8_calibration.json"
 CALIBRATION_DIGEST = "calibration_sha256"
@@ -123,7 +123,7 @@ def quantize_after_relu(model) -> int:
     is its only reader, so that the tensor is quantized once, after the Relu (where the quantizer
     puts the next pair); returns how many pairs went. TensorRT fuses a convolution with its ReLU
     and the quantization after; ONNX Runtime's CPU graph folds the ReLU into that quantization
-    (runtime/onnxruntime.py). Before, the pair made ONNX Runtime dequantize the stem's output to
+    (runtime/int8_cpu_graph.py). Before, the pair made ONNX Runtime dequantize the stem's output to
     float for the ReLU: 10 ms of 78 in one profile at batch 128 on an AMD EPYC (README, "INT8")."""
     graph = model.graph
     producer, readers = index(graph)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.onnx_graph import constant, drop_unused_initializers, index, initializer_arrays, is_projection, permutation
+from runtime.onnx_graph import constant, drop_unused_initializers, index, initializer_arrays, is_projection, permutation
 
 # Ops through which a product with a scalar moves unchanged (the tensor passes by reshaping,
 # transposing, or as one factor of a matrix product).

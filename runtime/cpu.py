@@ -46,7 +46,7 @@ def int8_pairs_saturate(info: dict | None = None, machine: str | None = None) ->
     in 16 bits with saturation: x86-64 without VNNI (AVX2, or AVX-512 without VNNI), where MLAS
     runs VPMADDUBSW, which clamps a pair's sum to +-32767 (ONNX Runtime's quantization guide,
     "saturation"; its MlasGemmU8S8KernelAvx2 and MlasConvSymKernelAvx2). VNNI sums in 32 bits.
-    runtime/onnxruntime.py keeps the layers that would saturate off those kernels."""
+    runtime/int8_cpu_graph.py keeps the layers that would saturate off those kernels."""
     machine = (machine or platform.machine()).lower()
     if machine not in ("x86_64", "amd64"):
         return False

@@ -12,20 +12,8 @@ Every session the project creates (the service, export verification, every bench
   costs a little latency per batch only;
 * `threads` intra-op threads per session (default: ONNX Runtime's, one per core), one inter-op.
 
-An int8 QDQ file (export/int8.py) quantizes activations as int8 with zero point 0, because
-TensorRT's explicit quantization requires it. ONNX Runtime's x86 CPU kernels want unsigned
-activations: on the CPU, `create_session` loads such a file with every activation Q/DQ pair
-rewritten to uint8 with zero point 128, which denotes exactly the same values (q + 128, same
-scale; weights stay int8): on an Intel Xeon, int8 went from 0.69-0.85x fp32 to 1.01-1.58x
-(`python -m benchmarks.onnx_runtime`, README "INT8"). Where a quantized tensor is a ReLU's output
-(through max pooling or reshapes), its zero point is 0 instead, and the ReLU goes: quantizing to
-uint8 with zero point 0 clamps at 0, which is the ReLU, so ONNX Runtime runs the convolution, its
-ReLU and the quantization as one integer kernel rather than dequantizing to float for the ReLU.
-Within the calibrated range the values are the same; above it such a tensor saturates at 255
-steps instead of 127. On an x86 CPU without VNNI, whose uint8 x int8 kernels add pairs of products
-in 16 bits with saturation, the layers reading an input with zero point 128 (the stem) get uint8
-weights too (unsigned_weights_for_offset_inputs). The file on disk, which TensorRT builds from, is
-unchanged.
+An int8 QDQ file runs on the CPU as runtime/int8_cpu_graph.py rewrites it (unsigned activations;
+the file on disk, which TensorRT builds from, is unchanged).
 """
 
 from __future__ import annotations
@@ -36,7 +24,8 @@ import numpy as np
 
 from model.spec import INPUT_NAME, OUTPUT_NAME
 from runtime.backend import Backend, BackendError
-from runtime.cpu import denormals_as_zero, int8_pairs_saturate
+from runtime.cpu import denormals_as_zero
+from runtime.int8_cpu_graph import cpu_graph
 
 SESSION_CONFIG = {
     "session.set_denormal_as_zero": "1",
@@ -56,179 +45,6 @@ def session_options(threads: int | None = None):
     for key, value in SESSION_CONFIG.items():
         options.add_session_config_entry(key, value)
     return options
-
-
-def unsigned_activations(model) -> int:
-    """Rewrite, in place, the activation QuantizeLinear/DequantizeLinear nodes of an ONNX `model`
-    whose zero point is a scalar int8 0 to a uint8 zero point of 128; returns how many changed.
-
-    Activation nodes are every QuantizeLinear and the DequantizeLinear nodes fed by one; weight and
-    bias DequantizeLinear nodes read initializers and keep their int8/int32 values.
-    """
-    from onnx import TensorProto, numpy_helper
-
-    graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
-    quantized = {node.output[0] for node in graph.node if node.op_type == "QuantizeLinear"}
-    added: dict[str, str] = {}
-    changed = 0
-    for node in graph.node:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
-            continue
-        if node.op_type == "DequantizeLinear" and node.input[0] not in quantized:
-            continue
-        zero_point = initializers.get(node.input[2])
-        if zero_point is None or zero_point.data_type != TensorProto.INT8:
-            continue
-        value = numpy_helper.to_array(zero_point)
-        if value.size != 1 or int(value.reshape(-1)[0]) != 0:
-            continue
-        if zero_point.name not in added:
-            name = f"{zero_point.name}_as_uint8"
-            graph.initializer.append(numpy_helper.from_array(np.full(value.shape, 128, np.uint8), name))
-            added[zero_point.name] = name
-        node.input[2] = added[zero_point.name]
-        changed += 1
-    used = {name for node in graph.node for name in node.input}
-    unused = [init for init in graph.initializer if init.name in added and init.name not in used]
-    for init in unused:
-        graph.initializer.remove(init)
-    return changed
-
-
-# Ops that keep a tensor non-negative: what a ReLU's output passes through before it is quantized.
-_KEEP_SIGN = {"MaxPool", "Reshape", "Flatten", "Transpose"}
-
-
-def relu_into_quantize(model) -> int:
-    """Rewrite, in place, each Relu whose output reaches only QuantizeLinear nodes with a uint8 zero
-    point of 128 (through _KEEP_SIGN ops): those nodes and the DequantizeLinear nodes of their
-    outputs get zero point 0 and the Relu goes. Returns how many Relu nodes went. Run after
-    unsigned_activations."""
-    from onnx import TensorProto, numpy_helper
-
-    graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
-
-    def unsigned_128(name: str) -> bool:
-        zero_point = initializers.get(name)
-        if zero_point is None or zero_point.data_type != TensorProto.UINT8:
-            return False
-        value = numpy_helper.to_array(zero_point)
-        return value.size == 1 and int(value.reshape(-1)[0]) == 128
-
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    zero = "relu_output_zero_point_uint8"
-    removed = 0
-    for relu in [n for n in graph.node if n.op_type == "Relu"]:
-        quantizers, frontier, ok = [], [relu.output[0]], relu.output[0] not in {o.name for o in graph.output}
-        while frontier and ok:
-            tensor = frontier.pop()
-            for reader in readers.get(tensor, []):
-                if (reader.op_type == "QuantizeLinear" and reader.input[0] == tensor and len(reader.input) > 2
-                        and unsigned_128(reader.input[2])):
-                    quantizers.append(reader)
-                elif reader.op_type in _KEEP_SIGN and reader.input[0] == tensor:
-                    frontier.extend(reader.output)
-                else:
-                    ok = False
-        dequantizers = [r for q in quantizers for r in readers.get(q.output[0], [])]
-        if not ok or not quantizers or any(r.op_type != "DequantizeLinear" for r in dequantizers):
-            continue
-        if zero not in initializers:
-            initializers[zero] = numpy_helper.from_array(np.array(0, np.uint8), zero)
-            graph.initializer.append(initializers[zero])
-        for node in quantizers + dequantizers:
-            node.input[2] = zero
-        for reader in readers.get(relu.output[0], []):
-            for i, name in enumerate(reader.input):
-                if name == relu.output[0]:
-                    reader.input[i] = relu.input[0]
-        graph.node.remove(relu)
-        removed += 1
-    return removed
-
-
-def unsigned_weights_for_offset_inputs(model) -> int:
-    """Rewrite, in place, the int8 weights (zero point 0) of each Conv, MatMul or Gemm whose input is
-    dequantized from uint8 with a nonzero zero point to uint8 with zero point 128 (w + 128: the same
-    values); returns how many layers changed. Run after relu_into_quantize.
-
-    For CPUs where ONNX Runtime's uint8 x int8 kernels saturate (runtime/cpu.py,
-    int8_pairs_saturate). Such an input's bytes sit around its zero point of 128, so a pair of
-    products with two large weights of one sign passes 32767: the stem's does (the image is
-    quantized symmetrically): emulated (benchmarks/int8_avx2_emulation.py, the weights shipped in
-    session 11), 0.23% of its pair sums saturate on 16 validation images and 2.5% of top-1 answers
-    change on 1,000; the reference check at start passes by 0.05 (it failed, 1.83 against a
-    tolerance of 1.0, on the weights of session 10). With uint8 weights ONNX Runtime runs the layer with its
-    uint8 x uint8 kernels, which widen to 16 bits before multiplying and do not saturate. The
-    inputs after a ReLU (zero point 0, bytes mostly small) saturated in no pair, emulated on real
-    images, and keep the faster kernels."""
-    from onnx import TensorProto, numpy_helper
-
-    graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
-
-    def dequantized(name: str, data_type: int):
-        """The DequantizeLinear producing `name` from an initializer or a tensor of `data_type`, with
-        its zero point's values, or None."""
-        node = producers.get(name)
-        if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 3:
-            return None
-        zero_point = initializers.get(node.input[2])
-        if zero_point is None or zero_point.data_type != data_type:
-            return None
-        return node, numpy_helper.to_array(zero_point)
-
-    changed = 0
-    for node in graph.node:
-        if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2:
-            continue
-        source = dequantized(node.input[0], TensorProto.UINT8)
-        weight = dequantized(node.input[1], TensorProto.INT8)
-        if source is None or weight is None or not source[1].any() or weight[1].any():
-            continue
-        dequantize, zero_point = weight
-        stored = initializers.get(dequantize.input[0])
-        if stored is None or stored.data_type != TensorProto.INT8 or readers.get(stored.name) != 1:
-            continue
-        values = numpy_helper.to_array(stored).astype(np.int16) + 128
-        stored.CopyFrom(numpy_helper.from_array(values.astype(np.uint8), stored.name))
-        unsigned_zero = f"{dequantize.input[2]}_uint8"
-        if unsigned_zero not in initializers:
-            initializers[unsigned_zero] = numpy_helper.from_array(np.full(zero_point.shape, 128, np.uint8), unsigned_zero)
-            graph.initializer.append(initializers[unsigned_zero])
-        readers[dequantize.input[2]] -= 1
-        if not readers[dequantize.input[2]]:
-            graph.initializer.remove(initializers.pop(dequantize.input[2]))
-        dequantize.input[2] = unsigned_zero
-        changed += 1
-    return changed
-
-
-def cpu_graph(path: Path, pairs_saturate: bool | None = None) -> bytes:
-    """The serialized graph ONNX Runtime's CPU provider runs for the file at `path`: its bytes, read
-    once, with int8 activations made unsigned and ReLUs folded into the quantization after them,
-    where it has any; where `pairs_saturate` (default: this CPU's, runtime/cpu.py), the weights that
-    would saturate made unsigned too."""
-    import onnx
-
-    data = path.read_bytes()
-    model = onnx.ModelProto.FromString(data)
-    if not unsigned_activations(model):
-        return data
-    relu_into_quantize(model)
-    if int8_pairs_saturate() if pairs_saturate is None else pairs_saturate:
-        unsigned_weights_for_offset_inputs(model)
-    return model.SerializeToString()
 
 
 class Session:

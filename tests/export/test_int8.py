@@ -70,7 +70,8 @@ def int8_weights(model) -> list[np.ndarray]:
 
 
 def test_on_the_cpu_int8_activations_run_as_uint8_with_the_same_values(int8_of_the_exported_model):
-    from runtime.onnxruntime import cpu_graph, create_session, unsigned_activations
+    from runtime.int8_cpu_graph import cpu_graph, unsigned_activations
+    from runtime.onnxruntime import create_session
     from tests.conftest import images, run_onnx
 
     fp32, int8, _ = int8_of_the_exported_model
@@ -111,7 +112,8 @@ def test_where_int8_pairs_saturate_the_layer_reading_offset_bytes_gets_uint8_wei
     where both kernels are exact."""
     from onnx import numpy_helper
 
-    from runtime.onnxruntime import cpu_graph, create_session
+    from runtime.int8_cpu_graph import cpu_graph
+    from runtime.onnxruntime import create_session
 
     _, int8, _ = int8_of_the_exported_model
     plain, rewritten = (onnx.ModelProto.FromString(cpu_graph(int8, pairs_saturate=flag)) for flag in (False, True))

@@ -72,7 +72,7 @@ def test_a_relu_before_a_quantization_becomes_its_zero_point():
     oracle)."""
     import onnxruntime as ort
 
-    from runtime.onnxruntime import relu_into_quantize
+    from runtime.int8_cpu_graph import relu_into_quantize
 
     x = np.random.default_rng(0).uniform(-6, 3, (2, 3, 4, 4)).astype(np.float32)  # within 127 steps of 0.05
     model = relu_qdq_graph()
@@ -85,7 +85,7 @@ def test_a_relu_before_a_quantization_becomes_its_zero_point():
 
 
 def test_a_relu_with_another_reader_stays():
-    from runtime.onnxruntime import relu_into_quantize
+    from runtime.int8_cpu_graph import relu_into_quantize
 
     model = relu_qdq_graph(second_reader="Add")
     assert relu_into_quantize(model) == 0 and "Relu" in {n.op_type for n in model.graph.node}

@@ -1,6 +1,6 @@
-"""Small helpers the int8 graph rewrites share (conv_fold, projection_fold, channels_last): who
-produces and who reads each tensor, a node's attributes, constants, the 1x1 projections, unused
-initializers."""
+"""Small helpers the ONNX graph rewrites share (export: conv_fold, projection_fold, channels_last;
+runtime: int8_cpu_graph): who produces and who reads each tensor, a node's attributes, constants,
+the 1x1 projections, unused initializers."""
 
 from __future__ import annotations
 
