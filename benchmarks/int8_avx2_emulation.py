@@ -34,10 +34,10 @@ INT16 = (-32768, 32767)
 def layer_inputs(graph) -> list[dict]:
     """Each Conv/MatMul/Gemm of a CPU graph (runtime/int8_cpu_graph.py cpu_graph) that reads a uint8
     input and constant int8 weights: its node, input tensor, zero point, scale, weights and scales."""
-    from onnx import helper, numpy_helper
+    from runtime.onnx_graph import attributes, index, initializer_arrays
 
-    producers = {out: node for node in graph.node for out in node.output}
-    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    producers, _ = index(graph)
+    values = initializer_arrays(graph)
     layers = []
     for node in graph.node:
         if node.op_type not in ("Conv", "MatMul", "Gemm"):
@@ -52,7 +52,7 @@ def layer_inputs(graph) -> list[dict]:
                        "weights": values[weight.input[0]].astype(np.int32),
                        "weight_scales": values[weight.input[1]].astype(np.float64),
                        "bias": _dequantized_bias(node, producers, values),
-                       "attributes": {a.name: helper.get_attribute_value(a) for a in node.attribute}})
+                       "attributes": attributes(node)})
     return layers
 
 
