@@ -19,9 +19,7 @@ def cpu_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
     """{"model": ..., "vendor": ..., "family": "26/2", "cores": N, "extensions": [...]} ("unknown" where
     not Linux). A virtual machine may name its CPU only "AMD EPYC": the family and model numbers
     tell a Zen 4 (family 25) from a Zen 5 (26)."""
-    import os
-
-    from model.runtime import read_cpuinfo
+    from model.runtime import available_cores, read_cpuinfo
 
     fields = read_cpuinfo(cpuinfo_path)
     flags = set(fields.get("flags", "").split())
@@ -29,7 +27,7 @@ def cpu_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
         "model": fields.get("model name", platform.processor() or "unknown"),
         "vendor": fields.get("vendor_id", "unknown"),
         "family": f"{fields['cpu family']}/{fields.get('model', '?')}" if "cpu family" in fields else "unknown",
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores": available_cores(),
         "extensions": [name for name in EXTENSIONS if name in flags],
     }
 
@@ -76,16 +74,18 @@ def _libm():
 
 
 @contextlib.contextmanager
-def denormals_as_zero():
+def denormals_as_zero(enabled: bool = True):
     """Within the block, the calling thread flushes subnormal results to zero and reads subnormal
-    inputs as zero (FTZ and DAZ in its MXCSR, through glibc's fegetenv/fesetenv); its previous
-    mode comes back after. Where that cannot be set (not x86-64 Linux), the block runs unchanged.
+    inputs as zero (FTZ and DAZ in its MXCSR, through glibc's fegetenv/fesetenv); with `enabled`
+    False it computes subnormals instead. Its previous mode comes back after. Where that cannot be
+    set (not x86-64 Linux), the block runs unchanged.
 
-    ONNX Runtime's `session.set_denormal_as_zero` sets the mode in its thread pool only, not in the
-    thread that calls `run`, which computes its share of every parallel node: with the option set,
-    0.6% of the first ACmix layer's attention weights still came out subnormal (AMD EPYC, 64
-    validation images; none with this block around `run`). Subnormal operands cost ~10x per
-    product on some Intel CPUs (../shared/notes/subnormals.md).
+    ONNX Runtime's `session.set_denormal_as_zero` sets the mode in its thread pool, and (ONNX
+    Runtime 1.32) in the thread that creates the process's first session if that session asks for
+    it; not in any other thread that calls `run`, which computes its share of every parallel node:
+    with the option set, 0.6% of the first ACmix layer's attention weights still came out
+    subnormal (AMD EPYC, 64 validation images; none with this block around `run`). Subnormal
+    operands cost ~10x per product on some Intel CPUs (../shared/notes/subnormals.md).
     """
     import ctypes
     import struct
@@ -97,7 +97,8 @@ def denormals_as_zero():
         return
     flushing = ctypes.create_string_buffer(saved.raw, _FENV_SIZE)
     mxcsr = struct.unpack_from("<I", saved.raw, _MXCSR_OFFSET)[0]
-    struct.pack_into("<I", flushing, _MXCSR_OFFSET, mxcsr | FLUSH_TO_ZERO | DENORMALS_ARE_ZERO)
+    bits = FLUSH_TO_ZERO | DENORMALS_ARE_ZERO
+    struct.pack_into("<I", flushing, _MXCSR_OFFSET, mxcsr | bits if enabled else mxcsr & ~bits)
     libm.fesetenv(flushing)
     try:
         yield
