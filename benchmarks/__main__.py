@@ -1,6 +1,6 @@
 """make bench: every benchmark of the project in one run, figures to a results file and PNG plots.
 
-    python -m benchmarks [--quick] [--skip paddle]
+    python -m benchmarks [--skip paddle ...] [--onnx PATH] [--seconds S]
 
 1. Paddle CPU: training step against the previous training path, inference against the reference
    ACmix formulation (benchmarks/paddle_acmix.py).
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from model import paths
 from runtime.cpu import describe
 
 DOCS = Path("docs/bench")
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["paddle", "onnx_runtime", "service", "ray", "ceiling", "tensorrt"])
-    parser.add_argument("--onnx", default="build/alexnet_acmix.onnx", help="the model the service benchmark serves")
+    parser.add_argument("--onnx", default=paths.ONNX, help="the model the service benchmark serves")
     parser.add_argument("--seconds", type=float, default=10, help="per service load level and round")
     args = parser.parse_args(argv)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from model import paths
 from model.spec import INPUT_NAME, OUTPUT_NAME
 from runtime.artifacts import derived_onnx_path
 from runtime.cpu import cpu_info, describe
@@ -57,7 +58,7 @@ def measure(sessions: dict, batch: int, seconds: float, rounds: int = 4) -> dict
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--onnx", default="build/alexnet_acmix.onnx", help="AlexNet-ACmix, fp32")
+    parser.add_argument("--onnx", default=paths.ONNX, help="AlexNet-ACmix, fp32")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--seconds", type=float, default=3.0, help="per model and batch size")
     parser.add_argument("--out", default="build/bench/onnx_runtime.json")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from benchmarks.service_load import preflight, run_wrk, wrk_inputs
 from harness.server import free_port, start_server, stop, wait_ready
+from model import paths
 from runtime.cpu import cpu_info
 
 
@@ -48,7 +49,7 @@ def start_ray(onnx: Path, port: int, replicas: int, folder: Path) -> subprocess.
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--onnx", default="build/alexnet_acmix.onnx")
+    parser.add_argument("--onnx", default=paths.ONNX)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--replicas", type=int, default=2)

@@ -31,6 +31,7 @@ from pathlib import Path
 from benchmarks.service_load import WRK_RESULT, preflight, run_wrk, sample_jpeg
 from harness.server import start_server, stop
 from harness.tiny_model import write_tiny_model
+from model import paths
 from runtime.cpu import cpu_info, describe
 
 SCRIPT = r"""
@@ -102,7 +103,7 @@ def measure(process, url: str, kind: dict, connections: int, seconds: float, scr
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--onnx", default="build/alexnet_acmix.onnx", help="the real model, for its own rows")
+    parser.add_argument("--onnx", default=paths.ONNX, help="the real model, for its own rows")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--rounds", type=int, default=2)

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from harness.server import start_server, stop
+from model import paths
 from runtime.cpu import cpu_info
 
 # wrk's summary as one line that run_wrk parses; every wrk script here ends with it.
@@ -146,7 +147,7 @@ def summarize(rounds: list[dict], concurrency: int) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--onnx", default="build/alexnet_acmix.onnx")
+    parser.add_argument("--onnx", default=paths.ONNX)
     parser.add_argument("--batch", type=int, default=32, help="the service's max batch size")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[64])
     parser.add_argument("--seconds", type=float, default=10, help="per load run")

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from model import paths
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--onnx", default="build/alexnet_acmix.onnx")
+    parser.add_argument("--onnx", default=paths.ONNX)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128, 256])
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--out", default="build/bench/tensorrt.json")

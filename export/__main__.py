@@ -22,7 +22,7 @@ from export.errors import ExportError
 from model import paths
 from runtime.artifacts import PRECISIONS, EngineSpec, derived_onnx_path
 
-DEFAULT_ONNX = "build/alexnet_acmix.onnx"
+DEFAULT_ONNX = paths.ONNX
 DERIVED = tuple(p for p in PRECISIONS if p != "fp32")
 
 

@@ -19,3 +19,7 @@ WEIGHTS = str(WEIGHTS_DIR / "alexnet_acmix.pdparams")
 SPLIT_FILE = str(WEIGHTS_DIR / "val_split.json")
 # The shipped run's record (configuration, history, best epoch), beside the weights.
 TRAINING_METRICS = "training_metrics.json"
+
+# The fp32 ONNX that export writes and the service and benchmarks serve; the fp16 and int8 files,
+# the reference logits and engines are named after it (runtime/artifacts.py).
+ONNX = "build/alexnet_acmix.onnx"

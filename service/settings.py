@@ -29,7 +29,7 @@ class Settings(BaseSettings):
                             "from the fp32 one"
     )
     weights_path: str = Field(paths.WEIGHTS, description="exported to ONNX if that is missing or from other weights")
-    onnx_path: str = Field("build/alexnet_acmix.onnx", description="the fp32 ONNX; other precisions' files beside it")
+    onnx_path: str = Field(paths.ONNX, description="the fp32 ONNX; other precisions' files beside it")
     engine_path: str | None = Field(
         None, description="the TensorRT engine; default: beside the ONNX, alexnet_acmix.<precision>.plan"
     )
