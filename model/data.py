@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from model.preprocessing import ImageError, decode_image
+from model.preprocessing import SUFFIXES, ImageError, decode_image
 from model.spec import CLASSES
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 PYTHON_TARBALL_DIR = "cifar-10-batches-py"
 SPLITS = ("all", "train", "test", "val")
 
@@ -158,7 +157,7 @@ def _read_class_folders(path: Path, entries) -> LabeledImages:
     found = []
     for name, read in entries:
         parts = name.split("/")
-        if not name.lower().endswith(IMAGE_SUFFIXES) or any(p.startswith(".") for p in parts):
+        if not name.lower().endswith(SUFFIXES) or any(p.startswith(".") for p in parts):
             continue
         if len(parts) < 2 or parts[-2] not in CLASSES:
             raise DataError(

@@ -11,13 +11,18 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_SIZE = 128
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 # Resampling for every resize to the network's size, here and in training.
 RESAMPLE = Image.Resampling.BILINEAR
+# The image formats this model takes (Pillow's names) and their file suffixes, for uploads and for
+# data sets alike. Pillow opens many more (SPIDER, DDS, PSD, ...), whose decoders fail in ways of
+# their own; they are refused by name instead.
+FORMATS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",), "BMP": (".bmp",), "GIF": (".gif",)}
+SUFFIXES = tuple(suffix for suffixes in FORMATS.values() for suffix in suffixes)
 # (v / 255 - mean) / std for every 8-bit value v of each channel: one table look-up per pixel.
 _NORMALIZED = ((np.arange(256, dtype=np.float32)[None, :] / 255.0 - MEAN[:, None]) / STD[:, None]).astype(np.float32)
 
@@ -28,7 +33,9 @@ class ImageError(ValueError):
 
 @contextlib.contextmanager
 def _naming_the_cause():
-    """Pillow's exceptions, for undecodable bytes, as ImageError with the cause."""
+    """Pillow's exceptions, for undecodable bytes, as ImageError with the cause. Any exception while
+    decoding is the bytes' fault (Pillow's decoders raise more kinds than they document), so none
+    escapes as another type: a caller answers every one as bad input."""
     try:
         with warnings.catch_warnings():
             # Pillow warns, then errors, on decompression bombs; open_image's explicit limit decides.
@@ -37,11 +44,11 @@ def _naming_the_cause():
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError("not a recognized image format") from None
+        raise ImageError(f"not a recognized image format (this model takes {', '.join(FORMATS)})") from None
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image is over the pixel limit (a decompression bomb?): {exc}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"corrupt or truncated image: {exc}") from None
+    except Exception as exc:
+        raise ImageError(f"corrupt or truncated image: {exc or type(exc).__name__}") from None
 
 
 def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
@@ -49,7 +56,7 @@ def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     if not data:
         raise ImageError("empty file")
     with _naming_the_cause():
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=list(FORMATS))
         width, height = image.size
     if max_pixels is not None and width * height > max_pixels:
         raise ImageError(f"image is {width}x{height} = {width * height} pixels, over the pixel limit of {max_pixels}")
@@ -59,9 +66,9 @@ def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
 def load_rgb(image: Image.Image) -> Image.Image:
     """Decode an opened image (first frame of animations) to RGB; ImageError with the cause."""
     with _naming_the_cause():
-        frame = next(ImageSequence.Iterator(image))
-        frame.load()
-    return to_rgb(frame)
+        image.seek(0)
+        image.load()
+    return to_rgb(image)
 
 
 def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:

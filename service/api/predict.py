@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Header, UploadFile
@@ -13,6 +14,8 @@ from service.api.security import require_api_key
 from service.errors import BadRequest, ServiceError
 from service.predictions import classify
 from service.state import ServiceState, StateDep
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
 
@@ -57,7 +60,7 @@ async def predict_one(state: ServiceState, upload: UploadFile, top_k: int, deadl
     except ImageError as exc:
         name = f" {upload.filename!r}" if upload.filename else ""
         raise BadRequest(f"file{name}: {exc}") from None
-    logits = await state.logits(image, deadline)
+    logits = (await state.logits([image], deadline))[0]
     return Prediction(**classify(logits, top_k, state.temperature), model=state.settings.model_name,
                       backend=state.backend_name)
 
@@ -86,6 +89,9 @@ async def predict_batch(
             prediction = await predict_one(state, upload, top_k, deadline)
         except ServiceError as exc:
             return BatchItem(filename=upload.filename, error=exc.message, status=exc.status)
+        except Exception as exc:  # a bug, not this file's fault: logged, and the other files still answered
+            log.exception("predict/batch: file %r failed", upload.filename)
+            return BatchItem(filename=upload.filename, error=f"internal error: {type(exc).__name__}", status=500)
         return BatchItem(filename=upload.filename, prediction=prediction)
 
     results = await asyncio.gather(*(one(upload) for upload in file))

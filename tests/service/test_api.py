@@ -30,6 +30,14 @@ def png(size=(32, 32), color=(10, 200, 30), mode="RGB") -> bytes:
     return buffer.getvalue()
 
 
+def spider(size=(200, 200)) -> bytes:
+    """A SPIDER file (a format Pillow opens, this model does not take): its 200x200 upload used to
+    hang, decoded in a thread whose StopIteration never reached the request."""
+    buffer = io.BytesIO()
+    Image.new("F", size).save(buffer, format="SPIDER")
+    return buffer.getvalue()
+
+
 def header_only_png(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height (1-bit grey) over a few bytes of image data: what a
     decompression bomb looks like before decoding."""
@@ -83,11 +91,30 @@ def test_batch_gives_one_result_per_file_in_order_and_isolates_bad_files(client,
         assert results[i]["prediction"]["confidence"] == pytest.approx(single["confidence"], rel=1e-5)
 
 
+def test_a_file_that_fails_unexpectedly_fails_alone_in_its_batch(client, cifar_like_jpegs, monkeypatch):
+    """A bug while handling one file (a fake decode raises it) is that file's 500; the others answer."""
+    state = client.app.state.service
+    decode = state.decode
+
+    async def failing_on_the_second(data):
+        if data == cifar_like_jpegs[1]:
+            raise RuntimeError("a bug")
+        return await decode(data)
+
+    monkeypatch.setattr(state, "decode", failing_on_the_second)
+    files = [("file", (f"{i}.jpg", cifar_like_jpegs[i], "image/jpeg")) for i in range(3)]
+    results = client.post("/predict/batch", files=files).json()["results"]
+    assert [r["status"] for r in results] == [200, 500, 200]
+    assert results[1]["error"] == "internal error: RuntimeError" and results[2]["prediction"]["label"]
+
+
 @pytest.mark.parametrize(
     "files,data,status,message",
     [
         (upload(b"hello world"), None, 400, "not a recognized image format"),
         (upload(b""), None, 400, "empty file"),
+        (upload(spider()), None, 400, "not a recognized image format (this model takes JPEG, PNG, WEBP, BMP, GIF)"),
+        (upload(spider((32, 32))), None, 400, "not a recognized image format"),  # was a 500
         (upload(png()[:60]), None, 400, "corrupt or truncated"),
         (upload(png(), field="image"), None, 422, "file"),
         (None, None, 422, "file"),
