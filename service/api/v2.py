@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -32,6 +33,8 @@ from service.state import ServiceState, StateDep
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 HEADER_LENGTH = "Inference-Header-Content-Length"
+# A `timeout` parameter past this (microseconds, about 292,000 years) counts as this.
+MAX_TIMEOUT_US = 2**63 - 1
 
 
 @router.get("", summary="Server metadata")
@@ -101,7 +104,7 @@ def parse_json(text: bytes):
     than Python's parser goes (about 1,000 levels; a request needs 5)."""
     try:
         return json.loads(text, parse_constant=reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # invalid JSON or UTF-8, or an integer over Python's 4,300 digits
         raise BadRequest(f"the request header is not JSON: {exc}") from None
     except RecursionError:
         raise BadRequest("the request nests arrays or objects too deeply to be a v2 request") from None
@@ -131,7 +134,7 @@ def request_timeout(header: dict) -> float | None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
         raise BadRequest(f"the timeout parameter must be a positive integer of microseconds, got {timeout!r}")
-    return timeout / 1e6
+    return min(timeout, MAX_TIMEOUT_US) / 1e6  # the server's own timeout caps it anyway
 
 
 def the_input(header: dict, image: bool) -> tuple[dict, int]:
@@ -157,7 +160,7 @@ def read_tensor_input(header: dict, binary: bytes) -> np.ndarray:
     """The FP32 `image` tensor of a request, checked against its declared name, datatype and shape."""
     tensor, _ = the_input(header, image=False)
     shape = tensor["shape"]
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # exact: np.prod wraps around past 2**63
     size = binary_size(tensor)
     if size is not None:
         if size != count * 4 or len(binary) != size:
@@ -170,7 +173,7 @@ def read_tensor_input(header: dict, binary: bytes) -> np.ndarray:
     try:
         with np.errstate(over="ignore"):  # values beyond float32 become inf, refused as non-finite
             array = np.asarray(data, dtype=np.float32).reshape(-1)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond float64
         raise BadRequest(f"input {INPUT_NAME!r} data is not a (nested) list of numbers") from None
     if array.size != count:
         raise BadRequest(f"input {INPUT_NAME!r} {shape} needs {count} values, got {array.size}")

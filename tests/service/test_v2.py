@@ -30,6 +30,10 @@ def header(**tensor) -> dict:
     (header(shape=[1, 3, "128", 128], data=[]), b"", "has no valid shape"),
     (header(shape=[0, 3, 128, 128], data=[]), b"", "with N >= 1"),
     (header(), b"", "neither data nor binary_data_size"),
+    # a shape whose product wraps around in int64 (np.prod gave 0): refused, never a 500
+    (header(shape=[2**50, 3, 128, 128], data=[]), b"", f"needs {2**50 * 49152} values, got 0"),
+    (header(shape=[2**50, 3, 128, 128], parameters={"binary_data_size": 0}), b"", f"needs {2**50 * 49152 * 4} bytes"),
+    (header(data=[10**400] + [0] * 49151), b"", "data is not a"),  # beyond float64
     ({"inputs": []}, b"", "exactly one input"),
     ({"inputs": {"image": 1}}, b"", "exactly one input"),
 ])
@@ -53,6 +57,7 @@ def test_a_good_tensor_input_in_either_form():
     (b'{"a": -Infinity}', None, "-Infinity"),
     (b"\xff\xfe", None, "is not JSON"),
     (b"[" * 50_000 + b"]" * 50_000, None, "too deeply"),
+    (b'{"id": ' + b"1" * 5000 + b"}", None, "is not JSON"),  # over Python's 4,300 digits
 ])
 def test_bad_bodies(body, length, message):
     with pytest.raises(BadRequest, match=message):
@@ -83,6 +88,7 @@ def test_images_in_binary_and_in_base64_json():
 
 @pytest.mark.parametrize("parameters, expected", [
     ({}, None), ({"timeout": 250_000}, 0.25),
+    ({"timeout": 10**400}, (2**63 - 1) / 1e6),  # past float: capped (the server's own limit applies)
 ])
 def test_the_timeout_parameter_is_microseconds(parameters, expected):
     assert request_timeout({"parameters": parameters}) == expected
