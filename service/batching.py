@@ -39,6 +39,7 @@ class _Request:
     enqueued: float = field(default_factory=time.perf_counter)
     queue_s: float = 0.0
     infer_s: float = 0.0
+    siblings: list[_Request] = field(default_factory=list)  # the other images of its request
 
 
 class BatchObserver:
@@ -94,21 +95,36 @@ class DynamicBatcher:
 
     async def infer(self, image: np.ndarray, deadline: float) -> np.ndarray:
         """Logits for one preprocessed image; raises QueueFullError, ShuttingDownError, TimeoutError."""
+        return (await self.infer_many([image], deadline))[0]
+
+    async def infer_many(self, images: list[np.ndarray], deadline: float) -> list[np.ndarray]:
+        """Logits for the images of one request, in order: all of them are queued or none
+        (QueueFullError when they do not all fit), and when one fails or the deadline passes, the
+        others still queued are dropped before inference. Raises QueueFullError, ShuttingDownError,
+        TimeoutError, or the backend's error."""
         if self._closing:
             raise ShuttingDownError("the service is shutting down")
-        if len(self._queue) >= self.max_queue:
-            raise QueueFullError(f"{len(self._queue)} requests are already waiting")
-        request = _Request(image, deadline, asyncio.get_running_loop().create_future())
-        self._queue.append(request)
+        if len(self._queue) + len(images) > self.max_queue:
+            raise QueueFullError(f"{len(self._queue)} requests are already waiting"
+                                 + (f"; {len(images)} more do not fit in {self.max_queue}" if len(images) > 1 else ""))
+        loop = asyncio.get_running_loop()
+        requests = [_Request(image, deadline, loop.create_future()) for image in images]
+        for request in requests:
+            request.siblings = requests
+        self._queue.extend(requests)
         self.observer.queue_length(len(self._queue))
         self._wakeup.set()
         try:
             async with asyncio.timeout(max(deadline - time.perf_counter(), 0)):
-                row = await request.future  # a timeout cancels the future: the batch skips it
+                rows = await asyncio.gather(*(request.future for request in requests))
         except TimeoutError:
             raise TimeoutError("no result before the request deadline") from None
-        record_batch(request.queue_s, request.infer_s)
-        return row
+        finally:
+            for request in requests:  # cancelled futures are skipped when their batch is cut
+                request.future.cancel()
+        for request in requests:
+            record_batch(request.queue_s, request.infer_s)
+        return rows
 
     async def close(self) -> None:
         """Take no new requests, finish the queued ones, stop the workers."""
@@ -139,6 +155,8 @@ class DynamicBatcher:
                 for request in batch:
                     if not request.future.done():
                         request.future.set_exception(exc)
+                    for sibling in request.siblings:  # its request has failed: the rest is not computed
+                        sibling.future.cancel()
                 continue
             seconds = time.perf_counter() - started
             self._note_drained(len(batch), seconds)

@@ -13,8 +13,6 @@ Both offer Triton's classification extension on `logits` (raw logits: "value:ind
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 
 from model import preprocessing
@@ -151,8 +149,7 @@ async def infer_tensor(state: ServiceState, batch: np.ndarray, deadline: float) 
     """Logits [N, 10] of a preprocessed float32 [N, 3, 128, 128] batch, one request per image."""
     check_batch_size(state, len(batch))
     check_preprocessed(batch, model_names(state)[1])
-    rows = await asyncio.gather(*(state.logits(image, deadline) for image in batch))
-    return np.stack(rows).astype(np.float32)
+    return await state.logits(list(batch), deadline)
 
 
 async def infer_images(state: ServiceState, files: list[bytes], deadline: float) -> np.ndarray:
@@ -167,8 +164,7 @@ async def infer_images(state: ServiceState, files: list[bytes], deadline: float)
             images.append(await state.decode(data))
         except ImageError as exc:
             raise BadRequest(f"input {INPUT_NAME!r} element {index}: {exc}") from None
-    rows = await asyncio.gather(*(state.logits(image, deadline) for image in images))
-    return np.stack(rows).astype(np.float32)
+    return await state.logits(images, deadline)
 
 
 def classification(logits: np.ndarray, k) -> list[list[str]] | None:

@@ -47,10 +47,10 @@ class ServeBatcher:
     def retry_after(self) -> float:
         return 1.0  # Ray answers overload itself (max_ongoing_requests)
 
-    async def infer(self, image: np.ndarray, deadline: float) -> np.ndarray:
+    async def infer_many(self, images: list[np.ndarray], deadline: float) -> list[np.ndarray]:
         remaining = max(deadline - time.perf_counter(), 0)
         async with asyncio.timeout(remaining):
-            return await self.batch_method(image)
+            return await asyncio.gather(*(self.batch_method(image) for image in images))
 
     async def close(self) -> None:
         """Ray drains a replica's requests before it stops it."""
@@ -92,8 +92,12 @@ class Classifier:
     async def infer_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        logits = await loop.run_in_executor(None, self.state.backend.infer, np.stack(images))
-        self.state.metrics.batch_done(len(images), time.perf_counter() - started, [])
+        try:
+            logits = await loop.run_in_executor(None, self.state.backend.infer, np.stack(images))
+        except Exception as exc:  # counted as the service's batcher counts it: readiness, liveness, metrics
+            self.state.batch_failed(len(images), exc)
+            raise
+        self.state.batch_done(len(images), time.perf_counter() - started, [])
         return list(logits)
 
     async def __del__(self):

@@ -100,12 +100,13 @@ class ServiceState(BatchObserver):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.decode_pool, decode_opened, image)
 
-    async def logits(self, image: np.ndarray, deadline: float) -> np.ndarray:
-        """One image through the batcher; the service's domain errors for the ways it can fail."""
+    async def logits(self, images: list[np.ndarray], deadline: float) -> np.ndarray:
+        """Logits [N, 10] of one request's images through the batcher (all queued or none); the
+        service's domain errors for the ways it can fail."""
         if not self.ready or self.batcher is None:
             raise Unavailable("the model is not ready", retry_after=1)
         try:
-            return await self.batcher.infer(image, deadline)
+            return np.stack(await self.batcher.infer_many(images, deadline)).astype(np.float32, copy=False)
         except QueueFullError as exc:
             raise Overloaded(f"too many requests waiting: {exc}", retry_after=self.batcher.retry_after()) from None
         except ShuttingDownError as exc:

@@ -75,6 +75,42 @@ def test_full_queue_is_refused():
     assert [float(r[0]) for r in run(main())] == [0.0, 1.0, 2.0]
 
 
+def test_a_request_of_several_images_is_queued_whole_or_not_at_all():
+    """Room for two of three: none is queued (none computed), and the queue keeps what it held."""
+    async def main():
+        backend = SlowBackend(max_batch=1, delay=0.2)
+        batcher = await started(backend, max_batch=1, max_queue=3)
+        deadline = time.perf_counter() + 5
+        first = asyncio.ensure_future(batcher.infer(image(0), deadline))
+        await asyncio.sleep(0.05)  # the first is now in the backend
+        queued = asyncio.ensure_future(batcher.infer(image(1), deadline))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullError, match="3 more do not fit in 3"):
+            await batcher.infer_many([image(i) for i in (7, 8, 9)], deadline)
+        assert len(batcher) == 1
+        both = await batcher.infer_many([image(5), image(6)], deadline)  # these fit
+        results = await asyncio.gather(first, queued)
+        await batcher.close()
+        return backend, results, both
+
+    backend, results, both = run(main())
+    assert [float(r[0]) for r in results] == [0.0, 1.0] and [float(r[0]) for r in both] == [5.0, 6.0]
+    assert sum(backend.calls) == 4  # 7, 8 and 9 never reached the backend
+
+
+def test_when_one_image_of_a_request_fails_its_others_still_queued_are_dropped():
+    async def main():
+        backend = SlowBackend(max_batch=1, delay=0.05, fail=True)
+        batcher = await started(backend, max_batch=1)
+        with pytest.raises(RuntimeError, match="exploded"):
+            await batcher.infer_many([image(i) for i in range(4)], time.perf_counter() + 5)
+        await asyncio.sleep(0.2)  # time for three more batches, were they computed
+        await batcher.close()
+        return backend
+
+    assert run(main()).calls == [1]
+
+
 def test_deadline_passes_while_queued():
     async def main():
         backend = SlowBackend(max_batch=1, delay=0.3)
