@@ -21,27 +21,39 @@ class BodyTimeoutMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         deadline = time.monotonic() + self.seconds
-        started = False
+        started = timed_out = False
 
         async def receive_in_time():
+            nonlocal timed_out
             remaining = deadline - time.monotonic()
             try:
                 return await asyncio.wait_for(receive(), max(remaining, 0))
             except TimeoutError:
+                timed_out = True
                 raise BodyTooSlow from None
 
-        async def send_noting_start(message):
+        async def send_timeout():
             nonlocal started
+            started = True
+            body = json.dumps({"detail": f"the request body was not received within {self.seconds:g} s"}).encode()
+            await send({"type": "http.response.start", "status": 408,
+                        "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
+
+        async def send_unless_timed_out(message):
+            # Once the body ran late, the client gets the 408 whatever the app answers: FastAPI's
+            # form parser turns any error while reading the body into its own 400.
+            nonlocal started
+            if timed_out:
+                if not started:
+                    await send_timeout()
+                return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
         try:
-            await self.app(scope, receive_in_time, send_noting_start)
+            await self.app(scope, receive_in_time, send_unless_timed_out)
         except BodyTooSlow:
-            if started:
-                return
-            body = json.dumps({"detail": f"the request body was not received within {self.seconds:g} s"}).encode()
-            await send({"type": "http.response.start", "status": 408,
-                        "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
-            await send({"type": "http.response.body", "body": body})
+            if not started:
+                await send_timeout()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,7 +26,8 @@ def start_server(onnx_model, **settings):
 def served(onnx_model):
     """(HTTP base URL, gRPC address) of one real server for the module."""
     grpc_port = launch.free_port()
-    process, url = start_server(onnx_model, grpc_port=grpc_port)
+    # a short body timeout for test_a_body_sent_too_slowly_gets_408_on_every_route; the others send at once
+    process, url = start_server(onnx_model, grpc_port=grpc_port, body_timeout_s=2)
     yield url, f"127.0.0.1:{grpc_port}"
     stop(process)
 
@@ -98,6 +100,28 @@ def test_a_deeply_nested_body_is_a_400_and_the_connection_keeps_serving(server):
         response = client.post("/v2/models/alexnet_acmix/infer", content=b"[" * 100_000 + b"]" * 100_000)
         assert response.status_code == 400 and "too deeply" in response.json()["error"]
         assert client.get("/v2/health/ready").status_code == 200
+
+
+@pytest.mark.parametrize("path, content_type, start", [
+    ("/predict", "multipart/form-data; boundary=b",
+     b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n\x89PNG'),
+    ("/v2/models/alexnet_acmix/infer", "application/json", b'{"inputs": [{"name": "image", '),
+])
+def test_a_body_sent_too_slowly_gets_408_on_every_route(server, path, content_type, start):
+    """A client that sends part of its body, then nothing (slowloris), gets 408 once the body
+    timeout (2 s here) passes. /predict used to answer 400: FastAPI's form parser turned the
+    timeout into its own error."""
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
+                           f"Content-Length: 100000\r\n\r\n".encode() + start)
+        began = time.monotonic()
+        answer = b""
+        while chunk := connection.recv(4096):  # headers and body may come apart; the server then closes
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b"not received within 2 s" in answer and 1.5 < time.monotonic() - began < 8
+    assert httpx.get(f"{server}/readyz").status_code == 200
 
 
 def test_unknown_model_is_404(server):
