@@ -14,6 +14,7 @@ and code, and logs one line (service/request_log.py). Messages up to the upload 
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 
@@ -34,6 +35,7 @@ from service.request_log import (
     request_id,
     traceparent,
 )
+from service.settings import GRPC_MESSAGE_OVERHEAD
 from service.state import ServiceState
 
 SERVICE = "inference.GRPCInferenceService"  # the protocol's name: the gRPC method paths use it
@@ -83,8 +85,8 @@ class Servicer:
 
     async def ModelInfer(self, request, metadata):  # noqa: N802
         state = self.state
+        require_key(state, metadata)  # first: without the key, not even whether the model exists
         image = inference.check_model(state, request.model_name, request.model_version)
-        require_key(state, metadata)
         if state.draining:  # new calls stop at SIGTERM; those in flight finish
             raise Unavailable("the service is draining")
         if len(request.inputs) != 1:
@@ -181,6 +183,9 @@ def handler(state: ServiceState, name: str, method, request_type, response_type)
             code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "no result before the request's deadline"
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:  # the client cancelled, or its deadline passed: counted as such
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception as exc:  # a bug, not the request's fault: logged, INTERNAL to the caller
             code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
             log.exception("gRPC %s failed", name)
@@ -211,7 +216,7 @@ RPCS = {
 async def start(state: ServiceState) -> grpc.aio.Server:
     """The gRPC server on the settings' host and gRPC port, started on the running event loop."""
     settings = state.settings
-    limit = settings.max_upload_bytes + (1 << 16)  # the payload plus the message's own fields
+    limit = settings.max_upload_bytes + GRPC_MESSAGE_OVERHEAD  # the payload plus the message's own fields
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", limit),
                                       # other server processes of this host share the port (service/workers.py)

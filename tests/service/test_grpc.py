@@ -176,6 +176,9 @@ def test_unauthenticated_without_the_api_key(grpc_client):
     code, message = status_of(lambda: client.infer("alexnet_acmix", [tensor_input(batch)]))
     assert code == grpc.StatusCode.UNAUTHENTICATED and "API key" in message
     assert client.infer("alexnet_acmix", [tensor_input(batch)], headers={"x-api-key": "secret"}).as_numpy("logits").shape == (1, 10)
+    # without the key, not even whether a model exists (as HTTP answers 401 first)
+    code, _ = status_of(lambda: client.infer("resnet", [tensor_input(batch)]))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_messages_over_the_upload_limit_are_resource_exhausted(grpc_client):
@@ -221,3 +224,15 @@ def test_grpc_requests_count_in_the_metrics_by_method_and_code(grpc_client):
     text = client_http.get("/metrics").text
     assert 'grpc_requests_total{code="OK",method="ServerLive"} 1.0' in text
     assert 'grpc_requests_total{code="NOT_FOUND",method="ModelMetadata"} 1.0' in text
+
+
+def test_a_call_the_client_gives_up_on_is_counted_cancelled_not_ok(grpc_client):
+    # A fake backend (not the model), slower than the client's own deadline.
+    client_http, client, _ = grpc_client(backend=SlowBackend(delay=1.0))
+    code, _ = status_of(lambda: client.infer("alexnet_acmix", [tensor_input(np.zeros((1, 3, 128, 128), np.float32))],
+                                             client_timeout=0.3))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED  # as the client sees it
+    time.sleep(0.3)
+    text = client_http.get("/metrics").text
+    assert 'grpc_requests_total{code="CANCELLED",method="ModelInfer"} 1.0' in text
+    assert 'code="OK",method="ModelInfer"' not in text
