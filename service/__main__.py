@@ -16,11 +16,12 @@ import signal
 import sys
 
 import uvicorn
+from pydantic import ValidationError
 
 from export.errors import ExportError
 from export.provision import provision
 from service.main import DRAIN_SECONDS, create_app
-from service.settings import Settings
+from service.settings import Settings, settings_problem
 
 log = logging.getLogger("service")
 
@@ -56,10 +57,13 @@ def parser(settings: Settings) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    settings = Settings()
-    args = parser(settings).parse_args(argv)
-    settings = settings.model_copy(update={"host": args.host, "port": args.port, "grpc_port": args.grpc_port,
-                                           "workers": str(args.workers)})
+    try:
+        args = parser(Settings()).parse_args(argv)
+        # validated again with the flags: they may clash with the environment (the same two ports)
+        settings = Settings(host=args.host, port=args.port, grpc_port=args.grpc_port, workers=str(args.workers))
+    except ValidationError as exc:
+        print(f"error: {settings_problem(exc)}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     backend, reason = settings.resolved_backend()
     if args.worker_index is not None:  # a worker: the supervisor provisioned already

@@ -10,12 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model import paths
 from model.runtime import available_cores
 from runtime.artifacts import ArtifactPlan, EngineSpec
+
+# A gRPC message may hold the upload limit plus this much of the message's own fields; gRPC's message
+# limits are 32-bit signed integers.
+GRPC_MESSAGE_OVERHEAD = 1 << 16
+MAX_UPLOAD_BYTES = 2**31 - 1 - GRPC_MESSAGE_OVERHEAD
 
 
 class Settings(BaseSettings):
@@ -44,8 +49,8 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(5.0, ge=0, description="longest a request waits for its batch to fill")
     max_queue_size: int = Field(512, ge=1, description="requests waiting beyond this get 429")
     request_timeout_s: float = Field(10.0, gt=0, description="a request not answered by then gets 504")
-    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="larger bodies get 413 (gRPC: larger messages "
-                                                                      "RESOURCE_EXHAUSTED)")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, le=MAX_UPLOAD_BYTES,
+                                  description="larger bodies get 413 (gRPC: larger messages RESOURCE_EXHAUSTED)")
     body_timeout_s: float = Field(30.0, gt=0, description="a request body not received by then gets 408")
     max_image_pixels: int = Field(40_000_000, ge=1, description="larger images (decoded size) get 400")
     decode_threads: int = Field(default_factory=available_cores, ge=1, description="threads decoding images")
@@ -71,12 +76,29 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     # Ray Serve (service/ray_app.py)
     ray_replicas: str = Field("2", pattern=r"^(auto|[1-9][0-9]*)$", description="a number, or auto (autoscaling)")
     ray_max_replicas: int = Field(4, ge=1, description="autoscaling's upper bound")
     ray_cpus_per_replica: float = Field(1.0, gt=0, description="CPU replicas' Ray resource request")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value):
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        """Settings that are each valid but cannot work together."""
+        if self.max_queue_delay_ms >= self.request_timeout_s * 1000:
+            raise ValueError(f"ACMIX_MAX_QUEUE_DELAY_MS ({self.max_queue_delay_ms:g}) must be below "
+                             f"ACMIX_REQUEST_TIMEOUT_S ({self.request_timeout_s:g} s): a lone request would wait past "
+                             "its deadline")
+        if self.grpc_port == self.port:
+            raise ValueError(f"the HTTP and the gRPC port are both {self.port} (ACMIX_PORT or --port, ACMIX_GRPC_PORT "
+                             "or --grpc-port); give gRPC another, or 0 for none")
+        return self
 
     def resolved_backend(self) -> tuple[str, str]:
         """(onnxruntime or tensorrt, why): auto takes TensorRT where it and a CUDA GPU are present."""
@@ -137,3 +159,15 @@ class Settings(BaseSettings):
             timing_cache=engine.parent / "timing.cache" if backend == "tensorrt" else None,
             rebuild=self.rebuild,
         )
+
+
+def settings_problem(error: ValidationError) -> str:
+    """One line naming each invalid setting by its environment variable, and why."""
+    problems = []
+    for item in error.errors():
+        reason = item["msg"].removeprefix("Value error, ")
+        if item["loc"]:
+            problems.append(f"ACMIX_{str(item['loc'][0]).upper()}={item['input']!r}: {reason}")
+        else:  # settings that are each valid but clash
+            problems.append(reason)
+    return "invalid settings: " + "; ".join(problems)

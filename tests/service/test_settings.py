@@ -1,0 +1,40 @@
+"""service/settings.py: settings that cannot work are refused at start, in one line that names them."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from service import __main__ as launcher
+from service.settings import MAX_UPLOAD_BYTES, Settings, settings_problem
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"max_queue_delay_ms": 3000, "request_timeout_s": 1},
+     "ACMIX_MAX_QUEUE_DELAY_MS (3000) must be below ACMIX_REQUEST_TIMEOUT_S (1 s)"),
+    ({"port": 9000, "grpc_port": 9000}, "the HTTP and the gRPC port are both 9000"),
+    # gRPC's message limit is a 32-bit int: the server used to fail at start with an OverflowError
+    ({"max_upload_bytes": MAX_UPLOAD_BYTES + 1}, "ACMIX_MAX_UPLOAD_BYTES=2147418112: Input should be less than"),
+    ({"log_level": "loud"}, "ACMIX_LOG_LEVEL='loud': Input should be 'critical', 'error'"),
+    ({"max_queue_size": 0}, "ACMIX_MAX_QUEUE_SIZE=0: Input should be greater than or equal to 1"),
+])
+def test_settings_that_cannot_work_are_refused_naming_the_variable(values, message):
+    with pytest.raises(ValidationError) as caught:
+        Settings(**values)
+    assert message in settings_problem(caught.value)
+
+
+def test_settings_that_can_work_pass():
+    settings = Settings(max_queue_delay_ms=999, request_timeout_s=1, log_level="WARNING", grpc_port=0,
+                        max_upload_bytes=MAX_UPLOAD_BYTES)
+    assert settings.log_level == "warning"
+
+
+def test_the_launcher_exits_2_with_one_line_for_a_bad_setting(monkeypatch, capsys):
+    monkeypatch.setenv("ACMIX_MAX_QUEUE_SIZE", "none")
+    assert launcher.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: invalid settings: ACMIX_MAX_QUEUE_SIZE='none'")
+    monkeypatch.delenv("ACMIX_MAX_QUEUE_SIZE")
+    assert launcher.main(["--port", "9100", "--grpc-port", "9100"]) == 2  # flags are checked with the environment
+    assert "both 9100" in capsys.readouterr().err
