@@ -167,10 +167,16 @@ async def infer_images(state: ServiceState, files: list[bytes], deadline: float)
     return await state.logits(images, deadline)
 
 
-def classification(logits: np.ndarray, k) -> list[list[str]] | None:
-    """Triton's classification extension for `k` classes (0: none); BadRequest for a bad k."""
+def classification_count(k) -> int:
+    """Triton's classification extension: `k` classes per image (0: none); BadRequest for a bad k.
+    Checked with the rest of the request, before inference."""
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= NUM_CLASSES:
         raise BadRequest(f"classification must be an integer in 0..{NUM_CLASSES}, got {k!r}")
+    return k
+
+
+def classification(logits: np.ndarray, k: int) -> list[list[str]] | None:
+    """The classification strings of `k` (checked by classification_count) classes per image, or None for 0."""
     return classification_strings(logits, k) if k else None
 
 

@@ -88,11 +88,12 @@ async def infer(state: StateDep, model: str, request: Request, version: str | No
     image = inference.check_model(state, model, version)
     header, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
     deadline = state.deadline(request_timeout(header))
+    outputs = requested_outputs(header)
     if image:
         logits = await inference.infer_images(state, read_image_input(header, binary), deadline)
     else:
         logits = await inference.infer_tensor(state, read_tensor_input(header, binary), deadline)
-    return build_response(header, logits, model)
+    return build_response(header, outputs, logits, model)
 
 
 def reject_constant(name: str):
@@ -156,6 +157,21 @@ def binary_size(tensor: dict) -> int | None:
     return size
 
 
+def unclaimed(binary: bytes) -> None:
+    """BadRequest for binary data after the JSON header that no input claims (binary_data_size)."""
+    if binary:
+        raise BadRequest(f"the body holds {len(binary)} bytes of binary data after the JSON header, but input "
+                         f"{INPUT_NAME!r} has no binary_data_size parameter")
+
+
+def flag(parameters: dict, name: str, owner: str, default: bool = False) -> bool:
+    """A boolean parameter; BadRequest for anything but true or false (the string "false" is not false)."""
+    value = parameters.get(name, default)
+    if not isinstance(value, bool):
+        raise BadRequest(f"{owner}: parameter {name} must be true or false, got {value!r}")
+    return value
+
+
 def read_tensor_input(header: dict, binary: bytes) -> np.ndarray:
     """The FP32 `image` tensor of a request, checked against its declared name, datatype and shape."""
     tensor, _ = the_input(header, image=False)
@@ -167,6 +183,7 @@ def read_tensor_input(header: dict, binary: bytes) -> np.ndarray:
             raise BadRequest(f"input {INPUT_NAME!r} {shape} needs {count * 4} bytes of FP32, "
                              f"binary_data_size says {size} and the body has {len(binary)}")
         return np.frombuffer(binary, dtype="<f4").reshape(shape)
+    unclaimed(binary)
     data = tensor.get("data")
     if data is None:
         raise BadRequest(f"input {INPUT_NAME!r} has neither data nor binary_data_size")
@@ -188,6 +205,7 @@ def read_image_input(header: dict, binary: bytes) -> list[bytes]:
         if len(binary) != size:
             raise BadRequest(f"input {INPUT_NAME!r}: binary_data_size says {size}, the body has {len(binary)} bytes")
         return inference.unpack_bytes(binary, count)
+    unclaimed(binary)
     data = tensor.get("data")
     if not isinstance(data, list) or len(data) != count:
         raise BadRequest(f"input {INPUT_NAME!r}: data must be a list of {count} base64 strings (one image file each)")
@@ -202,13 +220,16 @@ def read_image_input(header: dict, binary: bytes) -> list[bytes]:
     return files
 
 
-def build_response(header: dict, logits: np.ndarray, model: str) -> Response:
+def requested_outputs(header: dict) -> list[tuple[int, bool]]:
+    """(classification count, binary) of each requested output; BadRequest before any inference."""
     requested = header.get("outputs") or [{"name": OUTPUT_NAME}]
     if not isinstance(requested, list):
         raise BadRequest("outputs must be a list")
     parameters = header.get("parameters") or {}
-    binary_default = bool(parameters.get("binary_data_output", False))
-    outputs, blobs = [], []
+    if not isinstance(parameters, dict):
+        raise BadRequest("the request's parameters must be a JSON object")
+    binary_default = flag(parameters, "binary_data_output", "the request")
+    outputs = []
     for spec in requested:
         if not isinstance(spec, dict) or spec.get("name") != OUTPUT_NAME:
             name = spec.get("name") if isinstance(spec, dict) else spec
@@ -216,7 +237,15 @@ def build_response(header: dict, logits: np.ndarray, model: str) -> Response:
         params = spec.get("parameters") or {}
         if not isinstance(params, dict):
             raise BadRequest(f"output {OUTPUT_NAME!r}: parameters must be a JSON object")
-        strings = inference.classification(logits, params.get("classification", 0))
+        outputs.append((inference.classification_count(params.get("classification", 0)),
+                        flag(params, "binary_data", f"output {OUTPUT_NAME!r}", binary_default)))
+    return outputs
+
+
+def build_response(header: dict, requested: list[tuple[int, bool]], logits: np.ndarray, model: str) -> Response:
+    outputs, blobs = [], []
+    for k, binary in requested:
+        strings = inference.classification(logits, k)
         if strings is not None:
             entry = {"name": OUTPUT_NAME, "datatype": "BYTES", "shape": [len(logits), len(strings[0])]}
             flat = [s for row in strings for s in row]
@@ -225,7 +254,7 @@ def build_response(header: dict, logits: np.ndarray, model: str) -> Response:
             entry = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": list(logits.shape)}
             flat = logits.reshape(-1).tolist()
             blob = logits.astype("<f4").tobytes()
-        if params.get("binary_data", binary_default):
+        if binary:
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

@@ -97,6 +97,7 @@ class Servicer:
         if len(raw) > 1:
             raise BadRequest(f"raw_input_contents holds {len(raw)} tensors; the model takes one")
         deadline = state.deadline(timeout_parameter(request.parameters, metadata))
+        outputs = requested_outputs(request)
         if image:
             if raw:
                 files = inference.unpack_bytes(raw[0], count)
@@ -118,7 +119,7 @@ class Servicer:
                     raise BadRequest(f"input {INPUT_NAME!r} {list(tensor.shape)} needs {values} values, "
                                      f"fp32_contents has {batch.size}")
             logits = await inference.infer_tensor(state, batch.reshape(count, *INPUT_SHAPE), deadline)
-        return infer_response(request, logits)
+        return infer_response(request, outputs, logits)
 
 
 def require_key(state: ServiceState, metadata: dict[str, str]) -> None:
@@ -141,9 +142,10 @@ def timeout_parameter(parameters, metadata) -> float | None:
     return value / 1e6
 
 
-def infer_response(request, logits: np.ndarray):
+def requested_outputs(request) -> list[int]:
+    """The classification count of each requested output; BadRequest before any inference."""
     requested = list(request.outputs) or [pb.ModelInferRequest.InferRequestedOutputTensor(name=OUTPUT_NAME)]
-    response = pb.ModelInferResponse(model_name=request.model_name, model_version=inference.VERSION, id=request.id)
+    counts = []
     for spec in requested:
         if spec.name != OUTPUT_NAME:
             raise BadRequest(f"unknown output {spec.name!r}; the model gives {OUTPUT_NAME!r}")
@@ -152,6 +154,13 @@ def infer_response(request, logits: np.ndarray):
             parameter = spec.parameters["classification"]
             choice = parameter.WhichOneof("parameter_choice")
             k = getattr(parameter, choice) if choice in ("int64_param", "uint64_param") else None
+        counts.append(inference.classification_count(k))
+    return counts
+
+
+def infer_response(request, outputs: list[int], logits: np.ndarray):
+    response = pb.ModelInferResponse(model_name=request.model_name, model_version=inference.VERSION, id=request.id)
+    for k in outputs:
         strings = inference.classification(logits, k)
         if strings is not None:
             response.outputs.add(name=OUTPUT_NAME, datatype="BYTES", shape=[len(logits), len(strings[0])])

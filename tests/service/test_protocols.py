@@ -92,6 +92,31 @@ def test_malformed_bodies_are_400_and_the_server_keeps_serving(client, body, mes
     assert client.get("/v2/health/ready").status_code == 200
 
 
+@pytest.mark.parametrize("outputs, parameters, message", [
+    ([{"name": "probabilities"}], {}, "unknown output 'probabilities'"),
+    ([{"name": "logits", "parameters": {"classification": 11}}], {}, "classification must be an integer in 0..10"),
+    ([{"name": "logits", "parameters": {"binary_data": "false"}}], {}, "parameter binary_data must be true or false"),
+    (None, {"binary_data_output": "false"}, "parameter binary_data_output must be true or false"),
+])
+def test_a_bad_output_request_is_refused_before_inference(make_client, outputs, parameters, message):
+    # A fake backend (not the model), to count what reaches it.
+    backend = SlowBackend()
+    client = make_client(backend=backend)
+    before = len(backend.calls)
+    body = {**tensor_body(np.zeros((1, 3, 128, 128), np.float32)), "parameters": parameters}
+    if outputs:
+        body["outputs"] = outputs
+    response = client.post(INFER, json=body)
+    assert response.status_code == 400 and message in response.json()["error"]
+    assert len(backend.calls) == before
+
+
+def test_binary_data_that_no_input_claims_is_refused(client):
+    text = json.dumps(tensor_body(np.zeros((1, 3, 128, 128), np.float32))).encode()
+    response = client.post(INFER, content=text + b"\0" * 16, headers={"Inference-Header-Content-Length": str(len(text))})
+    assert response.status_code == 400 and "16 bytes of binary data after the JSON header" in response.json()["error"]
+
+
 def test_request_ids_are_echoed_generated_and_logged_with_timings(client, cifar_like_jpegs, caplog):
     with caplog.at_level(logging.INFO, logger="service.requests"):
         given = client.post("/predict", files={"file": ("a.jpg", cifar_like_jpegs[0], "image/jpeg")},

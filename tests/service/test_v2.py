@@ -103,4 +103,4 @@ def test_a_bad_timeout_parameter_is_refused(timeout):
 @pytest.mark.parametrize("k", [-1, 11, "3", 2.5, True])
 def test_a_bad_classification_count_is_refused(k):
     with pytest.raises(BadRequest, match="classification must be an integer in 0..10"):
-        inference.classification(np.zeros((1, 10), np.float32), k)
+        inference.classification_count(k)
