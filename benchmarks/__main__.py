@@ -26,7 +26,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from export.errors import ExportError
 from model import paths
+from model.cli import one_line_errors, positive_float
+from model.data import DataError
+from runtime.backend import BackendError
 from runtime.cpu import describe
 
 DOCS = Path("docs/bench")
@@ -109,12 +113,13 @@ def plot_ceiling(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+@one_line_errors(BackendError, DataError, ExportError)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["paddle", "onnx_runtime", "service", "ray", "ceiling", "tensorrt"])
     parser.add_argument("--onnx", default=paths.ONNX, help="the model the service benchmark serves")
-    parser.add_argument("--seconds", type=float, default=10, help="per service load level and round")
+    parser.add_argument("--seconds", type=positive_float, default=10, help="per service load level and round")
     args = parser.parse_args(argv)
 
     from benchmarks import onnx_runtime, paddle_acmix, ray_vs_fastapi, service_ceiling, service_load, tensorrt_engines

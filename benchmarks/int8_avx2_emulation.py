@@ -26,7 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
+from export.errors import ExportError
+from model.cli import one_line_errors, positive_int
+from model.data import DataError
+from runtime.backend import BackendError
 from runtime.cpu import describe
+from runtime.onnx_graph import read_onnx
 
 INT16 = (-32768, 32767)
 
@@ -115,14 +120,17 @@ def stem_output(x_float: np.ndarray, stem: dict, saturate: bool) -> tuple[np.nda
     return y.reshape(len(x_float), oh, ow, len(weights)).transpose(0, 3, 1, 2).astype(np.float32), clamped
 
 
+@one_line_errors(BackendError, DataError, ExportError)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.int8_avx2_emulation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--int8", default="build/alexnet_acmix.int8.onnx")
-    parser.add_argument("--images", type=int, default=1000, help="validation images for the top-1 comparison")
-    parser.add_argument("--layer-images", type=int, default=16, help="validation images for the per-layer counts")
+    parser.add_argument("--images", type=positive_int, default=1000, help="validation images for the top-1 comparison")
+    parser.add_argument("--layer-images", type=positive_int, default=16, help="validation images for the per-layer counts")
     parser.add_argument("--data", default=None, help="CIFAR-10 training images (default: the lossless archive)")
     parser.add_argument("--out", default="build/bench/int8_avx2_emulation.json")
     args = parser.parse_args(argv)
+    read_onnx(args.int8)  # ValueError naming the file where it is missing or no ONNX
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before the measurement, not after it
     report = emulate(Path(args.int8), args.images, args.layer_images, args.data)
     print(report["text"])
     out = Path(args.out)

@@ -23,9 +23,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from export.errors import ExportError
 from model import paths
+from model.cli import one_line_errors, positive_float, positive_int
+from model.data import DataError
 from model.spec import INPUT_NAME, OUTPUT_NAME
-from runtime.artifacts import derived_onnx_path
+from runtime.artifacts import derived_onnx_path, onnx_metadata
+from runtime.backend import BackendError
 from runtime.cpu import cpu_info, describe
 
 
@@ -56,13 +60,16 @@ def measure(sessions: dict, batch: int, seconds: float, rounds: int = 4) -> dict
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
+@one_line_errors(BackendError, DataError, ExportError)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--onnx", default=paths.ONNX, help="AlexNet-ACmix, fp32")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
-    parser.add_argument("--seconds", type=float, default=3.0, help="per model and batch size")
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--seconds", type=positive_float, default=3.0, help="per model and batch size")
     parser.add_argument("--out", default="build/bench/onnx_runtime.json")
     args = parser.parse_args(argv)
+    onnx_metadata(args.onnx)  # ValueError naming the file where it is missing or no ONNX
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before the measurement, not after it
 
     from runtime.onnxruntime import SESSION_CONFIG, create_session
 

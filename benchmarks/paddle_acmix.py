@@ -31,6 +31,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from export.errors import ExportError
+from model.cli import one_line_errors, positive_int
+from model.data import DataError
+from runtime.backend import BackendError
 from runtime.cpu import cpu_info, describe
 
 TASKS = {"train_step": ("previous", "current"), "inference": ("reference", "current")}
@@ -106,14 +110,16 @@ def in_child(task: str, variant: str, batch: int, steps: int) -> list[float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@one_line_errors(BackendError, DataError, ExportError)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3, help="processes per variant, alternating")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (calls) per process")
+    parser.add_argument("--batch", type=positive_int, default=128)
+    parser.add_argument("--rounds", type=positive_int, default=3, help="processes per variant, alternating")
+    parser.add_argument("--steps", type=positive_int, default=5, help="timed steps (calls) per process")
     parser.add_argument("--out", default="build/bench/paddle_acmix.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # task:variant, measured in this process
     args = parser.parse_args(argv)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before the measurement, not after it
     if args.child:
         task, variant = args.child.split(":")
         print(json.dumps(measure(task, variant, args.batch, args.steps)))

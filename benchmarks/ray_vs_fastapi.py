@@ -20,8 +20,12 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.service_load import preflight, run_wrk, wrk_inputs
+from export.errors import ExportError
 from harness.server import free_port, start_server, stop, wait_ready
 from model import paths
+from model.cli import one_line_errors, positive_float, positive_int
+from model.data import DataError
+from runtime.backend import BackendError
 from runtime.cpu import cpu_info
 
 
@@ -47,14 +51,16 @@ def start_ray(onnx: Path, port: int, replicas: int, folder: Path) -> subprocess.
     return process
 
 
+@one_line_errors(BackendError, DataError, ExportError)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--onnx", default=paths.ONNX)
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--seconds", type=float, default=15)
-    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--concurrency", type=positive_int, default=64)
+    parser.add_argument("--seconds", type=positive_float, default=15)
+    parser.add_argument("--replicas", type=positive_int, default=2)
     parser.add_argument("--out", default="build/bench/ray_vs_fastapi.json")
     args = parser.parse_args(argv)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before the measurement, not after it
     onnx = Path(args.onnx)
     problem = preflight(onnx)
     if problem:

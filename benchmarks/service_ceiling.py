@@ -29,9 +29,13 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.service_load import WRK_RESULT, preflight, run_wrk, sample_jpeg
+from export.errors import ExportError
 from harness.server import start_server, stop
 from harness.tiny_model import write_tiny_model
 from model import paths
+from model.cli import one_line_errors, positive_float, positive_int
+from model.data import DataError
+from runtime.backend import BackendError
 from runtime.cpu import cpu_info, describe
 
 SCRIPT = r"""
@@ -101,14 +105,16 @@ def measure(process, url: str, kind: dict, connections: int, seconds: float, scr
     return result
 
 
+@one_line_errors(BackendError, DataError, ExportError)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--onnx", default=paths.ONNX, help="the real model, for its own rows")
-    parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--connections", type=positive_int, default=64)
+    parser.add_argument("--seconds", type=positive_float, default=10)
+    parser.add_argument("--rounds", type=positive_int, default=2)
     parser.add_argument("--out", default="build/bench/service_ceiling.json")
     args = parser.parse_args(argv)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before the measurement, not after it
     problem = preflight(Path(args.onnx))
     if problem:
         print(f"error: {problem}", file=sys.stderr)

@@ -32,8 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
+from export.errors import ExportError
 from harness.server import start_server, stop
 from model import paths
+from model.cli import non_negative_float, one_line_errors, positive_float, positive_int
+from model.data import DataError
+from runtime.artifacts import onnx_metadata
+from runtime.backend import BackendError
 from runtime.cpu import cpu_info
 
 # wrk's summary as one line that run_wrk parses; every wrk script here ends with it.
@@ -123,6 +128,10 @@ def preflight(onnx: Path) -> str | None:
     """Why a load benchmark cannot run here (no ONNX, no wrk), or None."""
     if not onnx.is_file():
         return f"{onnx}: no such ONNX file (make export, or python -m export onnx)"
+    try:
+        onnx_metadata(onnx)
+    except ValueError as exc:
+        return str(exc)
     if shutil.which("wrk") is None:
         return "wrk is not installed (apt-get install wrk)"
     return None
@@ -145,16 +154,18 @@ def summarize(rounds: list[dict], concurrency: int) -> dict:
     }
 
 
+@one_line_errors(BackendError, DataError, ExportError)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--onnx", default=paths.ONNX)
-    parser.add_argument("--batch", type=int, default=32, help="the service's max batch size")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[64])
-    parser.add_argument("--seconds", type=float, default=10, help="per load run")
-    parser.add_argument("--rounds", type=int, default=3, help="raw backend then each load run, this many times")
-    parser.add_argument("--queue-delay-ms", type=float, default=5.0)
+    parser.add_argument("--batch", type=positive_int, default=32, help="the service's max batch size")
+    parser.add_argument("--concurrency", type=positive_int, nargs="+", default=[64])
+    parser.add_argument("--seconds", type=positive_float, default=10, help="per load run")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="raw backend then each load run, this many times")
+    parser.add_argument("--queue-delay-ms", type=non_negative_float, default=5.0)
     parser.add_argument("--out", default="build/bench/service_load.json")
     args = parser.parse_args(argv)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before the measurement, not after it
 
     onnx = Path(args.onnx)
     problem = preflight(onnx)

@@ -18,16 +18,22 @@ from pathlib import Path
 
 import numpy as np
 
+from export.errors import ExportError
 from model import paths
+from model.cli import one_line_errors, positive_float, positive_int
+from model.data import DataError
+from runtime.backend import BackendError
 
 
+@one_line_errors(BackendError, DataError, ExportError)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--onnx", default=paths.ONNX)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128, 256])
-    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8, 32, 128, 256])
+    parser.add_argument("--seconds", type=positive_float, default=2.0)
     parser.add_argument("--out", default="build/bench/tensorrt.json")
     args = parser.parse_args(argv)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before the measurement, not after it
 
     from export.provision import provision
     from runtime.artifacts import ArtifactPlan, EngineSpec

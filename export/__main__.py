@@ -20,6 +20,7 @@ from pathlib import Path
 
 from export.errors import ExportError
 from model import paths
+from model.cli import fail, positive_int
 from runtime.artifacts import PRECISIONS, EngineSpec, derived_onnx_path
 
 DEFAULT_ONNX = paths.ONNX
@@ -32,7 +33,12 @@ def default_engine_path(onnx: str, precision: str) -> str:
 
 
 def split_file(args) -> str | None:
-    return args.split_file if Path(args.split_file).is_file() else None
+    """The held-out split to verify on; None where the default one is absent (all images then)."""
+    if Path(args.split_file).is_file():
+        return args.split_file
+    if args.split_file != paths.SPLIT_FILE:
+        raise ExportError(f"{args.split_file}: no such split file")
+    return None
 
 
 def run_onnx(args) -> dict:
@@ -146,9 +152,13 @@ def run_all(args) -> dict:
 
 def run_triton(args) -> dict:
     from export.triton import read_model_config, write_model_repository
+    from runtime.artifacts import engine_metadata_path, read_metadata
 
     if args.engine is not None and not Path(args.engine).is_file():
         raise ExportError(f"{args.engine}: no such engine file")
+    if args.engine is not None and read_metadata(args.engine) is None:  # asked for: not replaced by the ONNX
+        raise ExportError(f"{args.engine}: no engine metadata beside it ({engine_metadata_path(args.engine)}); "
+                          "build engines with python -m export engine")
     engine = args.engine or default_engine_path(args.onnx, "fp32")  # the service's default engine, if built
     path = write_model_repository(args.out, args.onnx, engine_path=engine, model_name=args.model_name,
                                   max_batch_size=args.max_batch_size, queue_delay_us=args.queue_delay_us,
@@ -169,17 +179,17 @@ def parser() -> argparse.ArgumentParser:
     def verify_options(p):
         p.add_argument("--data", default=paths.DATA, help="images to verify on (generated ones when absent)")
         p.add_argument("--split-file", default=paths.SPLIT_FILE, help="verify on these held-out images")
-        p.add_argument("--count", type=int, default=None,
+        p.add_argument("--count", type=positive_int, default=None,
                        help=f"how many images (default {VERIFY_COUNT} against Paddle, {DERIVED_VERIFY_COUNT} for fp16 and int8)")
 
     def engine_options(p):
         defaults = EngineSpec()
         p.add_argument("--engine", default=None, help="engine file (default: beside the ONNX, .<precision>.plan)")
         p.add_argument("--precision", default="fp32", choices=PRECISIONS)
-        p.add_argument("--min-batch", type=int, default=defaults.min_batch)
-        p.add_argument("--opt-batch", type=int, default=defaults.opt_batch)
-        p.add_argument("--max-batch", type=int, default=defaults.max_batch)
-        p.add_argument("--workspace-mib", type=int, default=defaults.workspace_mib)
+        p.add_argument("--min-batch", type=positive_int, default=defaults.min_batch)
+        p.add_argument("--opt-batch", type=positive_int, default=defaults.opt_batch)
+        p.add_argument("--max-batch", type=positive_int, default=defaults.max_batch)
+        p.add_argument("--workspace-mib", type=positive_int, default=defaults.workspace_mib)
         p.add_argument("--timing-cache", default="build/timing.cache")
         p.add_argument("--force", action="store_true", help="rebuild even when the engine is current")
 
@@ -193,7 +203,7 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                            help="fp16 and int8 are made from the fp32 ONNX (--from-onnx)")
         p.add_argument("--from-onnx", default=DEFAULT_ONNX, help="the fp32 ONNX an fp16 or int8 one is made from")
-        p.add_argument("--calibration-images", type=int, default=512,
+        p.add_argument("--calibration-images", type=positive_int, default=512,
                        help="int8: held-out training images to calibrate on")
 
     onnx = commands.add_parser("onnx", help="export the weights to ONNX (or derive fp16/int8), then verify")
@@ -236,9 +246,8 @@ def main(argv=None) -> int:
               "triton": run_triton}[args.command]
     try:
         result = action(args)
-    except ExportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (ExportError, ValueError, OSError) as exc:  # ValueError: a file that is not what it should be
+        return fail(exc)
     print(json.dumps(result))
     return 0
 

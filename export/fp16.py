@@ -22,9 +22,7 @@ def convert_fp16(onnx_in: str | Path, onnx_out: str | Path) -> Path:
     from onnxconverter_common import float16
 
     onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
-    if not onnx_in.is_file():
-        raise ExportError(f"{onnx_in}: no such ONNX file")
-    model = onnx.load(str(onnx_in))
+    model = read_fp32_source(onnx_in)
     name_nodes(model.graph)
     try:
         model = float16.convert_float_to_float16(model, keep_io_types=True)
@@ -36,6 +34,20 @@ def convert_fp16(onnx_in: str | Path, onnx_out: str | Path) -> Path:
     with replacing(onnx_out) as tmp:
         onnx.save(model, tmp)
     return onnx_out
+
+
+def read_fp32_source(path: Path):
+    """The fp32 ONNX an fp16 or int8 file is made from; ExportError naming it where it is missing,
+    not ONNX, or itself made from another (its metadata names a source)."""
+    from runtime.onnx_graph import read_onnx
+
+    try:
+        model = read_onnx(path)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    if any(prop.key == SOURCE_DIGEST for prop in model.metadata_props):
+        raise ExportError(f"{path}: an fp16 or int8 ONNX, made from another; give the fp32 ONNX (--from-onnx)")
+    return model
 
 
 def set_source(model, source: Path) -> None:

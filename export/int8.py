@@ -154,16 +154,14 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, data: str | Path | 
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from export.fp16 import set_source
+    from export.fp16 import read_fp32_source, set_source
 
     onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
     table_path = Path(table_path) if table_path is not None else CALIBRATION_TABLE
-    if not onnx_in.is_file():
-        raise ExportError(f"{onnx_in}: no such ONNX file")
+    folded = read_fp32_source(onnx_in)
     weights_digest = onnx_metadata(onnx_in).get(WEIGHTS_DIGEST)
     table = read_table(table_path)
     with tempfile.TemporaryDirectory(prefix="int8.") as tmp:
-        folded = onnx.load(str(onnx_in))
         int8_source_graph(folded)
         structure = graph_digest(folded)
         prepared = Path(tmp) / "folded.onnx"

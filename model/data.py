@@ -206,7 +206,7 @@ def save_split(path: str | Path, data: LabeledImages, val_indices: np.ndarray, s
 def load_split(path: str | Path) -> dict:
     try:
         record = json.loads(Path(path).read_text())
-        if not isinstance(record.get("val"), list):
+        if not isinstance(record, dict) or not isinstance(record.get("val"), list):
             raise ValueError("no 'val' list")
         return record
     except (OSError, ValueError) as exc:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from model import paths
+from model.cli import fail, positive_int
 from model.data import CLASSES, SPLITS, DataError, open_dataset
 from model.runtime import DEVICES, import_paddle, resolve_device
 
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto", choices=DEVICES,
                         help="auto: a CUDA GPU where Paddle is a CUDA build and one is visible, else the CPU")
     parser.add_argument("--split-file", default=DEFAULT_SPLIT_FILE, help="the held-out validation list")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--confusion", default="build/confusion_matrix.png", help="PNG to write")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args(argv)
@@ -113,12 +114,12 @@ def main(argv=None) -> int:
     if split is None:
         split = "val" if args.data in (paths.DATA, paths.JPEG_DATA) else "all"
     try:
+        Path(args.confusion).parent.mkdir(parents=True, exist_ok=True)  # before the evaluation, not after it
         device, reason = resolve_device(args.device)
         result = evaluate(args.weights, args.data, split, args.split_file, Path(args.confusion), args.arch,
                           args.batch_size, device)
-    except (DataError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (DataError, ValueError, OSError) as exc:
+        return fail(exc)
     confusion = Path(args.confusion)
     print(f"top-1 accuracy {result['accuracy']:.4f} on {result['n']} images ({args.data}, split {split}; "
           f"on the {device.upper()}: {reason})")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from tqdm import tqdm
 
@@ -24,11 +26,22 @@ def predict_logits(model, images, batch_size: int = 128, progress: str | None = 
 
 def load_weights(arch: str, weights: str):
     """A model of `arch` with the weights of a `.pdparams` file; ValueError naming the file if unusable."""
-    import paddle
-
     from model.alexnet import build_model
 
     model = build_model(arch)
+    model.set_state_dict(read_state(model, weights, arch))
+    model.eval()
+    return model
+
+
+def read_state(model, weights: str | Path, arch: str) -> dict:
+    """The state dict of a `.pdparams` file, checked against `model` (an `arch`): ValueError naming
+    the file where it is missing, not Paddle's, or holds another network's parameters (Paddle
+    itself only warns and leaves those parameters as they were)."""
+    import paddle
+
+    if not Path(weights).is_file():
+        raise ValueError(f"{weights}: no such weights file")
     try:
         state = paddle.load(str(weights))
     except Exception as exc:  # paddle.load raises many types for a bad file
@@ -42,6 +55,4 @@ def load_weights(arch: str, weights: str):
     for key, value in expected.items():
         if list(value.shape) != list(state[key].shape):
             raise ValueError(f"{weights}: {key} has shape {list(state[key].shape)}, {arch} needs {list(value.shape)}")
-    model.set_state_dict(state)
-    model.eval()
-    return model
+    return state

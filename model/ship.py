@@ -21,9 +21,18 @@ from pathlib import Path
 
 from model import paths
 from model.calibration import CALIBRATION_FILE, calibrate, plot_reliability
+from model.cli import fail
 from model.data import DataError
 from model.evaluate import evaluate
-from model.train import RECIPE_FLAGS, SHIPPED_METRICS, SHIPPED_WEIGHTS, TrainConfig, lineage, recorded_config
+from model.train import (
+    RECIPE_FLAGS,
+    SHIPPED_METRICS,
+    SHIPPED_WEIGHTS,
+    TrainConfig,
+    lineage,
+    read_run_record,
+    recorded_config,
+)
 
 WEIGHTS_DIR = paths.WEIGHTS_DIR
 TARGET_ACCURACY = 0.85
@@ -107,7 +116,7 @@ def summarize_proxies(folders: list[Path]) -> list[dict]:
     """One row per proxy run (recipe search): its name, recipe, epochs, best validation accuracy, minutes."""
     rows = []
     for folder in folders:
-        record = json.loads((folder / "metrics.json").read_text())
+        record = read_run_record(folder / "metrics.json")
         config = recorded_config(record)
         rows.append({
             "name": folder.name,
@@ -246,34 +255,49 @@ def copy_weights(source: Path, target: Path) -> None:
 def ship(run: Path, data: str, split_file: str, out: Path = WEIGHTS_DIR, split: str = "val",
          jpeg_data: str | None = None, proxies: list[Path] | None = None) -> dict:
     """Copy the run's best weights into `out`, evaluate and calibrate them, write the card; returns
-    the evaluation on `data`."""
+    the evaluation on `data`. Everything is checked and computed first: a bad input (DataError or
+    ValueError naming it) leaves the weights shipped before untouched."""
     import shutil
+    import tempfile
 
+    import numpy as np
     import paddle
+
+    from model.predict import load_weights
 
     metrics_file, best = run / "metrics.json", run / "best.pdparams"
     for path in (metrics_file, best, run / "curves.png"):
         if not path.is_file():
             raise DataError(f"{path}: missing; is {run} a training run (python -m model.train --out {run})?")
-    metrics = json.loads(metrics_file.read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    weights = out / SHIPPED_WEIGHTS
-    copy_weights(best, weights)
+    metrics = read_run_record(metrics_file)
+    load_weights(recorded_config(metrics)["arch"], best)  # ValueError naming the file if it is not the run's network
+    if not Path(data).exists():
+        raise DataError(f"{data}: no such data set")
+    rows = summarize_proxies(proxies) if proxies else None
+    with tempfile.TemporaryDirectory(prefix="ship.") as tmp:
+        weights = Path(tmp) / SHIPPED_WEIGHTS
+        copy_weights(best, weights)
+        evaluation = evaluate(str(weights), data, split, split_file, Path(tmp) / "confusion_matrix.png",
+                              keep_logits=True)
+        jpeg = None
+        if jpeg_data and Path(jpeg_data).exists():
+            jpeg = evaluate(str(weights), jpeg_data, split, split_file, Path("build/confusion_matrix_jpeg.png"))
+        logits, labels = np.asarray(evaluation.pop("logits")), np.asarray(evaluation.pop("labels"))
+        calibration = calibrate(logits, labels)
+        plot_reliability(logits, labels, calibration["temperature"], Path(tmp) / "reliability.png")
+
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (SHIPPED_WEIGHTS, "confusion_matrix.png", "reliability.png"):
+            shutil.move(Path(tmp) / name, out / name)
+    evaluation.update(weights=str(out / SHIPPED_WEIGHTS), confusion_png=str(out / "confusion_matrix.png"))
+    if jpeg:
+        jpeg["weights"] = evaluation["weights"]
     shutil.copyfile(run / "curves.png", out / "learning_curves.png")
     shutil.copyfile(metrics_file, out / SHIPPED_METRICS)
-    evaluation = evaluate(str(weights), data, split, split_file, out / "confusion_matrix.png", keep_logits=True)
-    jpeg = None
-    if jpeg_data and Path(jpeg_data).exists():
-        jpeg = evaluate(str(weights), jpeg_data, split, split_file, Path("build/confusion_matrix_jpeg.png"))
-    import numpy as np
-
-    logits, labels = np.asarray(evaluation.pop("logits")), np.asarray(evaluation.pop("labels"))
-    calibration = calibrate(logits, labels)
     (out / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2) + "\n")
-    plot_reliability(logits, labels, calibration["temperature"], out / "reliability.png")
     search = out / RECIPE_SEARCH
-    if proxies:
-        search.write_text(json.dumps(summarize_proxies(proxies), indent=2) + "\n")
+    if rows:
+        search.write_text(json.dumps(rows, indent=2) + "\n")
     rows = json.loads(search.read_text()) if search.is_file() else []
     (out / "README.md").write_text(model_card(metrics, evaluation, paddle.__version__, run, jpeg, calibration, rows))
     evaluation["jpeg"] = jpeg
@@ -292,9 +316,8 @@ def main(argv=None) -> int:
     try:
         evaluation = ship(Path(args.run), args.data, args.split_file, jpeg_data=args.jpeg_data,
                           proxies=[Path(p) for p in args.proxies] if args.proxies else None)
-    except (DataError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (DataError, ValueError, OSError) as exc:
+        return fail(exc)
     jpeg = f" (JPEG q75: {evaluation['jpeg']['accuracy']:.4f})" if evaluation["jpeg"] else ""
     print(f"shipped {args.run}/best.pdparams: validation accuracy {evaluation['accuracy']:.4f} on {evaluation['n']} "
           f"images{jpeg}; temperature "

@@ -37,12 +37,33 @@ from tqdm import tqdm
 
 from model import paths
 from model.augmentation import AUGMENTATIONS, ReferenceAugmentation, TranslateAugmentation
+from model.cli import fail, positive_int
 from model.data import DataError, LabeledImages, open_dataset, split_indices
 from model.files import replacing
+from model.predict import read_state
 from model.runtime import DEVICES, import_paddle, resolve_device
 from model.subnormals import flush_subnormals
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+# What each number of a recipe may be, and that range in words.
+RANGES = {
+    "epochs": (lambda v: v >= 1, "at least 1"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "lr": (lambda v: v > 0, "above 0"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": (lambda v: v >= 0, "at least 0"),
+    "warmup_epochs": (lambda v: v >= 0, "at least 0"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "clip_grad_norm": (lambda v: v >= 0, "at least 0 (0: off)"),
+    "max_steps_per_epoch": (lambda v: v is None or v >= 1, "at least 1"),
+    "crop_scale_min": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "rotation": (lambda v: v >= 0, "at least 0"),
+    "jitter": (lambda v: v >= 0, "at least 0"),
+    "pad": (lambda v: v >= 0, "at least 0"),
+    "erasing": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "jpeg": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+}
 
 
 @dataclass
@@ -87,12 +108,39 @@ class TrainConfig:
             raise ValueError(f"unknown augmentation {self.augment!r}; choose from {', '.join(AUGMENTATIONS)}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema decay {self.ema} is not in [0, 1)")
+        for name, (valid, text) in RANGES.items():
+            if not valid(getattr(self, name)):
+                raise ValueError(f"{name} {getattr(self, name)} is out of range (--{name.replace('_', '-')}: {text})")
 
     def augmentation(self):
         if self.augment == "translate":
             return TranslateAugmentation(pad=self.pad, erasing=self.erasing, jpeg=self.jpeg)
         return ReferenceAugmentation(jitter=self.jitter, crop_scale=(self.crop_scale_min, 1.0),
                                      rotation=self.rotation, jpeg=self.jpeg)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A Paddle state file of a run's checkpoint; DataError naming it where it is missing or not one."""
+    import paddle
+
+    if not path.is_file():
+        raise DataError(f"{path}: missing from the run's checkpoint")
+    try:
+        return paddle.load(str(path))
+    except Exception as exc:  # paddle.load raises many types for a bad file
+        raise DataError(f"{path}: not a Paddle checkpoint ({type(exc).__name__})") from None
+
+
+def read_run_record(path: Path) -> dict:
+    """A run's record (metrics.json, or the shipped training_metrics.json); DataError naming the
+    file where it is not one."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a run record ({exc})") from None
+    if not isinstance(record, dict) or not all(key in record for key in ("config", "history", "best")):
+        raise DataError(f"{path}: not a run record (no config, history and best)")
+    return record
 
 
 def recorded_config(record: dict) -> dict:
@@ -378,13 +426,13 @@ def start_session(config: TrainConfig, train_size: int, out: Path, resume: bool,
     optimizer, scheduler = build_optimizer(config, model, steps_per_epoch)
     session = Session(config, model, optimizer, scheduler, steps_per_epoch,
                       {"config": asdict(config), "history": [], "best": None})
-    if resume and (out / "last.pdparams").exists():
-        model.set_state_dict(paddle.load(str(out / "last.pdparams")))
-        load_optimizer_state(model, optimizer, paddle.load(str(out / "last.pdopt")))
+    if resume:
+        session.record = read_run_record(out / "metrics.json")
+        model.set_state_dict(read_state(model, out / "last.pdparams", config.arch))
+        load_optimizer_state(model, optimizer, read_checkpoint(out / "last.pdopt"))
         if config.ema:
             session.average = WeightAverage(model, config.ema)
-            session.average.set_state_dict(paddle.load(str(out / "last.pdema")))
-        session.record = json.loads((out / "metrics.json").read_text())
+            session.average.set_state_dict(read_checkpoint(out / "last.pdema"))
         check_same_config(session.record, config, out)
         check_checkpoint(scheduler, session.record, steps_per_epoch, out)
         print(f"resuming after epoch {len(session.record['history'])} from {out}", file=sys.stderr)
@@ -394,7 +442,7 @@ def start_session(config: TrainConfig, train_size: int, out: Path, resume: bool,
         print(f"continuing after epoch {len(session.record['history'])} from {continue_from} "
               "(fresh optimizer moments)", file=sys.stderr)
     elif config.init_weights:
-        model.set_state_dict(paddle.load(config.init_weights))
+        model.set_state_dict(read_state(model, config.init_weights, config.arch))
         session.record["parent"] = parent_record(Path(config.init_weights))
     if config.ema and session.average is None:
         session.average = WeightAverage(model, config.ema)
@@ -514,25 +562,24 @@ def parent_record(weights: Path) -> dict | None:
     beside = {"best.pdparams": "metrics.json", SHIPPED_WEIGHTS: SHIPPED_METRICS}.get(weights.name)
     if beside is None or not (weights.parent / beside).is_file():
         return None
-    return json.loads((weights.parent / beside).read_text())
+    return read_run_record(weights.parent / beside)
 
 
 def continue_shipped(model, scheduler, folder: Path, config: TrainConfig, steps_per_epoch: int) -> dict:
     """Load shipped weights into `model`, set the schedule after their epoch; returns the record."""
-    import paddle
 
     weights, metrics = folder / SHIPPED_WEIGHTS, folder / SHIPPED_METRICS
     for path in (weights, metrics):
         if not path.is_file():
             raise DataError(f"{path}: missing; {folder} holds no shipped run (python -m model.ship writes one)")
-    record = json.loads(metrics.read_text())
+    record = read_run_record(metrics)
     check_same_config(record, config, metrics)
     if len(record["history"]) >= config.epochs:
         raise ValueError(f"{metrics}: its run is complete ({config.epochs} epochs); nothing to continue "
                          "(a new run starts from its weights with --init-weights)")
     epoch = record["best"]["epoch"]  # the shipped weights are the best epoch's
     record["history"] = record["history"][:epoch]
-    model.set_state_dict(paddle.load(str(weights)))
+    model.set_state_dict(read_state(model, weights, config.arch))
     step = epoch * steps_per_epoch
     scheduler.set_state_dict({"last_epoch": step, "last_lr": scheduler.base_lr * scheduler.lr_lambda(step)})
     return record
@@ -540,10 +587,12 @@ def continue_shipped(model, scheduler, folder: Path, config: TrainConfig, steps_
 
 def continued_config(out: Path, resume: bool, continue_from: str | None) -> dict:
     """The recorded configuration of the run that --resume or --continue-from continues ({} for none)."""
-    if resume and (out / "metrics.json").is_file():
-        return recorded_config(json.loads((out / "metrics.json").read_text()))
+    if resume:
+        if not (out / "last.pdparams").is_file():
+            raise DataError(f"{out}: no checkpoint (last.pdparams) to resume; without --resume a new run starts there")
+        return recorded_config(read_run_record(out / "metrics.json"))
     if continue_from and (Path(continue_from) / SHIPPED_METRICS).is_file():
-        return recorded_config(json.loads((Path(continue_from) / SHIPPED_METRICS).read_text()))
+        return recorded_config(read_run_record(Path(continue_from) / SHIPPED_METRICS))
     return {}
 
 
@@ -592,14 +641,15 @@ def main(argv=None) -> int:
         help_text = "; ".join(part for part in (RECIPE_HELP.get(field.name), shown) if part)
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, help=help_text)
     parser.add_argument("--split-file", default=paths.SPLIT_FILE, help="validation split record (created if absent)")
-    parser.add_argument("--val-per-class", type=int, default=500)
+    parser.add_argument("--val-per-class", type=positive_int, default=500)
     parser.add_argument("--out", default=None, help="run folder (default runs/<arch>)")
     parser.add_argument("--device", default="auto", choices=DEVICES,
                         help="auto: a CUDA GPU where Paddle is a CUDA build and one is visible, else the CPU")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last.*")
     parser.add_argument("--continue-from", default=None,
                         help="continue a shipped run (e.g. model/weights) after its best epoch, when no checkpoint is left")
-    parser.add_argument("--until-epoch", type=int, default=None, help="stop after this epoch (continue with --resume)")
+    parser.add_argument("--until-epoch", type=positive_int, default=None,
+                        help="stop after this epoch (continue with --resume)")
     args = parser.parse_args(argv)
     out = Path(args.out or f"runs/{args.arch}")
 
@@ -619,9 +669,8 @@ def main(argv=None) -> int:
             continue_from=Path(args.continue_from) if args.continue_from else None, device=device,
             device_reason=reason,
         )
-    except (DataError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (DataError, ValueError, OSError) as exc:
+        return fail(exc)
     best = record["best"]
     print(f"best validation accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}: {out / 'best.pdparams'}")
     return 0

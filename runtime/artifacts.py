@@ -115,7 +115,12 @@ def onnx_metadata(onnx_path: str | Path) -> dict[str, str]:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    if not Path(onnx_path).is_file():
+        raise ValueError(f"{onnx_path}: no such ONNX file")
+    try:
+        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ONNX Runtime's InvalidProtobuf, Fail and others, for a file it cannot load
+        raise ValueError(f"{onnx_path}: not an ONNX file ONNX Runtime loads ({str(exc).splitlines()[0][:200]})") from None
     return dict(session.get_modelmeta().custom_metadata_map)
 
 
@@ -141,7 +146,10 @@ def onnx_staleness(onnx_path: str | Path, parent: str | Path, key: str = WEIGHTS
     if not Path(onnx_path).is_file():
         return f"{onnx_path} is missing"
     if Path(parent).is_file():
-        metadata = onnx_metadata(onnx_path)
+        try:
+            metadata = onnx_metadata(onnx_path)
+        except ValueError as exc:  # a file cut short or overwritten: made again from its parent
+            return str(exc)
         recorded = metadata.get(key)
         if recorded not in (None, sha256_file(parent)):
             return f"{onnx_path} was made from another {'weights file' if key == WEIGHTS_DIGEST else 'ONNX'} than {parent}"

@@ -5,8 +5,24 @@ the 1x1 projections, unused initializers."""
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
+
+
+def read_onnx(path):
+    """The ModelProto of an ONNX file; ValueError naming the file where it is missing or not ONNX."""
+    import onnx
+
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such ONNX file")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf's DecodeError and others, for bytes that are no ONNX
+        raise ValueError(f"{path}: not an ONNX file ({type(exc).__name__})") from None
+    if not model.graph.node:
+        raise ValueError(f"{path}: not an ONNX file (no graph)")
+    return model
 
 
 def attributes(node) -> dict:

@@ -174,8 +174,15 @@ def test_convert_fp16_errors(tmp_path, tiny_onnx):
     with pytest.raises(ExportError, match="no such ONNX file"):
         convert_fp16(tmp_path / "gone.onnx", tmp_path / "out.onnx")
     fp16 = convert_fp16(tiny_onnx, tmp_path / "tiny.fp16.onnx")
-    with pytest.raises(ExportError, match="cannot convert to fp16"):
+    with pytest.raises(ExportError, match="an fp16 or int8 ONNX, made from another"):  # its metadata says so
         convert_fp16(fp16, tmp_path / "twice.onnx")
+    import onnx
+
+    model = onnx.load(str(fp16))
+    del model.metadata_props[:]  # an fp16 file that says nothing of its source
+    onnx.save(model, str(tmp_path / "anonymous.onnx"))
+    with pytest.raises(ExportError, match="cannot convert to fp16"):
+        convert_fp16(tmp_path / "anonymous.onnx", tmp_path / "twice.onnx")
 
 
 def test_tensorrt_backend_imports_without_tensorrt(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -135,15 +136,37 @@ def test_cli_onnx_if_stale_keeps_a_current_file_and_exports_one_of_other_weights
         (["verify", "--onnx", "{tmp}/corrupt.onnx", "--weights", "{weights}", "--data", "{tmp}/none"],
          "corrupt.onnx: onnx.checker failed"),
         (["engine", "--onnx", "{tmp}/missing.onnx"], "cannot build a TensorRT engine here"),
+        (["onnx", "--precision", "fp16", "--from-onnx", "{tmp}/corrupt.onnx", "--out", "{tmp}/x.onnx"],
+         "corrupt.onnx: not an ONNX file (DecodeError)"),
+        (["onnx", "--precision", "int8", "--from-onnx", "{tmp}/corrupt.onnx", "--out", "{tmp}/x.onnx"],
+         "corrupt.onnx: not an ONNX file (DecodeError)"),
+        (["onnx", "--weights", "{weights}", "--out", "{tmp}/a_file/x.onnx", "--no-verify"],
+         "a_file/x.onnx: cannot write here"),
+        (["onnx", "--weights", "{weights}", "--out", "{tmp}", "--no-verify"], ": a folder, not a file"),
+        (["verify", "--weights", "{weights}", "--split-file", "{tmp}/missing.json"], "missing.json: no such split file"),
+        (["verify", "--count", "0"], "argument --count: 0 is not a positive integer"),
     ],
 )
 def test_cli_errors_are_one_line(argv, message, weights, tmp_path, capsys):
     (tmp_path / "corrupt.pdparams").write_bytes(b"\x00garbage")
     (tmp_path / "corrupt.onnx").write_bytes(b"\x00garbage")
+    (tmp_path / "a_file").write_text("x")
     argv = [a.format(tmp=tmp_path, weights=weights) for a in argv]
-    assert main(argv) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    with pytest.raises(SystemExit) if "--count" in argv else contextlib.nullcontext() as exited:
+        assert main(argv) == 2
+    if exited:  # argparse's own one line
+        assert exited.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error: " in line]
     assert len(err) == 1 and message in err[0]
+
+
+def test_an_fp16_or_int8_file_is_not_taken_as_the_fp32_source(onnx_model, tmp_path, capsys):
+    fp16 = tmp_path / "m.fp16.onnx"
+    assert main(["onnx", "--precision", "fp16", "--from-onnx", str(onnx_model), "--out", str(fp16), "--no-verify"]) == 0
+    capsys.readouterr()
+    assert main(["onnx", "--precision", "int8", "--from-onnx", str(fp16), "--out", str(tmp_path / "m.int8.onnx")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {fp16}: an fp16 or int8 ONNX, made from another; give the "
+                                               "fp32 ONNX (--from-onnx)")
 
 
 def test_all_stops_after_onnx_without_tensorrt(weights, tmp_path, capsys):

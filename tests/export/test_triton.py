@@ -185,8 +185,12 @@ def test_cli_writes_the_repository(tmp_path, onnx_model, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--onnx", "{tmp}/missing.onnx"], "{tmp}/missing.onnx: no such ONNX file"),
     (["--engine", "{tmp}/missing.plan"], "{tmp}/missing.plan: no such engine file"),
+    # asked for by name: refused, not replaced by the ONNX as a default engine path would be
+    (["--engine", "{tmp}/bare.plan"], "{tmp}/bare.plan: no engine metadata beside it ({tmp}/bare.plan.json); "
+                                      "build engines with python -m export engine"),
 ])
 def test_cli_errors_are_one_line(tmp_path, onnx_model, capsys, argv, message):
+    (tmp_path / "bare.plan").write_bytes(b"no metadata beside it")
     argv = [arg.format(tmp=tmp_path) for arg in argv]
     if "--onnx" not in argv:
         argv += ["--onnx", str(onnx_model)]

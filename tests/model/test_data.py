@@ -121,3 +121,11 @@ def test_a_split_written_from_the_jpeg_archive_selects_the_same_images_in_the_lo
     assert len(train_idx) + len(val_idx) == len(data) and not set(train_idx) & set(val_idx)
     assert len(open_dataset(root, split="val", val_split=split)) == len(names)
     assert image_key("train/cat/0042.png") == image_key("train/cat/0042.jpg") == "train/cat/0042"
+
+
+@pytest.mark.parametrize("text, message", [("[1, 2]", "no 'val' list"), ('{"val": 3}', "no 'val' list"),
+                                           ("{oops", "Expecting property name")])
+def test_a_split_file_that_is_not_one_is_named(tmp_path, text, message):
+    (tmp_path / "split.json").write_text(text)
+    with pytest.raises(DataError, match=f"split.json: not a validation-split file \\({message}"):
+        load_split(tmp_path / "split.json")

@@ -132,6 +132,35 @@ def test_a_folder_that_is_no_run_is_refused_with_its_name(tmp_path, capsys):
     assert not (tmp_path / "weights").exists()
 
 
+@pytest.mark.parametrize("spoil, message", [
+    ("weights", "best.pdparams: not alexnet_acmix weights"),
+    ("record", "metrics.json: not a run record"),
+    ("data", "no such data set"),
+    ("proxies", "nowhere/metrics.json: not a run record"),
+])
+def test_a_bad_input_is_refused_before_the_shipped_weights_are_touched(run, folder_dataset, tmp_path, spoil, message,
+                                                                      paddle):
+    from model.alexnet import AlexNet
+
+    root, _ = folder_dataset
+    out = tmp_path / "weights"
+    out.mkdir()
+    (out / "alexnet_acmix.pdparams").write_bytes(b"the weights shipped before")
+    data, proxies = str(root), None
+    if spoil == "weights":
+        paddle.save(AlexNet().state_dict(), str(run / "best.pdparams"))
+    elif spoil == "record":
+        (run / "metrics.json").write_text("{}")
+    elif spoil == "data":
+        data = str(tmp_path / "absent.tar.gz")
+    else:
+        proxies = [tmp_path / "nowhere"]
+    with pytest.raises((DataError, ValueError), match=message):
+        ship(run, data, "unused.json", out=out, split="all", proxies=proxies)
+    assert sorted(p.name for p in out.iterdir()) == ["alexnet_acmix.pdparams"]
+    assert (out / "alexnet_acmix.pdparams").read_bytes() == b"the weights shipped before"
+
+
 def test_the_readme_quotes_the_shipped_weights():
     """The README's model line is edited by hand after `make ship`; it must name the shipped run."""
     from model.ship import WEIGHTS_DIR

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -114,6 +115,55 @@ def test_cli_reports_a_missing_data_set_in_one_line(capsys, tmp_path):
     assert main(["--data", str(tmp_path / "none.tar.gz"), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {tmp_path / 'none.tar.gz'}: no such file or directory"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "epochs 0 is out of range (--epochs: at least 1)"),  # was a TypeError after no epoch
+    (["--batch-size", "0"], "batch_size 0 is out of range (--batch-size: at least 1)"),  # was a ZeroDivisionError
+    (["--max-steps-per-epoch", "0"], "max_steps_per_epoch 0 is out of range"),
+    (["--lr", "0"], "lr 0.0 is out of range (--lr: above 0)"),
+    (["--dropout", "1"], "dropout 1.0 is out of range (--dropout: in [0, 1))"),
+    (["--weight-decay", "-1"], "weight_decay -1.0 is out of range"),
+    (["--resume"], "no checkpoint (last.pdparams) to resume"),  # was a fresh run, silently
+])
+def test_cli_refuses_a_recipe_out_of_range_or_a_resume_without_checkpoint_in_one_line(capsys, tmp_path, flags, message):
+    from model.train import main
+
+    assert main([*flags, "--data", str(tmp_path / "none.tar.gz"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+@pytest.mark.parametrize("text, message", [("{oops", "not a run record (Expecting property name"),
+                                           ("{}", "not a run record (no config, history and best)"),
+                                           ("[]", "not a run record (no config")])
+def test_a_record_that_is_not_one_is_named(tmp_path, text, message):
+    from model.data import DataError
+    from model.train import read_run_record
+
+    (tmp_path / "metrics.json").write_text(text)
+    with pytest.raises(DataError, match=f"metrics.json: {re.escape(message)}"):
+        read_run_record(tmp_path / "metrics.json")
+
+
+def test_resume_names_a_checkpoint_file_that_is_not_one(paddle, data, tmp_path):
+    from model.data import DataError
+    from model.train import train
+
+    train(config(epochs=2), *data, tmp_path / "run", until_epoch=1)
+    (tmp_path / "run" / "last.pdopt").write_text("garbage")
+    with pytest.raises(DataError, match="last.pdopt: not a Paddle checkpoint"):
+        train(config(epochs=2), *data, tmp_path / "run", resume=True)
+
+
+def test_init_weights_of_another_network_are_refused(paddle, data, tmp_path):
+    """Paddle only warns and keeps the fresh parameters; the run would train from scratch unawares."""
+    from model.alexnet import AlexNet
+    from model.train import train
+
+    paddle.save(AlexNet().state_dict(), str(tmp_path / "plain.pdparams"))
+    with pytest.raises(ValueError, match="plain.pdparams: not alexnet_acmix weights"):
+        train(config(init_weights=str(tmp_path / "plain.pdparams")), *data, tmp_path / "run")
 
 
 def shipped_folder(run: Path, folder: Path, best_epoch: int) -> Path:
@@ -250,8 +300,9 @@ def test_saved_weights_and_checkpoints_hold_no_subnormal_numbers(paddle, data, t
     dirty = tmp_path / "dirty.pdparams"
     paddle.save(state, str(dirty))
     assert count_subnormals(paddle.load(str(dirty))["classifier.3.weight"].numpy()) == dead.shape[0] * 100
-    # lr 0: training moves no weight, so only the flush on save can take the subnormals out.
-    train(config(epochs=1, lr=0.0, init_weights=str(dirty)), *data, tmp_path / "run")
+    # The smallest positive lr (a subnormal itself; 0 is refused): Adam's steps are ~lr, so training
+    # leaves the subnormal weights subnormal, and only the flush on save can take them out.
+    train(config(epochs=1, lr=1e-45, init_weights=str(dirty)), *data, tmp_path / "run")
     for name in ("best.pdparams", "last.pdparams", "last.pdopt"):
         saved = paddle.load(str(tmp_path / "run" / name))
         found = {key: count_subnormals(value.numpy()) for key, value in saved.items() if hasattr(value, "numpy")}

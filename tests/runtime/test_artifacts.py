@@ -138,6 +138,12 @@ def test_onnx_staleness_follows_the_recorded_parent(tmp_path, tiny_onnx):
     assert onnx_staleness(other, tmp_path / "no-weights.pdparams") is None
     derived = with_metadata(tiny_onnx, tmp_path / "d.onnx", **{SOURCE_DIGEST: "0" * 64})
     assert "made from another ONNX than" in onnx_staleness(derived, current, SOURCE_DIGEST)
+    # cut short (a crash while copying it in): made again, not a traceback at start
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(current.read_bytes()[:100])
+    assert onnx_staleness(cut, weights).startswith(f"{cut}: not an ONNX file ONNX Runtime loads")
+    with pytest.raises(ValueError, match="none.onnx: no such ONNX file"):
+        onnx_metadata(tmp_path / "none.onnx")
 
 
 def test_engine_spec_problems():
