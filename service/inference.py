@@ -161,7 +161,7 @@ async def infer_images(state: ServiceState, files: list[bytes], deadline: float)
             raise BadRequest(f"input {INPUT_NAME!r} element {index}: {len(data)} bytes, over the upload limit of "
                              f"{state.settings.max_upload_bytes}")
         try:
-            images.append(await state.decode(data))
+            images.append(await state.decode(data, deadline))
         except ImageError as exc:
             raise BadRequest(f"input {INPUT_NAME!r} element {index}: {exc}") from None
     return await state.logits(images, deadline)

@@ -87,8 +87,9 @@ class ServiceState(BatchObserver):
             limit = min(limit, timeout_s)
         return time.perf_counter() + limit
 
-    async def decode(self, data: bytes) -> np.ndarray:
-        """Image bytes to the network's input; ImageError names the cause.
+    async def decode(self, data: bytes, deadline: float | None = None) -> np.ndarray:
+        """Image bytes to the network's input; ImageError names the cause, DeadlineExceeded where
+        `deadline` passed while the image waited for a decode thread (it is then not decoded).
 
         The header is read here. Small images (CIFAR's 32x32 and up to inline_decode_pixels)
         are decoded here too: a hop to the decode threads and back costs more CPU than their
@@ -98,7 +99,10 @@ class ServiceState(BatchObserver):
         if image.width * image.height <= self.settings.inline_decode_pixels:
             return decode_opened(image)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.decode_pool, decode_opened, image)
+        decoded = await loop.run_in_executor(self.decode_pool, decode_opened, image, deadline)
+        if decoded is None:
+            raise DeadlineExceeded("no result before the request's deadline (still waiting to be decoded)")
+        return decoded
 
     async def logits(self, images: list[np.ndarray], deadline: float) -> np.ndarray:
         """Logits [N, 10] of one request's images through the batcher (all queued or none); the
@@ -117,7 +121,10 @@ class ServiceState(BatchObserver):
             raise InferenceFailed(f"inference failed: {exc}") from None
 
 
-def decode_opened(image: Image.Image) -> np.ndarray:
+def decode_opened(image: Image.Image, deadline: float | None = None) -> np.ndarray | None:
+    """The opened image decoded and preprocessed; None, undecoded, where `deadline` has passed."""
+    if deadline is not None and time.perf_counter() >= deadline:
+        return None
     return preprocess(load_rgb(image))
 
 

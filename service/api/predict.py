@@ -56,7 +56,7 @@ class BatchPrediction(BaseModel):
 async def predict_one(state: ServiceState, upload: UploadFile, top_k: int, deadline: float) -> Prediction:
     data = await upload.read()
     try:
-        image = await state.decode(data)
+        image = await state.decode(data, deadline)
     except ImageError as exc:
         name = f" {upload.filename!r}" if upload.filename else ""
         raise BadRequest(f"file{name}: {exc}") from None

@@ -96,10 +96,10 @@ def test_a_file_that_fails_unexpectedly_fails_alone_in_its_batch(client, cifar_l
     state = client.app.state.service
     decode = state.decode
 
-    async def failing_on_the_second(data):
+    async def failing_on_the_second(data, deadline=None):
         if data == cifar_like_jpegs[1]:
             raise RuntimeError("a bug")
-        return await decode(data)
+        return await decode(data, deadline)
 
     monkeypatch.setattr(state, "decode", failing_on_the_second)
     files = [("file", (f"{i}.jpg", cifar_like_jpegs[i], "image/jpeg")) for i in range(3)]

@@ -54,3 +54,36 @@ def test_the_pixel_limit_is_checked_before_decoding():
 def test_bytes_that_are_no_image_fail_on_the_loop_with_the_cause():
     with pytest.raises(ImageError, match="not a recognized image format"):
         decoded_by_state(b"GIF89a but not really" * 10)
+
+
+def test_an_image_whose_deadline_passed_while_it_waited_for_a_decode_thread_is_not_decoded(monkeypatch):
+    """The one decode thread is busy past the second request's deadline: that one answers 504 and
+    its image is never decoded (a fake slow decoder stands in for a large image)."""
+    import time
+
+    from service import state as state_module
+    from service.errors import DeadlineExceeded
+
+    decoded = []
+
+    def slow_preprocess(image):
+        decoded.append(image.size)
+        time.sleep(0.3)
+        return np.zeros((3, 128, 128), np.float32)
+
+    monkeypatch.setattr(state_module, "preprocess", slow_preprocess)
+    state = ServiceState(Settings(decode_threads=1, inline_decode_pixels=0), Metrics())
+    state.decode_pool = ThreadPoolExecutor(1)
+    first, second = (jpeg_bytes(np.zeros((size, size, 3), np.uint8)) for size in (40, 50))
+
+    async def both():
+        now = time.perf_counter()
+        return await asyncio.gather(state.decode(first, now + 5), state.decode(second, now + 0.1),
+                                    return_exceptions=True)
+
+    try:
+        results = asyncio.run(both())
+    finally:
+        state.decode_pool.shutdown()
+    assert results[0].shape == (3, 128, 128) and isinstance(results[1], DeadlineExceeded)
+    assert decoded == [(40, 40)]
