@@ -56,6 +56,12 @@ class Unavailable(ServiceError):
     status, grpc_code = 503, "UNAVAILABLE"
 
 
+class Unsupported(ServiceError):
+    """A part of the protocol (a Triton extension) this server does not offer; the message says which."""
+
+    status, grpc_code = 501, "UNIMPLEMENTED"
+
+
 class DeadlineExceeded(ServiceError):
     status, grpc_code = 504, "DEADLINE_EXCEEDED"
 

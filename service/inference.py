@@ -58,6 +58,26 @@ def check_model(state: ServiceState, model: str, version: str | None = None) -> 
     return model == image
 
 
+def repository_index(state: ServiceState, ready_only: bool = False) -> list[dict]:
+    """Triton's model repository extension, the index: both models, version 1, READY or UNAVAILABLE."""
+    ready = state.is_ready()
+    if ready_only and not ready:
+        return []
+    return [{"name": name, "version": VERSION, "state": "READY" if ready else "UNAVAILABLE",
+             **({} if ready else {"reason": state.not_ready_reason() or "not ready"})} for name in model_names(state)]
+
+
+# Triton extensions this server does not offer, and what to use instead; the HTTP routes and gRPC
+# methods of each answer 501 / UNIMPLEMENTED with this (service/api/v2.py, service/kserve_grpc/server.py).
+UNSUPPORTED = {
+    "statistics": "the statistics extension is not supported; this server's figures are Prometheus metrics at /metrics",
+    "model_repository": "loading and unloading models is not supported; this server serves its two models from start",
+    "trace": "the trace extension is not supported; requests carry W3C traceparent and X-Request-ID instead",
+    "logging": "the logging extension is not supported; set ACMIX_LOG_LEVEL",
+    "shared_memory": "the shared-memory extensions are not supported; send tensors in the request (binary data)",
+}
+
+
 def platform_name(state: ServiceState) -> str:
     return "tensorrt_plan" if state.backend_name == "tensorrt" else "onnxruntime_onnx"
 

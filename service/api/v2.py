@@ -20,6 +20,7 @@ import base64
 import binascii
 import json
 import math
+import zlib
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -28,7 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from model.spec import INPUT_NAME, OUTPUT_NAME
 from service import inference
 from service.api.security import require_api_key
-from service.errors import BadRequest
+from service.errors import BadRequest, TooLarge, Unsupported
 from service.state import ServiceState, StateDep
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
@@ -60,6 +61,49 @@ def _readiness(state: ServiceState):
     return JSONResponse({"ready": False}, status_code=503)
 
 
+@router.post("/repository/index", summary="Model repository index", dependencies=[Depends(require_api_key)])
+async def repository_index(state: StateDep, request: Request) -> list[dict]:
+    body = await request.body()
+    header = parse_json(body) if body.strip() else {}
+    if not isinstance(header, dict):
+        raise BadRequest("the request must be a JSON object")
+    return inference.repository_index(state, ready_only=flag(header, "ready", "the request"))
+
+
+# Triton's extensions this server does not offer: 501 naming each (inference.UNSUPPORTED), not a bare 404.
+UNSUPPORTED_ROUTES = [
+    (["GET"], "/models/stats", "statistics"),
+    (["GET"], "/models/{model}/stats", "statistics"),
+    (["GET"], "/models/{model}/versions/{version}/stats", "statistics"),
+    (["POST"], "/repository/models/{model}/load", "model_repository"),
+    (["POST"], "/repository/models/{model}/unload", "model_repository"),
+    (["GET", "POST"], "/trace/setting", "trace"),
+    (["GET", "POST"], "/models/{model}/trace/setting", "trace"),
+    (["GET", "POST"], "/logging", "logging"),
+    (["GET"], "/systemsharedmemory/status", "shared_memory"),
+    (["GET"], "/systemsharedmemory/region/{region}/status", "shared_memory"),
+    (["POST"], "/systemsharedmemory/region/{region}/register", "shared_memory"),
+    (["POST"], "/systemsharedmemory/unregister", "shared_memory"),
+    (["POST"], "/systemsharedmemory/region/{region}/unregister", "shared_memory"),
+    (["GET"], "/cudasharedmemory/status", "shared_memory"),
+    (["GET"], "/cudasharedmemory/region/{region}/status", "shared_memory"),
+    (["POST"], "/cudasharedmemory/region/{region}/register", "shared_memory"),
+    (["POST"], "/cudasharedmemory/unregister", "shared_memory"),
+    (["POST"], "/cudasharedmemory/region/{region}/unregister", "shared_memory"),
+]
+
+
+def _unsupported(extension: str):
+    async def route():
+        raise Unsupported(inference.UNSUPPORTED[extension])
+
+    return route
+
+
+for _methods, _path, _extension in UNSUPPORTED_ROUTES:  # before /models/{model}, which would take "stats"
+    router.add_api_route(_path, _unsupported(_extension), methods=_methods, include_in_schema=False)
+
+
 @router.get("/models/{model}", summary="Model metadata (with the preprocessing it expects in `parameters`)")
 @router.get("/models/{model}/versions/{version}", include_in_schema=False)
 async def model_metadata(state: StateDep, model: str, version: str | None = None) -> dict:
@@ -86,7 +130,8 @@ async def model_ready(state: StateDep, model: str, version: str | None = None):
              dependencies=[Depends(require_api_key)])
 async def infer(state: StateDep, model: str, request: Request, version: str | None = None) -> Response:
     image = inference.check_model(state, model, version)
-    header, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
+    body = decoded_body(await request.body(), request.headers.get("content-encoding"), state.settings.max_upload_bytes)
+    header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
     deadline = state.deadline(request_timeout(header))
     outputs = requested_outputs(header)
     if image:
@@ -94,6 +139,26 @@ async def infer(state: StateDep, model: str, request: Request, version: str | No
     else:
         logits = await inference.infer_tensor(state, read_tensor_input(header, binary), deadline)
     return build_response(header, outputs, logits, model)
+
+
+def decoded_body(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """The body as sent before its Content-Encoding (gzip or deflate, as tritonclient's
+    request_compression_algorithm), at most `limit` bytes once decompressed; BadRequest or TooLarge."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise BadRequest(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none")
+    decompressor = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
+    try:
+        data = decompressor.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise BadRequest(f"the body is not valid {encoding} data ({exc})") from None
+    if len(data) > limit or decompressor.unconsumed_tail:
+        raise TooLarge(f"the body decompresses to more than the upload limit of {limit} bytes")
+    if not decompressor.eof:
+        raise BadRequest(f"the body's {encoding} data is cut short")
+    return data
 
 
 def reject_constant(name: str):

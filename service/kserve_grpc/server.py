@@ -23,7 +23,7 @@ import numpy as np
 
 from model.spec import INPUT_NAME, INPUT_SHAPE, OUTPUT_NAME
 from service import inference
-from service.errors import BadRequest, ServiceError, Unauthenticated, Unavailable
+from service.errors import BadRequest, NotFound, ServiceError, Unauthenticated, Unavailable, Unsupported
 from service.kserve_grpc.proto import kserve_v2_pb2 as pb
 from service.request_log import (
     MODEL_DIGEST,
@@ -55,8 +55,16 @@ class Servicer:
         return pb.ServerReadyResponse(ready=self.state.is_ready())
 
     async def ModelReady(self, request, metadata):  # noqa: N802
-        inference.check_model(self.state, request.name, request.version)
+        try:
+            inference.check_model(self.state, request.name, request.version)
+        except NotFound:  # as Triton: an unknown model or version is not ready, not an error
+            return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self.state.is_ready())
+
+    async def RepositoryIndex(self, request, metadata):  # noqa: N802
+        require_key(self.state, metadata)
+        models = inference.repository_index(self.state, ready_only=request.ready)
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**m) for m in models])
 
     async def ServerMetadata(self, request, metadata):  # noqa: N802
         return pb.ServerMetadataResponse(**inference.SERVER)
@@ -171,44 +179,111 @@ def infer_response(request, outputs: list[int], logits: np.ndarray):
     return response
 
 
-def handler(state: ServiceState, name: str, method, request_type, response_type):
-    """A unary RPC over `method`: request identity, errors as status codes, metrics, the log line."""
+def metadata_of(context) -> dict[str, str]:
+    return {key.lower(): value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+
+
+async def answer(state: ServiceState, name: str, method, request, metadata: dict, record: RequestRecord):
+    """(response, OK, "") of `method` on one request, or (None, status code, message): errors as
+    status codes, the request's record in context, metrics and, for inference, the log line."""
+    token = current.set(record)
+    code, message = grpc.StatusCode.OK, ""
+    try:
+        return await method(request, metadata), code, message
+    except ServiceError as exc:
+        code, message = getattr(grpc.StatusCode, exc.grpc_code), exc.message
+    except TimeoutError:
+        code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "no result before the request's deadline"
+    except asyncio.CancelledError:  # the client cancelled, or its deadline passed: counted as such
+        code = grpc.StatusCode.CANCELLED
+        raise
+    except Exception as exc:  # a bug, not the request's fault: logged, INTERNAL to the caller
+        code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
+        log.exception("gRPC %s failed", name)
+    finally:
+        # Counted before the status is sent: a caller that reads /metrics on seeing it finds it counted.
+        current.reset(token)
+        state.metrics.grpc_requests.labels(name, code.name).inc()
+        if name in ("ModelInfer", "ModelStreamInfer"):
+            log.info(record.line(code.name))
+    return None, code, message
+
+
+def handler(state: ServiceState, name: str, method, request_type=None, response_type=None):
+    """A unary RPC over `method` (request and response as bytes where no type is given)."""
 
     async def call(request, context: grpc.aio.ServicerContext):
-        metadata = {key.lower(): value for key, value in context.invocation_metadata() or ()
-                    if isinstance(value, str)}
+        metadata = metadata_of(context)
         record = RequestRecord(request_id(metadata.get(REQUEST_ID)), f"grpc {name}", traceparent(metadata.get(TRACEPARENT)))
-        token = current.set(record)
-        code = grpc.StatusCode.OK
         trailing = [(REQUEST_ID, record.request_id)]
         if state.model_digest:
             trailing.append((MODEL_DIGEST, state.model_digest[:12]))
         context.set_trailing_metadata(trailing)
-        try:
-            return await method(request, metadata)
-        except ServiceError as exc:
-            code, message = getattr(grpc.StatusCode, exc.grpc_code), exc.message
-        except TimeoutError:
-            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "no result before the request's deadline"
-        except grpc.aio.AbortError:
-            raise
-        except asyncio.CancelledError:  # the client cancelled, or its deadline passed: counted as such
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:  # a bug, not the request's fault: logged, INTERNAL to the caller
-            code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
-            log.exception("gRPC %s failed", name)
-        finally:
-            # Counted before the abort below sends the status: a caller that reads /metrics on
-            # seeing it finds it counted.
-            current.reset(token)
-            state.metrics.grpc_requests.labels(name, code.name).inc()
-            if name == "ModelInfer":
-                log.info(record.line(code.name))
-        await context.abort(code, message)
+        response, code, message = await answer(state, name, method, request, metadata, record)
+        if response is None:
+            await context.abort(code, message)
+        return response
 
-    return grpc.unary_unary_rpc_method_handler(call, request_deserializer=request_type.FromString,
-                                               response_serializer=response_type.SerializeToString)
+    return grpc.unary_unary_rpc_method_handler(
+        call, request_deserializer=request_type.FromString if request_type else None,
+        response_serializer=response_type.SerializeToString if response_type else None)
+
+
+def stream_handler(state: ServiceState, servicer: Servicer):
+    """ModelStreamInfer: every request of the stream through ModelInfer, concurrently (so that they
+    batch), and exactly one response each, in the order they finish: the result, or the error's
+    message with the request's id (Triton's form; tritonclient hands it to the callback). The
+    stream itself ends with an error only for a missing API key."""
+
+    async def call(request_iterator, context: grpc.aio.ServicerContext):
+        metadata = metadata_of(context)
+        try:
+            require_key(state, metadata)
+        except Unauthenticated as exc:
+            state.metrics.grpc_requests.labels("ModelStreamInfer", "UNAUTHENTICATED").inc()
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
+        responses: asyncio.Queue = asyncio.Queue()
+
+        async def one(request):
+            record = RequestRecord(request_id(request.id or None), "grpc ModelStreamInfer",
+                                   traceparent(metadata.get(TRACEPARENT)))
+            response, _, message = await answer(state, "ModelStreamInfer", servicer.ModelInfer, request, metadata, record)
+            if response is None:
+                failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                               id=request.id)
+                await responses.put(pb.ModelStreamInferResponse(error_message=message, infer_response=failed))
+            else:
+                await responses.put(pb.ModelStreamInferResponse(infer_response=response))
+
+        tasks: list[asyncio.Task] = []
+
+        async def read():
+            try:
+                async for request in request_iterator:
+                    tasks.append(asyncio.create_task(one(request)))
+                await asyncio.gather(*tasks)
+            finally:  # the end of the responses, however the requests ended
+                responses.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (response := await responses.get()) is not None:
+                yield response
+        finally:  # the client went away: what it sent is not computed
+            for task in (reader, *tasks):
+                task.cancel()
+
+    return grpc.stream_stream_rpc_method_handler(call, request_deserializer=pb.ModelInferRequest.FromString,
+                                                 response_serializer=pb.ModelStreamInferResponse.SerializeToString)
+
+
+def unsupported(extension: str):
+    """The method of an RPC of a Triton extension this server does not offer: UNIMPLEMENTED, named."""
+
+    async def method(request, metadata):
+        raise Unsupported(inference.UNSUPPORTED[extension])
+
+    return method
 
 
 RPCS = {
@@ -219,6 +294,14 @@ RPCS = {
     "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
     "ModelConfig": (pb.ModelConfigRequest, pb.ModelConfigResponse),
     "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
+    "RepositoryIndex": (pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
+}
+# The other RPCs of Triton's GRPCInferenceService, by the extension they belong to.
+UNSUPPORTED_RPCS = {
+    "ModelStatistics": "statistics", "RepositoryModelLoad": "model_repository",
+    "RepositoryModelUnload": "model_repository", "TraceSetting": "trace", "LogSettings": "logging",
+    **{f"{kind}SharedMemory{verb}": "shared_memory" for kind in ("System", "Cuda")
+       for verb in ("Status", "Register", "Unregister")},
 }
 
 
@@ -232,6 +315,8 @@ async def start(state: ServiceState) -> grpc.aio.Server:
                                       ("grpc.so_reuseport", 1 if state.peers.count > 1 else 0)])
     servicer = Servicer(state)
     handlers = {name: handler(state, name, getattr(servicer, name), *types) for name, types in RPCS.items()}
+    handlers |= {name: handler(state, name, unsupported(extension)) for name, extension in UNSUPPORTED_RPCS.items()}
+    handlers["ModelStreamInfer"] = stream_handler(state, servicer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     address = f"{settings.host}:{settings.grpc_port}"
     if server.add_insecure_port(address) == 0:

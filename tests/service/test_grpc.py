@@ -236,3 +236,61 @@ def test_a_call_the_client_gives_up_on_is_counted_cancelled_not_ok(grpc_client):
     text = client_http.get("/metrics").text
     assert 'grpc_requests_total{code="CANCELLED",method="ModelInfer"} 1.0' in text
     assert 'code="OK",method="ModelInfer"' not in text
+
+
+def test_model_ready_of_an_unknown_model_is_false_not_an_error_and_the_repository_index_lists_both(grpc_client):
+    """As Triton: `if not client.is_model_ready(m)` must not raise over gRPC only."""
+    _, client, _ = grpc_client()
+    assert client.is_model_ready("alexnet_acmix") and client.is_model_ready("alexnet_acmix", "1")
+    assert not client.is_model_ready("resnet") and not client.is_model_ready("alexnet_acmix", "2")
+    index = client.get_model_repository_index(as_json=True)["models"]
+    assert [(m["name"], m["version"], m["state"]) for m in index] == [
+        ("alexnet_acmix", "1", "READY"), ("alexnet_acmix_image", "1", "READY")]
+
+
+@pytest.mark.parametrize("call, extension", [
+    (lambda c: c.get_inference_statistics("alexnet_acmix"), "statistics extension is not supported"),
+    (lambda c: c.load_model("alexnet_acmix"), "loading and unloading models is not supported"),
+    (lambda c: c.get_log_settings(), "logging extension is not supported"),
+    (lambda c: c.get_system_shared_memory_status(), "shared-memory extensions are not supported"),
+])
+def test_an_extension_this_server_lacks_is_unimplemented_by_name_and_counted(grpc_client, call, extension):
+    client_http, client, _ = grpc_client()
+    code, message = status_of(lambda: call(client))
+    assert code == grpc.StatusCode.UNIMPLEMENTED and extension in message
+    assert 'code="UNIMPLEMENTED"' in client_http.get("/metrics").text
+
+
+def test_stream_infer_answers_each_request_once_with_its_result_or_its_error(grpc_client, onnx_model, cifar_like_jpegs):
+    import queue
+
+    _, client, _ = grpc_client()
+    batch = np.stack([preprocess(decode_image(data)) for data in cifar_like_jpegs[:3]])
+    expected = run_onnx(onnx_model, batch)
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    for i in range(3):
+        client.async_stream_infer("alexnet_acmix", [tensor_input(batch[i : i + 1])], request_id=f"r{i}")
+    client.async_stream_infer("alexnet_acmix", [tensor_input(batch[:1] * 0 + 200)], request_id="raw-pixels")
+    client.async_stream_infer("resnet", [tensor_input(batch[:1])], request_id="unknown-model")
+    got = [answers.get(timeout=30) for _ in range(5)]
+    client.stop_stream()
+    results = {r.get_response().id: r.as_numpy("logits") for r, e in got if e is None}
+    errors = [e.message() for r, e in got if e is not None]
+    assert sorted(results) == ["r0", "r1", "r2"] and answers.empty()
+    for i in range(3):
+        np.testing.assert_allclose(results[f"r{i}"][0], expected[i], rtol=1e-4, atol=1e-4)
+    assert len(errors) == 2
+    assert any("not a preprocessed image" in e for e in errors) and any("unknown model 'resnet'" in e for e in errors)
+
+
+def test_stream_infer_needs_the_api_key(grpc_client):
+    import queue
+
+    _, client, _ = grpc_client(api_key="secret")
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    client.async_stream_infer("alexnet_acmix", [tensor_input(np.zeros((1, 3, 128, 128), np.float32))])
+    result, error = answers.get(timeout=30)
+    client.stop_stream()
+    assert result is None and "API key" in error.message()

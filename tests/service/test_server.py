@@ -102,6 +102,29 @@ def test_a_deeply_nested_body_is_a_400_and_the_connection_keeps_serving(server):
         assert client.get("/v2/health/ready").status_code == 200
 
 
+def test_tritonclient_http_repository_index_compression_and_the_extensions_this_server_lacks(server, onnx_model,
+                                                                                            cifar_like_jpegs):
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    client = triton.InferenceServerClient(server.removeprefix("http://"))
+    assert [(m["name"], m["state"]) for m in client.get_model_repository_index()] == [
+        ("alexnet_acmix", "READY"), ("alexnet_acmix_image", "READY")]
+    batch = np.stack([preprocess(decode_image(data)) for data in cifar_like_jpegs[:2]])
+    tensor = triton.InferInput("image", list(batch.shape), "FP32")
+    tensor.set_data_from_numpy(batch)
+    for algorithm in ("gzip", "deflate"):  # a compressed request, decompressed by the server
+        logits = client.infer("alexnet_acmix", [tensor], request_compression_algorithm=algorithm).as_numpy("logits")
+        np.testing.assert_allclose(logits, run_onnx(onnx_model, batch), rtol=1e-4, atol=1e-4)
+    for call, message in ((client.get_inference_statistics, "statistics extension is not supported"),
+                          (lambda: client.get_inference_statistics("alexnet_acmix"), "statistics extension"),
+                          (lambda: client.unload_model("alexnet_acmix"), "loading and unloading models"),
+                          (client.get_trace_settings, "trace extension"),
+                          (client.get_cuda_shared_memory_status, "shared-memory extensions")):
+        with pytest.raises(InferenceServerException, match=message):
+            call()
+
+
 @pytest.mark.parametrize("path, content_type, start", [
     ("/predict", "multipart/form-data; boundary=b",
      b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n\x89PNG'),

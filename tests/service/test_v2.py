@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from service import inference
-from service.api.v2 import read_image_input, read_tensor_input, request_timeout, split_body
-from service.errors import BadRequest
+from service.api.v2 import decoded_body, read_image_input, read_tensor_input, request_timeout, split_body
+from service.errors import BadRequest, TooLarge
 
 
 def header(**tensor) -> dict:
@@ -104,3 +104,21 @@ def test_a_bad_timeout_parameter_is_refused(timeout):
 def test_a_bad_classification_count_is_refused(k):
     with pytest.raises(BadRequest, match="classification must be an integer in 0..10"):
         inference.classification_count(k)
+
+
+def test_a_compressed_body_is_decompressed_within_the_upload_limit():
+    import gzip
+    import zlib
+
+    body = b'{"inputs": []}'
+    assert decoded_body(gzip.compress(body), "gzip", 100) == body
+    assert decoded_body(zlib.compress(body), "Deflate", 100) == body
+    assert decoded_body(body, None, 100) == body
+    with pytest.raises(TooLarge, match="decompresses to more than the upload limit of 1000 bytes"):
+        decoded_body(gzip.compress(b"0" * 10_000_000), "gzip", 1000)  # 10 MB from ~10 kB: a bomb
+    with pytest.raises(BadRequest, match="not valid gzip data"):
+        decoded_body(b"plain", "gzip", 100)
+    with pytest.raises(BadRequest, match="cut short"):
+        decoded_body(gzip.compress(body)[:-12], "gzip", 100)
+    with pytest.raises(BadRequest, match="Content-Encoding 'br' is not supported"):
+        decoded_body(body, "br", 100)
