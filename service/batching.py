@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -40,6 +40,7 @@ class _Request:
     queue_s: float = 0.0
     infer_s: float = 0.0
     siblings: list[_Request] = field(default_factory=list)  # the other images of its request
+    tag: str | None = None  # what the caller counts its batches by (service/statistics.py: the model)
 
 
 class BatchObserver:
@@ -74,6 +75,7 @@ class DynamicBatcher:
         self._tasks: list[asyncio.Task] = []
         self._closing = False
         self._drain_rate = 0.0  # images per second the workers finish while busy (moving average)
+        self.executions: Counter[str] = Counter()  # batches computed that held any request of each tag
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -97,7 +99,7 @@ class DynamicBatcher:
         """Logits for one preprocessed image; raises QueueFullError, ShuttingDownError, TimeoutError."""
         return (await self.infer_many([image], deadline))[0]
 
-    async def infer_many(self, images: list[np.ndarray], deadline: float) -> list[np.ndarray]:
+    async def infer_many(self, images: list[np.ndarray], deadline: float, tag: str | None = None) -> list[np.ndarray]:
         """Logits for the images of one request, in order: all of them are queued or none
         (QueueFullError when they do not all fit), and when one fails or the deadline passes, the
         others still queued are dropped before inference. Raises QueueFullError, ShuttingDownError,
@@ -108,7 +110,7 @@ class DynamicBatcher:
             raise QueueFullError(f"{len(self._queue)} requests are already waiting"
                                  + (f"; {len(images)} more do not fit in {self.max_queue}" if len(images) > 1 else ""))
         loop = asyncio.get_running_loop()
-        requests = [_Request(image, deadline, loop.create_future()) for image in images]
+        requests = [_Request(image, deadline, loop.create_future(), tag=tag) for image in images]
         for request in requests:
             request.siblings = requests
         self._queue.extend(requests)
@@ -160,6 +162,7 @@ class DynamicBatcher:
                 continue
             seconds = time.perf_counter() - started
             self._note_drained(len(batch), seconds)
+            self.executions.update({r.tag for r in batch if r.tag is not None})
             self.observer.batch_done(len(batch), seconds, waits)
             for request, row, wait in zip(batch, logits, waits, strict=True):
                 if not request.future.done():

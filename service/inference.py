@@ -13,6 +13,8 @@ Both offer Triton's classification extension on `logits` (raw logits: "value:ind
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from model import preprocessing
@@ -20,10 +22,10 @@ from model.preprocessing import ImageError
 from model.spec import CLASSES, INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME
 from service.errors import BadRequest, NotFound
 from service.predictions import classification_strings
+from service.request_log import current
 from service.state import ServiceState
 
 VERSION = "1"
-IMAGE_MODEL_SUFFIX = "_image"
 SERVER = {"name": "alexnet-acmix-service", "version": "0.1.0", "extensions": ["binary_tensor_data", "classification"]}
 
 # The preprocessing the tensor model expects, published in its metadata and config `parameters`.
@@ -44,8 +46,7 @@ PREPROCESSED_LIMIT = 3.0
 
 
 def model_names(state: ServiceState) -> tuple[str, str]:
-    tensor = state.settings.model_name
-    return tensor, tensor + IMAGE_MODEL_SUFFIX
+    return state.settings.model_names()
 
 
 def check_model(state: ServiceState, model: str, version: str | None = None) -> bool:
@@ -67,10 +68,19 @@ def repository_index(state: ServiceState, ready_only: bool = False) -> list[dict
              **({} if ready else {"reason": state.not_ready_reason() or "not ready"})} for name in model_names(state)]
 
 
+def statistics(state: ServiceState, model: str | None = None, version: str | None = None) -> dict:
+    """Triton's statistics of `model` (both where None), as JSON; NotFound for another model or version."""
+    if model is None and version:
+        raise NotFound("a version needs a model")
+    if model is not None:
+        check_model(state, model, version)
+    executions = state.batcher.executions if state.batcher is not None else {}
+    return state.statistics.as_json([model] if model else list(model_names(state)), VERSION, executions)
+
+
 # Triton extensions this server does not offer, and what to use instead; the HTTP routes and gRPC
 # methods of each answer 501 / UNIMPLEMENTED with this (service/api/v2.py, service/kserve_grpc/server.py).
 UNSUPPORTED = {
-    "statistics": "the statistics extension is not supported; this server's figures are Prometheus metrics at /metrics",
     "model_repository": "loading and unloading models is not supported; this server serves its two models from start",
     "trace": "the trace extension is not supported; requests carry W3C traceparent and X-Request-ID instead",
     "logging": "the logging extension is not supported; set ACMIX_LOG_LEVEL",
@@ -165,26 +175,53 @@ def check_batch_size(state: ServiceState, count: int) -> None:
         raise BadRequest(f"{count} images exceed the queue size {state.settings.max_queue_size}")
 
 
+async def counted(state: ServiceState, model: str, count: int, compute) -> np.ndarray:
+    """The logits `compute()` returns (with the seconds spent preparing its inputs), counted in the
+    model's statistics (service/statistics.py): a success with its timings, or a failure."""
+    started = time.perf_counter()
+    try:
+        logits, input_s = await compute()
+    except BaseException:
+        state.statistics.failed(model, time.perf_counter() - started)
+        raise
+    record = current.get()
+    state.statistics.succeeded(model, count, time.perf_counter() - started, record.queue_s if record else 0.0,
+                               record.infer_s if record else 0.0, input_s)
+    return logits
+
+
 async def infer_tensor(state: ServiceState, batch: np.ndarray, deadline: float) -> np.ndarray:
     """Logits [N, 10] of a preprocessed float32 [N, 3, 128, 128] batch, one request per image."""
-    check_batch_size(state, len(batch))
-    check_preprocessed(batch, model_names(state)[1])
-    return await state.logits(list(batch), deadline)
+    tensor_model, image_model = model_names(state)
+
+    async def compute():
+        check_batch_size(state, len(batch))
+        check_preprocessed(batch, image_model)
+        return await state.logits(list(batch), deadline, tensor_model), 0.0
+
+    return await counted(state, tensor_model, len(batch), compute)
 
 
 async def infer_images(state: ServiceState, files: list[bytes], deadline: float) -> np.ndarray:
     """Logits [N, 10] of encoded image files; BadRequest naming the index of the first bad one."""
-    check_batch_size(state, len(files))
-    images = []
-    for index, data in enumerate(files):
-        if len(data) > state.settings.max_upload_bytes:
-            raise BadRequest(f"input {INPUT_NAME!r} element {index}: {len(data)} bytes, over the upload limit of "
-                             f"{state.settings.max_upload_bytes}")
-        try:
-            images.append(await state.decode(data, deadline))
-        except ImageError as exc:
-            raise BadRequest(f"input {INPUT_NAME!r} element {index}: {exc}") from None
-    return await state.logits(images, deadline)
+    image_model = model_names(state)[1]
+
+    async def compute():
+        check_batch_size(state, len(files))
+        started = time.perf_counter()
+        images = []
+        for index, data in enumerate(files):
+            if len(data) > state.settings.max_upload_bytes:
+                raise BadRequest(f"input {INPUT_NAME!r} element {index}: {len(data)} bytes, over the upload limit "
+                                 f"of {state.settings.max_upload_bytes}")
+            try:
+                images.append(await state.decode(data, deadline))
+            except ImageError as exc:
+                raise BadRequest(f"input {INPUT_NAME!r} element {index}: {exc}") from None
+        decoded_s = time.perf_counter() - started
+        return await state.logits(images, deadline, image_model), decoded_s
+
+    return await counted(state, image_model, len(files), compute)
 
 
 def classification_count(k) -> int:

@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     ray_max_replicas: int = Field(4, ge=1, description="autoscaling's upper bound")
     ray_cpus_per_replica: float = Field(1.0, gt=0, description="CPU replicas' Ray resource request")
 
+    def model_names(self) -> tuple[str, str]:
+        """(the tensor model, the image model): the two models the KServe v2 API serves."""
+        return self.model_name, self.model_name + "_image"
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower(cls, value):

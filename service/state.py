@@ -18,6 +18,7 @@ from service.batching import BatchObserver, DynamicBatcher, QueueFullError, Shut
 from service.errors import BadRequest, DeadlineExceeded, InferenceFailed, Overloaded, Unavailable
 from service.metrics import Metrics
 from service.settings import Settings
+from service.statistics import Statistics
 from service.workers import Peers
 
 
@@ -25,6 +26,7 @@ from service.workers import Peers
 class ServiceState(BatchObserver):
     settings: Settings
     metrics: Metrics
+    statistics: Statistics = field(init=False)  # per model, Triton's statistics extension
     backend: Backend | None = None
     backend_reason: str = ""
     batcher: DynamicBatcher | None = None
@@ -42,6 +44,9 @@ class ServiceState(BatchObserver):
     last_failure: str | None = None
     # The other server processes of this host, where there are (service/workers.py).
     peers: Peers = field(default_factory=Peers.from_env)
+
+    def __post_init__(self):
+        self.statistics = Statistics(self.settings.model_names())
 
     @property
     def failing(self) -> bool:
@@ -104,13 +109,13 @@ class ServiceState(BatchObserver):
             raise DeadlineExceeded("no result before the request's deadline (still waiting to be decoded)")
         return decoded
 
-    async def logits(self, images: list[np.ndarray], deadline: float) -> np.ndarray:
-        """Logits [N, 10] of one request's images through the batcher (all queued or none); the
-        service's domain errors for the ways it can fail."""
+    async def logits(self, images: list[np.ndarray], deadline: float, model: str | None = None) -> np.ndarray:
+        """Logits [N, 10] of one request's images through the batcher (all queued or none; their
+        batches counted for `model`); the service's domain errors for the ways it can fail."""
         if not self.ready or self.batcher is None:
             raise Unavailable("the model is not ready", retry_after=1)
         try:
-            return np.stack(await self.batcher.infer_many(images, deadline)).astype(np.float32, copy=False)
+            return np.stack(await self.batcher.infer_many(images, deadline, model)).astype(np.float32, copy=False)
         except QueueFullError as exc:
             raise Overloaded(f"too many requests waiting: {exc}", retry_after=self.batcher.retry_after()) from None
         except ShuttingDownError as exc:

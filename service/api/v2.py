@@ -70,11 +70,16 @@ async def repository_index(state: StateDep, request: Request) -> list[dict]:
     return inference.repository_index(state, ready_only=flag(header, "ready", "the request"))
 
 
+@router.get("/models/stats", summary="Statistics of both models (Triton's statistics extension)")
+@router.get("/models/{model}/stats", summary="Statistics of a model")
+@router.get("/models/{model}/versions/{version}/stats", include_in_schema=False)
+async def model_statistics(state: StateDep, model: str | None = None, version: str | None = None) -> dict:
+    # declared before /models/{model}, which would take "stats" for a model's name
+    return inference.statistics(state, model, version)
+
+
 # Triton's extensions this server does not offer: 501 naming each (inference.UNSUPPORTED), not a bare 404.
 UNSUPPORTED_ROUTES = [
-    (["GET"], "/models/stats", "statistics"),
-    (["GET"], "/models/{model}/stats", "statistics"),
-    (["GET"], "/models/{model}/versions/{version}/stats", "statistics"),
     (["POST"], "/repository/models/{model}/load", "model_repository"),
     (["POST"], "/repository/models/{model}/unload", "model_repository"),
     (["GET", "POST"], "/trace/setting", "trace"),

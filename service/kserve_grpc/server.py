@@ -20,6 +20,7 @@ import time
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 
 from model.spec import INPUT_NAME, INPUT_SHAPE, OUTPUT_NAME
 from service import inference
@@ -65,6 +66,10 @@ class Servicer:
         require_key(self.state, metadata)
         models = inference.repository_index(self.state, ready_only=request.ready)
         return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**m) for m in models])
+
+    async def ModelStatistics(self, request, metadata):  # noqa: N802
+        statistics = inference.statistics(self.state, request.name or None, request.version or None)
+        return json_format.ParseDict(statistics, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
 
     async def ServerMetadata(self, request, metadata):  # noqa: N802
         return pb.ServerMetadataResponse(**inference.SERVER)
@@ -232,16 +237,11 @@ def handler(state: ServiceState, name: str, method, request_type=None, response_
 def stream_handler(state: ServiceState, servicer: Servicer):
     """ModelStreamInfer: every request of the stream through ModelInfer, concurrently (so that they
     batch), and exactly one response each, in the order they finish: the result, or the error's
-    message with the request's id (Triton's form; tritonclient hands it to the callback). The
-    stream itself ends with an error only for a missing API key."""
+    message with the request's id (Triton's form; tritonclient hands it to the callback), a missing
+    API key included."""
 
     async def call(request_iterator, context: grpc.aio.ServicerContext):
-        metadata = metadata_of(context)
-        try:
-            require_key(state, metadata)
-        except Unauthenticated as exc:
-            state.metrics.grpc_requests.labels("ModelStreamInfer", "UNAUTHENTICATED").inc()
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
+        metadata = metadata_of(context)  # the API key is checked per request, by ModelInfer
         responses: asyncio.Queue = asyncio.Queue()
 
         async def one(request):
@@ -295,10 +295,11 @@ RPCS = {
     "ModelConfig": (pb.ModelConfigRequest, pb.ModelConfigResponse),
     "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
     "RepositoryIndex": (pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
+    "ModelStatistics": (pb.ModelStatisticsRequest, pb.ModelStatisticsResponse),
 }
 # The other RPCs of Triton's GRPCInferenceService, by the extension they belong to.
 UNSUPPORTED_RPCS = {
-    "ModelStatistics": "statistics", "RepositoryModelLoad": "model_repository",
+    "RepositoryModelLoad": "model_repository",
     "RepositoryModelUnload": "model_repository", "TraceSetting": "trace", "LogSettings": "logging",
     **{f"{kind}SharedMemory{verb}": "shared_memory" for kind in ("System", "Cuda")
        for verb in ("Status", "Register", "Unregister")},

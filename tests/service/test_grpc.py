@@ -249,7 +249,6 @@ def test_model_ready_of_an_unknown_model_is_false_not_an_error_and_the_repositor
 
 
 @pytest.mark.parametrize("call, extension", [
-    (lambda c: c.get_inference_statistics("alexnet_acmix"), "statistics extension is not supported"),
     (lambda c: c.load_model("alexnet_acmix"), "loading and unloading models is not supported"),
     (lambda c: c.get_log_settings(), "logging extension is not supported"),
     (lambda c: c.get_system_shared_memory_status(), "shared-memory extensions are not supported"),
@@ -294,3 +293,24 @@ def test_stream_infer_needs_the_api_key(grpc_client):
     result, error = answers.get(timeout=30)
     client.stop_stream()
     assert result is None and "API key" in error.message()
+
+
+def test_statistics_count_each_models_requests_their_images_and_batches(grpc_client, cifar_like_jpegs):
+    """Triton's statistics extension, as perf_analyzer reads it: successes and failures per model."""
+    _, client, _ = grpc_client(max_queue_delay_ms=0)
+    batch = np.stack([preprocess(decode_image(data)) for data in cifar_like_jpegs[:3]])
+    client.infer("alexnet_acmix", [tensor_input(batch)])
+    client.infer("alexnet_acmix_image", [bytes_input(cifar_like_jpegs[:2])])
+    status_of(lambda: client.infer("alexnet_acmix", [tensor_input(batch * 0 + 200)]))  # refused: a failure
+    both = client.get_inference_statistics(as_json=True)["model_stats"]
+    assert [m["name"] for m in both] == ["alexnet_acmix", "alexnet_acmix_image"]
+    tensor = client.get_inference_statistics("alexnet_acmix", "1", as_json=True)["model_stats"]
+    assert len(tensor) == 1
+    tensor, image = tensor[0], both[1]
+    assert (tensor["inference_count"], image["inference_count"]) == ("3", "2")  # uint64: JSON strings
+    stats = tensor["inference_stats"]
+    assert stats["success"]["count"] == "1" and stats["fail"]["count"] == "1" and int(stats["success"]["ns"]) > 0
+    assert int(stats["compute_infer"]["ns"]) > 0 and 1 <= int(tensor["execution_count"]) <= 3
+    assert int(image["inference_stats"]["compute_input"]["ns"]) > 0  # the image model decodes its files
+    code, _ = status_of(lambda: client.get_inference_statistics("resnet"))
+    assert code == grpc.StatusCode.NOT_FOUND

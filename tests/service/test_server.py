@@ -116,9 +116,11 @@ def test_tritonclient_http_repository_index_compression_and_the_extensions_this_
     for algorithm in ("gzip", "deflate"):  # a compressed request, decompressed by the server
         logits = client.infer("alexnet_acmix", [tensor], request_compression_algorithm=algorithm).as_numpy("logits")
         np.testing.assert_allclose(logits, run_onnx(onnx_model, batch), rtol=1e-4, atol=1e-4)
-    for call, message in ((client.get_inference_statistics, "statistics extension is not supported"),
-                          (lambda: client.get_inference_statistics("alexnet_acmix"), "statistics extension"),
-                          (lambda: client.unload_model("alexnet_acmix"), "loading and unloading models"),
+    stats = client.get_inference_statistics("alexnet_acmix")["model_stats"][0]  # the two gzip and deflate requests
+    assert stats["inference_count"] >= 4 and stats["inference_stats"]["success"]["count"] >= 2
+    assert [m["name"] for m in client.get_inference_statistics()["model_stats"]] == ["alexnet_acmix",
+                                                                                     "alexnet_acmix_image"]
+    for call, message in ((lambda: client.unload_model("alexnet_acmix"), "loading and unloading models"),
                           (client.get_trace_settings, "trace extension"),
                           (client.get_cuda_shared_memory_status, "shared-memory extensions")):
         with pytest.raises(InferenceServerException, match=message):
