@@ -12,6 +12,10 @@ with gRPC); this module only reads and writes the HTTP forms:
   element a 4-byte little-endian length, then its bytes).
 * request `parameters.timeout`: microseconds (as Triton), the request's deadline, never later
   than the server's own (ACMIX_REQUEST_TIMEOUT_S).
+* a body with `Content-Encoding: gzip` or `deflate` is decompressed, within the upload limit.
+
+Beside inference: Triton's repository index and statistics; its other extensions' routes answer
+501 naming the extension.
 """
 
 from __future__ import annotations

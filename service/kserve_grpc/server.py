@@ -3,9 +3,10 @@
 Served on ACMIX_GRPC_PORT (default 8001, as Triton; 0: off) by grpc.aio, started and stopped by
 the app's lifespan, so it shares the batcher, the backend and the settings with HTTP: the models
 and their checks are service/inference.py's. tritonclient.grpc works unchanged: ServerLive,
-ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig and ModelInfer (inputs in
+ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig, ModelInfer (inputs in
 `raw_input_contents` or typed `contents`; outputs in `raw_output_contents`, as Triton sends them;
-the classification extension).
+the classification extension), ModelStreamInfer, ModelStatistics and RepositoryIndex; Triton's
+other RPCs answer UNIMPLEMENTED naming their extension.
 
 The service's domain errors become gRPC status codes (service/errors.py); every call carries
 `x-request-id` and `x-model-digest` in its trailing metadata, counts in the metrics by method
