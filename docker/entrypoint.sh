@@ -5,6 +5,7 @@
 #   serve (default)          make what is missing or stale (export/provision.py: the TensorRT engine
 #                            at the first start on a GPU), then run the service
 #   provision [--force-engine]  only make the artifacts (e.g. `docker compose run --rm export`)
+#   --option ...             serve with these options (e.g. `--workers 4`)
 #   anything else            run as given (e.g. `sh`)
 #
 # exec: python becomes the container's main process (under compose's `init: true`), so SIGTERM
@@ -20,6 +21,10 @@ case "$command" in
     provision)
         shift
         exec python -m service --provision-only "$@"
+        ;;
+    -*)
+        # options alone (`docker run IMAGE --workers 4`) are the service's
+        exec python -m service "$@"
         ;;
     *)
         exec "$@"

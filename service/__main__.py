@@ -11,6 +11,7 @@ entrypoint runs exactly this. --provision-only stops after the artifacts (e.g. `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -67,8 +68,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     backend, reason = settings.resolved_backend()
     if args.worker_index is not None:  # a worker: the supervisor provisioned already
+        from service.workers import die_with_supervisor
+
+        die_with_supervisor()
         return serve(settings, reuse_port=True)
     plan = settings.plan(backend)
+    if args.provision_only or args.force_engine:  # asked for by name, whatever ACMIX_REBUILD says
+        plan = dataclasses.replace(plan, rebuild=True)
     # SIGTERM while provisioning (docker stop during a first-start build) stops it at once: as an
     # exception, which also kills a child export (subprocess.run does on the way out).
     signal.signal(signal.SIGTERM, stop_provisioning)

@@ -134,7 +134,8 @@ def create_app(
             return
         open_service(state, backend, backend_reason)
         grpc = await grpc_server.start(state) if settings.grpc_port else None
-        state.peers.mark_ready()
+        if not state.draining:  # a SIGTERM during startup: never marked ready, not even once
+            state.peers.mark_ready()
         yield
         state.draining = True
         state.peers.mark_not_ready()

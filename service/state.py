@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,6 +23,8 @@ from service.metrics import Metrics
 from service.settings import Settings
 from service.statistics import Statistics
 from service.workers import Peers
+
+log = logging.getLogger("service")
 
 
 @dataclass
@@ -77,6 +82,14 @@ class ServiceState(BatchObserver):
         self.consecutive_failures += 1
         self.last_failure = f"{type(error).__name__}: {error}"
         self.metrics.batch_failed(size, error)
+        if self.failing and self.peers.count > 1 and not self.draining:
+            # One of several server processes: nothing outside restarts it for failing liveness
+            # (the orchestrator sees the others live), so it drains and exits, and the supervisor
+            # (service/workers.py) starts another.
+            log.error("%s; this worker exits so that the supervisor starts another", self.not_ready_reason())
+            self.draining = True
+            self.peers.mark_not_ready()
+            os.kill(os.getpid(), signal.SIGTERM)
 
     @property
     def backend_name(self) -> str:

@@ -79,6 +79,22 @@ class Peers:
         return True
 
 
+def die_with_supervisor() -> None:
+    """In a worker: SIGTERM (a drain) when the supervisor dies, even by SIGKILL or the OOM killer,
+    instead of serving on as an orphan that shares the port (Linux's PR_SET_PDEATHSIG)."""
+    import ctypes
+    import ctypes.util
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def worker_command(index: int, argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "service", *argv, "--worker-index", str(index)]
 
@@ -102,7 +118,8 @@ def supervise(count: int, argv: list[str], drain_s: float) -> int:
         return subprocess.Popen(worker_command(index, argv), env={**env, INDEX_ENV: str(index)})
 
     workers = {index: spawn(index) for index in range(count)}
-    failures = dict.fromkeys(workers, 0)
+    failures = dict.fromkeys(workers, 0)  # exits in a row before becoming ready
+    was_ready = dict.fromkeys(workers, False)
     log.info("%d workers started: %s", count, ", ".join(str(p.pid) for p in workers.values()))
     peers = Peers(0, count, folder)
     code = 0
@@ -112,11 +129,12 @@ def supervise(count: int, argv: list[str], drain_s: float) -> int:
             for index, process in list(workers.items()):
                 if process.poll() is None:
                     if peers._file(index).is_file():
-                        failures[index] = 0
+                        failures[index], was_ready[index] = 0, True
                     continue
                 if stopping:
                     break
-                failures[index] += 1
+                if not was_ready[index]:  # a worker that had served died: not a failure to start
+                    failures[index] += 1
                 reap(folder, process.pid, index)
                 if failures[index] >= STARTUP_FAILURES:
                     log.error("worker %d exited %d times in a row before it was ready (status %s): stopping",
@@ -125,7 +143,7 @@ def supervise(count: int, argv: list[str], drain_s: float) -> int:
                     break
                 log.warning("worker %d (pid %d) exited with status %s: starting another", index, process.pid,
                             process.returncode)
-                workers[index] = spawn(index)
+                workers[index], was_ready[index] = spawn(index), False
     finally:
         for process in workers.values():
             if process.poll() is None:
@@ -150,7 +168,9 @@ def reap(folder: Path, pid: int, index: int) -> None:
 
 
 def reuse_port_socket(host: str, port: int):
-    """A listening TCP socket that other processes may bind too (SO_REUSEPORT)."""
+    """A TCP socket bound to a port that other processes may bind too (SO_REUSEPORT), not yet
+    listening: uvicorn listens once the app has started (loaded, warmed up, checked), so that the
+    kernel hands a worker still loading no connection (it counts only listening sockets)."""
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -158,6 +178,5 @@ def reuse_port_socket(host: str, port: int):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(2048)
     sock.set_inheritable(True)
     return sock

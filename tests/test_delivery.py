@@ -384,6 +384,13 @@ def test_entrypoint_serves_with_python_m_service_which_provisions_first(tmp_path
     assert not parsed.provision_only and not parsed.force_engine
 
 
+@pytest.mark.parametrize("args", [["--workers", "4"], ["serve", "--workers", "4"]])
+def test_entrypoint_takes_options_alone_as_the_services(tmp_path, args):
+    """`docker run IMAGE --workers 4` used to run `--workers` as a command (exit 127)."""
+    (call,) = run_entrypoint(tmp_path, args)
+    assert service_arguments(call).workers == "4"
+
+
 def test_entrypoint_provision_runs_the_same_provisioning_only(tmp_path):
     (call,) = run_entrypoint(tmp_path, ["provision", "--force-engine"])
     parsed = service_arguments(call)

@@ -38,3 +38,19 @@ def test_the_launcher_exits_2_with_one_line_for_a_bad_setting(monkeypatch, capsy
     monkeypatch.delenv("ACMIX_MAX_QUEUE_SIZE")
     assert launcher.main(["--port", "9100", "--grpc-port", "9100"]) == 2  # flags are checked with the environment
     assert "both 9100" in capsys.readouterr().err
+
+
+def test_provision_only_makes_the_artifacts_whatever_acmix_rebuild_says(monkeypatch):
+    """ACMIX_REBUILD=false refuses to build at a service's start; `--provision-only` (compose's
+    export service, which shares the setting) is the way to build, so it builds (provisioning faked)."""
+    plans = []
+
+    def provision(plan, force_engine=False, log=None):
+        plans.append(plan)
+        return iter(())
+
+    monkeypatch.setattr(launcher, "provision", provision)
+    monkeypatch.setenv("ACMIX_REBUILD", "false")
+    monkeypatch.setenv("ACMIX_BACKEND", "onnxruntime")
+    assert launcher.main(["--provision-only"]) == 0
+    assert plans[-1].rebuild is True

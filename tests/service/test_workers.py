@@ -127,3 +127,103 @@ def test_worker_counts_and_threads_by_host(monkeypatch):
     assert default.batches_per_process(1) == 2 and default.threads_per_batch(1) == 8
     assert default.batches_per_process(4) == 1 and default.threads_per_batch(4) == 4
     assert Settings(inference_workers=3).batches_per_process(4) == 3
+
+
+def test_a_workers_socket_takes_no_connection_until_it_listens():
+    """Bound at start, listening only once uvicorn has started the app: the kernel hands a worker
+    still loading no connection (they used to wait seconds in its backlog)."""
+    import socket
+
+    from service.workers import reuse_port_socket
+
+    sock = reuse_port_socket("127.0.0.1", launch.free_port())
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(sock.getsockname(), timeout=2).close()
+        sock.listen()
+        socket.create_connection(sock.getsockname(), timeout=2).close()
+    finally:
+        sock.close()
+
+
+# A stand-in worker (not the service): the first one becomes ready, then dies; the rest die at start.
+FLAKY_WORKER = """
+import os, sys, time
+folder, index = os.environ["ACMIX_WORKER_FOLDER"], os.environ["ACMIX_WORKER_INDEX"]
+spawned = os.environ["FLAKY_SPAWNED"]
+count = len(open(spawned).read()) if os.path.exists(spawned) else 0
+open(spawned, "a").write("x")
+if count == 0:
+    open(os.path.join(folder, "ready", index), "w").write(str(os.getpid()))
+    time.sleep(0.6)
+sys.exit(1)
+"""
+
+
+def test_a_worker_that_dies_after_serving_is_not_a_failure_to_start(tmp_path, monkeypatch):
+    """Three exits in a row before becoming ready stop the supervisor; the death of a worker that
+    had served is not one of them (it used to count: two startup failures then stopped it)."""
+    import sys
+
+    from service import workers
+
+    monkeypatch.setattr(workers, "worker_command", lambda index, argv: [sys.executable, "-c", FLAKY_WORKER])
+    monkeypatch.setenv("FLAKY_SPAWNED", str(tmp_path / "spawned"))
+    assert workers.supervise(1, [], drain_s=5) == 1
+    assert len((tmp_path / "spawned").read_text()) == 1 + workers.STARTUP_FAILURES
+
+
+def test_a_worker_ends_when_its_supervisor_is_killed(tmp_path):
+    """SIGKILL or the OOM killer on the supervisor: its workers drain and exit, not serve on as orphans."""
+    import sys
+
+    script = ("import subprocess, sys, time\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import signal, sys, time; "
+              "from service.workers import die_with_supervisor; "
+              "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); die_with_supervisor(); time.sleep(60)'])\n"
+              "print(child.pid, flush=True)\n"
+              "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    child = int(parent.stdout.readline())
+    time.sleep(1.0)  # the child has asked to die with its parent
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while running(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if running(child):
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the worker outlived its supervisor")
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie waiting for whoever adopted it to reap it."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_failing_worker_among_several_drains_and_exits_so_that_it_is_replaced(monkeypatch, tmp_path):
+    """Past ACMIX_MAX_CONSECUTIVE_FAILURES a lone process reports itself not live (an orchestrator
+    restarts it); one of several sends itself SIGTERM (os.kill faked here) for the supervisor."""
+    from service import state as state_module
+    from service.metrics import Metrics
+    from service.state import ServiceState
+
+    signals = []
+    monkeypatch.setattr(state_module.os, "kill", lambda pid, sig: signals.append((pid, sig)))
+    (tmp_path / "ready").mkdir()
+    state = ServiceState(Settings(max_consecutive_failures=2), Metrics(), peers=Peers(0, 2, tmp_path))
+    state.peers.mark_ready()
+    state.batch_failed(8, RuntimeError("cuda error"))
+    assert signals == []
+    state.batch_failed(8, RuntimeError("cuda error"))
+    assert signals == [(os.getpid(), signal.SIGTERM)] and state.draining
+    assert not (tmp_path / "ready" / "0").exists()
+    state.batch_failed(8, RuntimeError("cuda error"))
+    assert len(signals) == 1  # once
+    alone = ServiceState(Settings(max_consecutive_failures=1), Metrics())
+    alone.batch_failed(8, RuntimeError("cuda error"))
+    assert len(signals) == 1 and alone.failing
