@@ -3,17 +3,43 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
+from pathlib import Path
 
 DEVICES = ("auto", "cpu", "gpu")
 
 
-def available_cores() -> int:
+def available_cores(cgroup: str = "/sys/fs/cgroup") -> int:
+    """The cores this process may use: those it may run on (affinity), at most its CPU quota
+    (a container's `--cpus`: cgroup v2 cpu.max, or v1 cpu.cfs_quota_us / cpu.cfs_period_us),
+    rounded up. Threads and worker counts follow it."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cpu_quota(cgroup)
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def cpu_quota(cgroup: str = "/sys/fs/cgroup") -> float | None:
+    """The CPU quota of this process's cgroup in cores, or None where there is none or it cannot be read."""
+    root = Path(cgroup)
+    try:
+        fields = (root / "cpu.max").read_text().split()  # v2: "max 100000" or "400000 100000"
+        quota, period = fields[0], fields[1]
+    except (OSError, IndexError):
+        try:  # v1
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        quota_us, period_us = float(quota), float(period)
+    except ValueError:  # "max": no quota
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
 # MKL 2019's internal code paths, for MKL_DEBUG_CPU_TYPE (which only AMD CPUs need): 5 is AVX2, 7 is

@@ -91,11 +91,16 @@ def main(argv=None) -> int:
         return 0
     workers = settings.resolved_workers(backend)
     if workers > 1:
-        from service.workers import supervise
+        from service.workers import PortTaken, claimed_port, supervise
 
         forwarded = ["--host", settings.host, "--port", str(settings.port), "--grpc-port", str(settings.grpc_port),
                      "--workers", str(workers)]
-        return supervise(workers, forwarded, DRAIN_SECONDS + settings.request_timeout_s + 5)
+        try:
+            with claimed_port(settings.host, settings.port):
+                return supervise(workers, forwarded, DRAIN_SECONDS + settings.request_timeout_s + 5)
+        except PortTaken as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     return serve(settings)
 
 

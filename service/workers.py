@@ -18,6 +18,8 @@ while one is being replaced.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -93,6 +95,24 @@ def die_with_supervisor() -> None:
         return
     if os.getppid() != parent:  # it died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+class PortTaken(Exception):
+    """Another supervisor of this host serves the port."""
+
+
+@contextlib.contextmanager
+def claimed_port(host: str, port: int):
+    """Held while a supervisor runs: a second `python -m service --workers N` on the same port stops
+    here, instead of sharing the port with the first, as SO_REUSEPORT would let its workers do
+    (the kernel would split the connections between two services)."""
+    path = Path(tempfile.gettempdir()) / f"acmix-service-{host}-{port}.lock"
+    with open(path, "a+b") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PortTaken(f"another python -m service --workers serves {host}:{port} (lock {path})") from None
+        yield
 
 
 def worker_command(index: int, argv: list[str]) -> list[str]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from model import runtime
+from model.runtime import available_cores, cpu_quota
 
 AMD_AVX2 = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma\n"
 AMD_AVX512 = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 avx512f avx512dq avx512cd avx512bw avx512vl avx512_bf16\n"
@@ -94,3 +97,27 @@ def test_the_training_benchmark_runs_the_previous_path_with_its_own_mkl_choice(t
     assert "MKL_DEBUG_CPU_TYPE" not in previous_environment(str(path))
     monkeypatch.setenv("MKL_DEBUG_CPU_TYPE", "0")  # the user's value, for both paths
     assert previous_environment(str(path))["MKL_DEBUG_CPU_TYPE"] == "0"
+
+
+@pytest.mark.parametrize("files, quota", [
+    ({"cpu.max": "400000 100000\n"}, 4.0),  # cgroup v2, `docker run --cpus 4`
+    ({"cpu.max": "150000 100000\n"}, 1.5),
+    ({"cpu.max": "max 100000\n"}, None),  # no quota
+    ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),  # not readable: none
+])
+def test_the_cpu_quota_of_a_container_is_read_from_its_cgroup(tmp_path, files, quota):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cpu_quota(str(tmp_path)) == quota
+
+
+def test_available_cores_are_at_most_the_quota_rounded_up(tmp_path, monkeypatch):
+    """A container limited to 1.5 CPUs on a 64-core host sizes its threads for 2, not 64."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert available_cores(str(tmp_path)) == 2
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cores(str(tmp_path)) == 64

@@ -227,3 +227,18 @@ def test_a_failing_worker_among_several_drains_and_exits_so_that_it_is_replaced(
     alone = ServiceState(Settings(max_consecutive_failures=1), Metrics())
     alone.batch_failed(8, RuntimeError("cuda error"))
     assert len(signals) == 1 and alone.failing
+
+
+def test_a_second_supervisor_on_the_same_port_is_refused():
+    """SO_REUSEPORT would let its workers share the port with the first service's."""
+    from service.workers import PortTaken, claimed_port
+
+    port = launch.free_port()
+    with claimed_port("127.0.0.1", port):
+        with pytest.raises(PortTaken, match=f"another python -m service --workers serves 127.0.0.1:{port}"):
+            with claimed_port("127.0.0.1", port):
+                pass
+        with claimed_port("127.0.0.1", port + 1):  # another port is free
+            pass
+    with claimed_port("127.0.0.1", port):  # released with the first
+        pass
