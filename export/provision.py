@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from export.errors import ExportError
-from model.files import exclusive
+from model.files import exclusive, remove_leftovers
 from runtime.artifacts import SOURCE_DIGEST, ArtifactPlan, engine_status, onnx_staleness
 
 LOCK_NAME = ".provision.lock"
@@ -62,6 +62,9 @@ def provision(plan: ArtifactPlan, force_engine: bool = False, progress: bool = T
     lock_folder = (plan.engine if any(a == "engine" for a, _ in steps) else plan.onnx).parent
     done = []
     with exclusive(lock_folder / LOCK_NAME):
+        for target in {plan.onnx, plan.onnx_for_precision, *([plan.engine] if plan.engine else [])}:
+            for tmp in remove_leftovers(target):  # of a provisioning killed mid-write (docker stop, OOM)
+                log(f"provisioning: removed {tmp}, left by an interrupted write")
         for artifact, why in pending(plan, force_engine):  # again: another process may have made them
             log(f"provisioning: {why}: making the {artifact} artifact")
             if artifact == "onnx":

@@ -41,6 +41,17 @@ def replacing(path: str | Path):
     _fsync_dir(path.parent)
 
 
+def remove_leftovers(path: str | Path) -> list[Path]:
+    """Remove the temporary files `replacing` left beside `path` (and beside files named after it)
+    when its process was killed mid-write; returns them. Call it only while holding the lock of
+    whoever writes there (`exclusive`): a live writer's temporary file looks the same."""
+    path = Path(path)
+    left = sorted(path.parent.glob(f".{path.name}*.tmp"))
+    for tmp in left:
+        tmp.unlink(missing_ok=True)
+    return left
+
+
 def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -124,3 +124,20 @@ def test_two_concurrent_provisioners_make_the_artifact_once(tiny_onnx, tmp_path)
     assert log.read_text() == "export\n"
     assert sorted(out.strip() for out, _ in outputs) == sorted(["[]", f"['exported {onnx}']"])
     assert onnx.read_bytes() == tiny_onnx.read_bytes()
+
+
+def test_temporary_files_of_an_interrupted_write_are_removed_under_the_lock(tmp_path):
+    """docker stop or the OOM killer during an export leaves `replacing`'s temporary file; the next
+    provisioning, holding the lock, removes it (the export itself fails here: no weights)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    left = [out / ".m.onnx.k2j3h4.tmp", out / ".m.onnx.reference.json.abc.tmp"]
+    for path in left:
+        path.write_bytes(b"half a file")
+    other = out / ".other.onnx.x.tmp"
+    other.write_bytes(b"someone else's")
+    logged = []
+    with pytest.raises(ExportError, match="no weights"):
+        provision(plan_for(out / "m.onnx", tmp_path / "gone.pdparams"), log=logged.append)
+    assert not any(path.exists() for path in left) and other.exists()
+    assert sum("left by an interrupted write" in line for line in logged) == 2
