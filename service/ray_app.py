@@ -6,7 +6,9 @@
 Each replica runs the FastAPI app of service/main.py through @serve.ingress with its own backend;
 batching is Ray's @serve.batch (max batch size and wait from the same settings) instead of the
 DynamicBatcher. `build_app` (Ray's application builder, called by `serve run`, not at import)
-provisions the artifacts once (export/provision.py), then sizes the deployment from the settings:
+provisions the artifacts once (export/provision.py), then sizes the deployment from the settings
+and passes the backend it chose to every replica, which runs that one (not its own node's "auto":
+a GPU-less head must not decide for GPU workers) and provisions it on its node (a lock per node):
 ACMIX_RAY_REPLICAS (a number, or "auto" for autoscaling between 1 and ACMIX_RAY_MAX_REPLICAS);
 on the TensorRT backend one GPU per replica, each replica with its own execution context.
 """
@@ -86,8 +88,14 @@ def deployment_options(settings: Settings, backend: str) -> dict:
 @serve.deployment
 @serve.ingress(replica_app)
 class Classifier:
-    def __init__(self):
+    def __init__(self, backend: str):
+        # The backend build_app sized the deployment for (a GPU each, or CPUs), not this node's own
+        # "auto", and its artifacts made on this node too (under its lock: once per node).
+        from export.provision import provision
+
         self.state = replica_app().state.service
+        self.state.settings = self.state.settings.model_copy(update={"backend": backend})
+        provision(self.state.settings.plan(backend), progress=False)
         open_service(self.state, batcher=ServeBatcher(self.infer_batch))
         self.infer_batch.set_max_batch_size(settings.max_batch_size)
         self.infer_batch.set_batch_wait_timeout_s(settings.max_queue_delay_ms / 1000)
@@ -114,4 +122,4 @@ def build_app(args: dict | None = None):
 
     backend, _ = settings.resolved_backend()
     provision(settings.plan(backend), progress=False)
-    return Classifier.options(**deployment_options(settings, backend)).bind()
+    return Classifier.options(**deployment_options(settings, backend)).bind(backend)
