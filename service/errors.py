@@ -1,11 +1,16 @@
 """The service's domain errors: raised where a request fails, mapped to a protocol only at its edge.
 
 Each names the HTTP status and the gRPC status code it becomes; service/main.py maps them to HTTP
-responses (one handler), the gRPC server to status codes. Nothing below the edge raises an
-HTTPException.
+responses (one handler, with the body `http_error_body` gives), the gRPC server to status codes.
+Nothing below the edge raises an HTTPException.
 """
 
 from __future__ import annotations
+
+
+def http_error_body(path: str, message: str) -> dict:
+    """An HTTP error's JSON body: KServe v2's ({"error": ...}) under /v2, FastAPI's ({"detail": ...}) elsewhere."""
+    return {"error": message} if path.startswith("/v2") else {"detail": message}
 
 
 class ServiceError(Exception):

@@ -232,6 +232,13 @@ def classification_count(k) -> int:
     return k
 
 
+def check_requested_once(times: int) -> None:
+    """BadRequest where a request names the model's one output more than once (both protocols,
+    before inference)."""
+    if times > 1:
+        raise BadRequest(f"output {OUTPUT_NAME!r} is requested {times} times; request it once")
+
+
 def classification(logits: np.ndarray, k: int) -> list[list[str]] | None:
     """The classification strings of `k` (checked by classification_count) classes per image, or None for 0."""
     return classification_strings(logits, k) if k else None

@@ -1,5 +1,13 @@
-"""A deadline for receiving a request's body: a client that sends it too slowly (slowloris) gets a
-408 and its connection back, instead of holding a server task for as long as it likes."""
+"""Limits on receiving a request's body, both answered in the API's JSON error format:
+
+* a size limit: a body over it gets a 413 naming the limit, at once where Content-Length declares
+  it, else as soon as the bytes received pass it;
+* a deadline: a client that sends its body too slowly (slowloris) gets a 408 and its connection
+  back, instead of holding a server task for as long as it likes.
+
+The size limit is not Starlette's (FastAPI's `max_body_size`): that one replaces every response to
+a request whose Content-Length is over the limit with a plain-text "Content Too Large", which
+tritonclient cannot read as an error."""
 
 from __future__ import annotations
 
@@ -7,9 +15,54 @@ import asyncio
 import json
 import time
 
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+
+from service.errors import http_error_body
+
 
 class BodyTooSlow(Exception):
     pass
+
+
+class UploadLimitMiddleware:
+    """Raises a 413 HTTPException into the app from `receive`, which the app's exception handler
+    answers: before reading anything where Content-Length is over the limit, else once the body
+    received so far is. A request whose body is never read is not refused."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = declared_length(scope)
+        received = 0
+
+        async def receive_within_limit():
+            nonlocal received
+            if declared is not None and declared > self.max_bytes:
+                raise self.too_large()
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self.too_large()
+            return message
+
+        await self.app(scope, receive_within_limit, send)
+
+    def too_large(self) -> HTTPException:
+        return HTTPException(413, f"request body over the upload limit of {self.max_bytes} bytes")
+
+
+def declared_length(scope) -> int | None:
+    """The request's Content-Length, None where it has none or an unreadable one."""
+    try:
+        return int(Headers(scope=scope)["content-length"])
+    except (KeyError, ValueError):
+        return None
 
 
 class BodyTimeoutMiddleware:
@@ -35,7 +88,8 @@ class BodyTimeoutMiddleware:
         async def send_timeout():
             nonlocal started
             started = True
-            body = json.dumps({"detail": f"the request body was not received within {self.seconds:g} s"}).encode()
+            message = f"the request body was not received within {self.seconds:g} s"
+            body = json.dumps(http_error_body(scope["path"], message)).encode()
             await send({"type": "http.response.start", "status": 408,
                         "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
             await send({"type": "http.response.body", "body": body})

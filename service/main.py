@@ -21,9 +21,9 @@ from runtime.reference import ReferenceError, check, read_reference, reference_p
 from service.api import health, predict, v2
 from service.backends import create_backend
 from service.batching import DynamicBatcher
-from service.errors import ServiceError
+from service.errors import ServiceError, http_error_body
 from service.kserve_grpc import server as grpc_server
-from service.limits import BodyTimeoutMiddleware
+from service.limits import BodyTimeoutMiddleware, UploadLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.request_log import RequestIdMiddleware
 from service.settings import Settings
@@ -112,11 +112,6 @@ async def close_service(state: ServiceState) -> None:
     log.info("drained and closed")
 
 
-def error_body(request: Request, message: str) -> dict:
-    """KServe v2's error body ({"error": ...}) on /v2, FastAPI's ({"detail": ...}) elsewhere."""
-    return {"error": message} if request.url.path.startswith("/v2") else {"detail": message}
-
-
 def create_app(
     settings: Settings | None = None, backend=None, backend_reason: str = "given", manage_lifespan: bool = True
 ) -> FastAPI:
@@ -149,7 +144,6 @@ def create_app(
         version="0.1.0",
         summary="Upload an image, get its CIFAR-10 label. Dynamic batching over TensorRT or ONNX Runtime.",
         lifespan=lifespan,
-        max_body_size=settings.max_upload_bytes,  # 413 before reading more, with or without Content-Length
         # Metrics are Prometheus (/metrics); FastAPI's OpenTelemetry hooks would cost an environment
         # lookup on every request for nothing.
         telemetry={"tracing": False, "metrics": False, "logs": False},
@@ -161,17 +155,16 @@ def create_app(
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):
-        return JSONResponse(error_body(request, exc.message), status_code=exc.status, headers=exc.headers())
+        return JSONResponse(http_error_body(request.url.path, exc.message), status_code=exc.status, headers=exc.headers())
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        if exc.status_code == 413:
-            exc = HTTPException(413, f"request body over the upload limit of {settings.max_upload_bytes} bytes")
         if request.url.path.startswith("/v2"):
-            return JSONResponse(error_body(request, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+            return JSONResponse(http_error_body(request.url.path, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
         return await http_exception_handler(request, exc)
 
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(BodyTimeoutMiddleware, seconds=settings.body_timeout_s)
     app.add_middleware(RequestIdMiddleware, state=state)
     if settings.cors_origins.strip():

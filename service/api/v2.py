@@ -313,6 +313,7 @@ def requested_outputs(header: dict) -> list[tuple[int, bool]]:
             raise BadRequest(f"output {OUTPUT_NAME!r}: parameters must be a JSON object")
         outputs.append((inference.classification_count(params.get("classification", 0)),
                         flag(params, "binary_data", f"output {OUTPUT_NAME!r}", binary_default)))
+    inference.check_requested_once(len(outputs))
     return outputs
 
 

@@ -169,6 +169,7 @@ def requested_outputs(request) -> list[int]:
             choice = parameter.WhichOneof("parameter_choice")
             k = getattr(parameter, choice) if choice in ("int64_param", "uint64_param") else None
         counts.append(inference.classification_count(k))
+    inference.check_requested_once(len(counts))
     return counts
 
 

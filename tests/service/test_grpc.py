@@ -163,6 +163,9 @@ def test_invalid_argument_not_found_and_the_message_names_the_cause(grpc_client,
         (lambda: client.infer("alexnet_acmix", [tensor_input(good)], model_version="2"), grpc.StatusCode.NOT_FOUND,
          "unknown version '2'"),
         (lambda: client.get_model_metadata("resnet"), grpc.StatusCode.NOT_FOUND, "unknown model"),
+        (lambda: client.infer("alexnet_acmix", [tensor_input(good)],
+                              outputs=[triton.InferRequestedOutput("logits"), triton.InferRequestedOutput("logits")]),
+         grpc.StatusCode.INVALID_ARGUMENT, "output 'logits' is requested 2 times"),
     ]
     for call, code, message in cases:
         got, text = status_of(call)

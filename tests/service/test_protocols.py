@@ -94,6 +94,7 @@ def test_malformed_bodies_are_400_and_the_server_keeps_serving(client, body, mes
 
 @pytest.mark.parametrize("outputs, parameters, message", [
     ([{"name": "probabilities"}], {}, "unknown output 'probabilities'"),
+    ([{"name": "logits"}, {"name": "logits"}], {}, "output 'logits' is requested 2 times; request it once"),
     ([{"name": "logits", "parameters": {"classification": 11}}], {}, "classification must be an integer in 0..10"),
     ([{"name": "logits", "parameters": {"binary_data": "false"}}], {}, "parameter binary_data must be true or false"),
     (None, {"binary_data_output": "false"}, "parameter binary_data_output must be true or false"),

@@ -146,6 +146,7 @@ def test_a_body_sent_too_slowly_gets_408_on_every_route(server, path, content_ty
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
     assert b"not received within 2 s" in answer and 1.5 < time.monotonic() - began < 8
+    assert (b'{"error":' if path.startswith("/v2") else b'{"detail":') in answer  # each API's error format
     assert httpx.get(f"{server}/readyz").status_code == 200
 
 
