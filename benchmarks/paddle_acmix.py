@@ -7,7 +7,8 @@
   previous training path (benchmarks/previous_training.py: the eager forward and the reference
   augmentation at 128x128 before this work, in its process settings: MKL's AVX2 code path on AMD)
   and for the current one (model/alexnet.py, the translation augmentation at 32x32 with JPEG
-  re-encoding, model/runtime.py's settings). Seconds per step, in the steady state: the first
+  re-encoding, the first convolution computed from the 32x32 images by model/source_stem.py,
+  model/runtime.py's settings). Seconds per step, in the steady state: the first
   WARMUP_STEPS of each process, which allocate Paddle's memory (1.3-1.5x slower), are not timed.
 * Inference (eval, no grad): the reference notebook's ACmix formulation (model/reference_acmix.py)
   against the current one.
@@ -70,7 +71,7 @@ def measure(task: str, variant: str, batch: int, steps: int) -> list[float]:
 
     from model.augmentation import ReferenceAugmentation, TranslateAugmentation
     from model.data import LabeledImages
-    from model.train import smoothed_cross_entropy, train_batches
+    from model.train import smoothed_cross_entropy, train_batches, training_logits
 
     if variant == "previous":
         from benchmarks.previous_training import previous_model
@@ -86,7 +87,7 @@ def measure(task: str, variant: str, batch: int, steps: int) -> list[float]:
     times, started = [], time.perf_counter()
     batches = train_batches(images, batch, augment, np.random.default_rng(1), steps + WARMUP_STEPS)
     for step, (xb, yb) in enumerate(batches):
-        loss = smoothed_cross_entropy(model(paddle.to_tensor(xb)), paddle.to_tensor(yb), 0.1)
+        loss = smoothed_cross_entropy(training_logits(model, xb), paddle.to_tensor(yb), 0.1)
         loss.backward()
         optimizer.step()
         optimizer.clear_grad()

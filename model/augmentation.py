@@ -9,7 +9,8 @@ inference normalization (model/preprocessing.py), so that a batch is float32 [N,
   paddlex's MixupImage, which does nothing on single images outside a paddlex pipeline.
 * `TranslateAugmentation`: everything at the source size (a reflect-padded random crop, a flip,
   optional random erasing), then the one resize to 128 that inference also does. About 20x less
-  CPU per image than the reference's, which shares the two cores with training.
+  CPU per image than the reference's, which shares the two cores with training. Its `source`
+  stops before the resize, for training's fast first layer (model/source_stem.py).
 
 Both can first re-encode the source as JPEG at a random quality (`jpeg` is the probability), so
 that the model sees the compression users upload.
@@ -118,6 +119,12 @@ class TranslateAugmentation(_JpegReencoding):
         self.erasing = erasing
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        pil = Image.fromarray(self.source(image, rng))
+        return to_normalized_chw(pil.resize((IMAGE_SIZE, IMAGE_SIZE), RESAMPLE))
+
+    def source(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The augmented image at its source size (uint8 HxWx3), before the resize: what training's
+        fast first layer (model/source_stem.py) reads. Draws the same random numbers as __call__."""
         image = self._maybe_jpeg(image, rng)
         height, width = image.shape[:2]
         if self.pad:
@@ -128,8 +135,7 @@ class TranslateAugmentation(_JpegReencoding):
             image = image[:, ::-1]
         if self.erasing and rng.random() < self.erasing:
             image = self._erase(image, rng)
-        pil = Image.fromarray(np.ascontiguousarray(image))
-        return to_normalized_chw(pil.resize((IMAGE_SIZE, IMAGE_SIZE), RESAMPLE))
+        return np.ascontiguousarray(image)
 
     @staticmethod
     def _erase(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:

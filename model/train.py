@@ -41,7 +41,9 @@ from model.cli import fail, positive_int
 from model.data import DataError, LabeledImages, open_dataset, split_indices
 from model.files import replacing
 from model.predict import read_state
+from model.preprocessing import to_normalized_chw
 from model.runtime import DEVICES, import_paddle, resolve_device
+from model.source_stem import SOURCE_SIZE, SourceBatch, forward_from_source, source_batch
 from model.subnormals import flush_subnormals
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -236,15 +238,38 @@ def train_batches(data: LabeledImages, batch_size: int, augment, rng: np.random.
     ready: queue.Queue = queue.Queue(maxsize=2)
 
     def produce():
-        for step in range(steps):
-            batch_rng = np.random.default_rng(seeds[step])
-            idx = order[step * batch_size : (step + 1) * batch_size]
-            x = np.stack([augment(data.images[i], batch_rng) for i in idx])
-            ready.put((x, data.labels[idx]))
+        try:
+            for step in range(steps):
+                batch_rng = np.random.default_rng(seeds[step])
+                idx = order[step * batch_size : (step + 1) * batch_size]
+                ready.put((augment_batch(augment, [data.images[i] for i in idx], batch_rng), data.labels[idx]))
+        except Exception as error:  # raised where the batches are read, which would otherwise wait forever
+            ready.put(error)
 
     threading.Thread(target=produce, daemon=True).start()
     for _ in range(steps):
-        yield ready.get()
+        batch = ready.get()
+        if isinstance(batch, Exception):
+            raise batch
+        yield batch
+
+
+def augment_batch(augment, images: list[np.ndarray], rng: np.random.Generator):
+    """One augmented batch as training_logits reads it: where the augmentation ends in the resize
+    to 128 (TranslateAugmentation) and the images are 32x32, a SourceBatch for the fast first
+    layer (model/source_stem.py); else float32 [N, 3, 128, 128]."""
+    if isinstance(augment, TranslateAugmentation) and all(i.shape[:2] == (SOURCE_SIZE,) * 2 for i in images):
+        return source_batch(np.stack([to_normalized_chw(augment.source(image, rng)) for image in images]))
+    return np.stack([augment(image, rng) for image in images])
+
+
+def training_logits(model, batch):
+    """The model's logits for a batch of augment_batch."""
+    import paddle
+
+    if isinstance(batch, SourceBatch):
+        return forward_from_source(model, batch)
+    return model(paddle.to_tensor(batch))
 
 
 def evaluate_split(model, data: LabeledImages, smoothing: float, batch_size: int = 256) -> dict:
@@ -480,8 +505,7 @@ def train_epoch(session: Session, train_data: LabeledImages, augment, epoch: int
     batches = train_batches(train_data, config.batch_size, augment, rng, config.max_steps_per_epoch)
     bar = tqdm(batches, total=session.steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="step")
     for x, y in bar:
-        x, y = paddle.to_tensor(x), paddle.to_tensor(y)
-        logits = model(x)
+        logits, y = training_logits(model, x), paddle.to_tensor(y)
         loss = smoothed_cross_entropy(logits, y, config.label_smoothing)
         loss.backward()
         optimizer.step()

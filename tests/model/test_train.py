@@ -355,3 +355,14 @@ def test_with_an_average_the_run_keeps_the_averaged_weights_and_resumes_it(paddl
     resumed = paddle.load(str(tmp_path / "split" / "last.pdema"))
     for name in average:
         np.testing.assert_allclose(resumed[name].numpy(), average[name].numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_translate_augmentation_trains_through_the_fast_first_layer(paddle, data, tmp_path, monkeypatch):
+    import model.train as training
+
+    fast_steps = []
+    forward = training.forward_from_source
+    monkeypatch.setattr(training, "forward_from_source", lambda model, batch: fast_steps.append(1) or forward(model, batch))
+    record = training.train(config(augment="translate", jpeg=0.5), *data, tmp_path)
+    losses = [h["train_loss"] for h in record["history"]]
+    assert len(fast_steps) == 3 * 4 and losses[-1] < losses[0] * 0.8
