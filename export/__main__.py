@@ -126,7 +126,7 @@ def run_engine(args) -> dict:
         return {"engine": str(engine), "kept": True}
     print(f"{'rebuild forced' if ok else why}: building {engine}", file=sys.stderr)
     metadata = make_engine(source, engine, spec, lambda path: verify_engine(path, args.onnx, args.precision),
-                           timing_cache=args.timing_cache)
+                           timing_cache=args.timing_cache or None)
     check = metadata["verification"]
     print(f"verified {engine} on {check['n']} reference images: max |logit diff| {check['max_abs_diff']:.2e}",
           file=sys.stderr)
@@ -190,7 +190,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--opt-batch", type=positive_int, default=defaults.opt_batch)
         p.add_argument("--max-batch", type=positive_int, default=defaults.max_batch)
         p.add_argument("--workspace-mib", type=positive_int, default=defaults.workspace_mib)
-        p.add_argument("--timing-cache", default="build/timing.cache")
+        p.add_argument("--timing-cache", default="build/timing.cache", help="'' for none")
         p.add_argument("--force", action="store_true", help="rebuild even when the engine is current")
 
     def onnx_options(p, precision: bool = True):

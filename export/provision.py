@@ -1,19 +1,24 @@
 """Provisioning: make whatever artifact a service configuration needs and is missing or stale.
 
     weights --(child process: python -m export onnx)--> fp32 ONNX --(child process)--> fp16 / int8 ONNX
-            --(TensorRT, in this process)--> engine, verified against the reference logits
+            --(child process: python -m export engine)--> engine, verified against the reference logits
 
 Both the container's entrypoint and `python -m service` call `provision` with the plan the
 service's settings give (runtime.artifacts.ArtifactPlan), so the two ask for the same artifacts
 with the same build parameters. Everything is checked first without a lock (the common case: all
 current, nothing written); if something must be made, an exclusive lock on the folder it goes to
 is taken and the check repeated, so that two processes or containers sharing a volume never
-build at once, and every file is written whole (model/files.py). The Paddle export runs in a
-child process, so that no serving process ever holds Paddle (~600 MB).
+build at once, and every file is written whole (model/files.py). Every step runs in a child
+process: no serving process (nor the supervisor of several) ever holds Paddle (~600 MB) or the
+CUDA context and TensorRT builder of an engine build, and a SIGTERM during a build (`docker stop`
+on a first start) stops it at once, since the child is killed on the way out, where a build in
+this process would only see the signal once TensorRT returned. The engine build's progress is
+passed through to this process's stderr.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +28,7 @@ from model.files import exclusive, remove_leftovers
 from runtime.artifacts import SOURCE_DIGEST, ArtifactPlan, engine_status, onnx_staleness
 
 LOCK_NAME = ".provision.lock"
+TAIL_BYTES = 8192  # of a child's stderr, kept for its error line
 
 
 def pending(plan: ArtifactPlan, force_engine: bool = False) -> list[tuple[str, str]]:
@@ -73,7 +79,8 @@ def provision(plan: ArtifactPlan, force_engine: bool = False, progress: bool = T
                 export_in_child(["onnx", "--weights", str(plan.weights), "--out", str(plan.onnx)])
                 done.append(f"exported {plan.onnx}")
             elif artifact == "engine":
-                done.append(build_verified_engine(plan, progress))
+                export_in_child(engine_arguments(plan), echo=progress)
+                done.append(f"built and verified {plan.engine}")
             else:
                 export_in_child(["onnx", "--precision", artifact, "--from-onnx", str(plan.onnx),
                                  "--out", str(plan.onnx_for_precision)])
@@ -81,24 +88,39 @@ def provision(plan: ArtifactPlan, force_engine: bool = False, progress: bool = T
     return done
 
 
-def export_in_child(arguments: list[str]) -> None:
-    """`python -m export ARGUMENTS` in a child process (Paddle and the ONNX tools stay out of this
-    one); ExportError with its last error line if it fails."""
-    command = [sys.executable, "-m", "export", *arguments]
-    result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if result.returncode != 0:
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
+def export_in_child(arguments: list[str], echo: bool = False) -> None:
+    """`python -m export ARGUMENTS` in a child process (Paddle, TensorRT and the ONNX tools stay out
+    of this one); see run_child."""
+    run_child([sys.executable, "-m", "export", *arguments], f"`python -m export {' '.join(arguments)}`", echo)
+
+
+def run_child(command: list[str], name: str, echo: bool = False) -> None:
+    """Run `command`, its stderr passed through to this process's where `echo`; ExportError naming
+    it with its last error line if it fails. The child is killed if this process is interrupted
+    meanwhile (SIGTERM raised as SystemExit, Ctrl-C)."""
+    tail = bytearray()
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as child:
+        try:
+            while chunk := os.read(child.stderr.fileno(), 1 << 16):
+                if echo:
+                    sys.stderr.buffer.write(chunk)
+                    sys.stderr.buffer.flush()
+                tail = (tail + chunk)[-TAIL_BYTES:]
+            child.wait()
+        except BaseException:
+            child.kill()
+            raise
+    if child.returncode != 0:
+        lines = [line for line in tail.decode(errors="replace").replace("\r", "\n").splitlines() if line.strip()]
         last = next((line for line in reversed(lines) if line.startswith("error:")), lines[-1] if lines else "")
-        raise ExportError(f"`python -m export {' '.join(arguments)}` failed: {last.removeprefix('error: ')}")
+        raise ExportError(f"{name} failed: {last.removeprefix('error: ')}")
 
 
-def build_verified_engine(plan: ArtifactPlan, progress: bool = True) -> str:
-    """Build the plan's engine and verify it against the reference logits of its fp32 ONNX."""
-    from export.engine import make_engine
-    from export.verify import verify_engine
-
-    def check(engine_path: Path) -> dict:
-        return verify_engine(engine_path, plan.onnx, plan.precision)
-
-    make_engine(plan.onnx_for_precision, plan.engine, plan.engine_spec, check, plan.timing_cache, progress)
-    return f"built and verified {plan.engine}"
+def engine_arguments(plan: ArtifactPlan) -> list[str]:
+    """`python -m export engine` arguments that build the plan's engine, verified against the
+    reference logits of its fp32 ONNX (rebuilt even where the file is current: provisioning
+    decided it must be made)."""
+    spec = plan.engine_spec
+    return ["engine", "--onnx", str(plan.onnx), "--precision", spec.precision, "--engine", str(plan.engine),
+            "--min-batch", str(spec.min_batch), "--opt-batch", str(spec.opt_batch), "--max-batch", str(spec.max_batch),
+            "--workspace-mib", str(spec.workspace_mib), "--timing-cache", str(plan.timing_cache or ""), "--force"]

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     if args.provision_only or args.force_engine:  # asked for by name, whatever ACMIX_REBUILD says
         plan = dataclasses.replace(plan, rebuild=True)
     # SIGTERM while provisioning (docker stop during a first-start build) stops it at once: as an
-    # exception, which also kills a child export (subprocess.run does on the way out).
+    # exception, on which export.provision kills the child that exports or builds.
     signal.signal(signal.SIGTERM, stop_provisioning)
     try:
         for done in provision(plan, force_engine=args.force_engine, log=log.info):

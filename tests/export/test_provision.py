@@ -1,4 +1,4 @@
-"""Provisioning: what is made, once, under a lock, in a child process for Paddle."""
+"""Provisioning: what is made, once, under a lock, each step in a child process."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ import pytest
 from export.errors import ExportError
 from export.provision import pending, provision
 from runtime.artifacts import ArtifactPlan, EngineSpec
+from runtime.cuda import tensorrt_status
 from runtime.reference import reference_path
 
 ROOT = Path(__file__).resolve().parents[2]
+TRT_OK, TRT_REASON = tensorrt_status()
 
 
 def plan_for(onnx: Path, weights: Path, **changes) -> ArtifactPlan:
@@ -141,3 +143,96 @@ def test_temporary_files_of_an_interrupted_write_are_removed_under_the_lock(tmp_
         provision(plan_for(out / "m.onnx", tmp_path / "gone.pdparams"), log=logged.append)
     assert not any(path.exists() for path in left) and other.exists()
     assert sum("left by an interrupted write" in line for line in logged) == 2
+
+
+def test_the_engine_is_built_by_a_child_with_the_plans_build_parameters(tmp_path):
+    from export.__main__ import parser
+    from export.provision import engine_arguments
+
+    plan = plan_for(tmp_path / "m.onnx", tmp_path / "w.pdparams", backend="tensorrt", precision="int8",
+                    engine=tmp_path / "e" / "m.int8.plan", engine_spec=EngineSpec("int8", 1, 8, 16, 512),
+                    timing_cache=tmp_path / "e" / "timing.cache")
+    args = parser().parse_args(engine_arguments(plan))
+    assert args.command == "engine"
+    assert (args.onnx, args.engine, args.timing_cache) == (str(plan.onnx), str(plan.engine), str(plan.timing_cache))
+    assert EngineSpec(args.precision, args.min_batch, args.opt_batch, args.max_batch, args.workspace_mib) == plan.engine_spec
+    assert args.force  # provisioning decided under its lock that the engine must be made
+    no_cache = parser().parse_args(engine_arguments(plan_for(tmp_path / "m.onnx", tmp_path / "w", backend="tensorrt",
+                                                             engine=tmp_path / "m.plan")))
+    assert no_cache.timing_cache == ""  # read as none
+
+
+@pytest.mark.skipif(TRT_OK, reason="TensorRT runs here: the gpu test below builds for real")
+def test_provisioning_an_engine_where_tensorrt_cannot_run_fails_in_the_child_with_its_reason(onnx_model, tmp_path):
+    onnx = copy_of(onnx_model, tmp_path / "a")
+    plan = plan_for(onnx, tmp_path / "unused.pdparams", backend="tensorrt", engine=tmp_path / "a" / "m.plan")
+    with pytest.raises(ExportError, match=r"`python -m export engine --onnx .* --force` failed: cannot build a "
+                                          r"TensorRT engine here: "):
+        provision(plan, log=lambda m: None)
+    assert not plan.engine.exists()
+
+
+def test_a_childs_stderr_is_passed_through_and_its_error_line_named(capfd):
+    from export.provision import run_child
+
+    script = "import sys; sys.stderr.write('build 50%\\rbuild 100%\\n'); sys.stderr.write('error: out of memory\\n'); sys.exit(3)"
+    with pytest.raises(ExportError, match=r"^the builder failed: out of memory$"):
+        run_child([sys.executable, "-c", script], "the builder", echo=True)
+    assert "build 50%\rbuild 100%" in capfd.readouterr().err
+    with pytest.raises(ExportError, match="out of memory"):
+        run_child([sys.executable, "-c", script], "the builder")
+    assert capfd.readouterr().err == ""
+
+
+def test_an_interrupted_provisioning_kills_its_child_at_once(tmp_path):
+    """SIGTERM during a first-start build: the service's handler raises SystemExit, and the child
+    (a sleeper standing in for a long TensorRT build) is killed, not waited for."""
+    import os
+    import signal
+    import time
+
+    from export.provision import run_child
+
+    pid_file = tmp_path / "child.pid"
+    sleeper = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(2)
+    started = time.monotonic()
+    try:
+        with pytest.raises(SystemExit):
+            run_child([sys.executable, "-c", sleeper], "the build")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - started < 10
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not TRT_OK, reason=f"needs TensorRT and a CUDA GPU: {TRT_REASON}")
+def test_provisioning_builds_and_verifies_the_engine_in_a_child_and_this_process_never_loads_tensorrt(onnx_model,
+                                                                                                      tmp_path):
+    onnx = copy_of(onnx_model, tmp_path / "a")
+    engine = tmp_path / "a" / "alexnet_acmix.fp32.plan"
+    program = textwrap.dedent(f"""
+        import json, sys
+        from pathlib import Path
+        from export.provision import provision
+        from runtime.artifacts import ArtifactPlan, EngineSpec
+        plan = ArtifactPlan("tensorrt", "fp32", Path("unused"), Path({str(onnx)!r}), engine=Path({str(engine)!r}),
+                            engine_spec=EngineSpec("fp32", 1, 8, 8, 1024), timing_cache=Path({str(engine.parent)!r}) / "t.cache")
+        done = provision(plan, log=lambda m: None)
+        print(json.dumps({{"done": done, "tensorrt": "tensorrt" in sys.modules}}))
+    """)
+    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"done": [f"built and verified {engine}"],
+                                                                 "tensorrt": False}
+    from runtime.artifacts import engine_status
+
+    assert engine_status(engine, onnx, EngineSpec("fp32", 1, 8, 8, 1024))[0]
