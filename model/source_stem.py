@@ -54,11 +54,13 @@ def fold_taps(resize: np.ndarray = RESIZE) -> tuple[np.ndarray, int]:
     """[KERNEL, taps] interpolation weights that every interior output position applies to its
     source pixels, and the offset of its first source pixel from the position. Checked to be the
     same at every interior position (what makes the fold a convolution)."""
-    rows = lambda o: resize[STRIDE * o : STRIDE * o + KERNEL]  # noqa: E731 (padded rows of window o)
+    def rows(o: int) -> np.ndarray:  # the padded rows that output o's window covers
+        return resize[STRIDE * o : STRIDE * o + KERNEL]
+
     used = [np.flatnonzero(rows(o).any(axis=0)) for o in range(INNER_FIRST, INNER_LAST + 1)]
     offset, taps = int(used[0][0]) - INNER_FIRST, len(used[0])
     fold = rows(INNER_FIRST)[:, INNER_FIRST + offset : INNER_FIRST + offset + taps]
-    for o, columns in zip(range(INNER_FIRST, INNER_LAST + 1), used):
+    for o, columns in zip(range(INNER_FIRST, INNER_LAST + 1), used, strict=True):
         if list(columns) != list(range(o + offset, o + offset + taps)) or not np.allclose(
             rows(o)[:, o + offset : o + offset + taps], fold
         ):
@@ -82,13 +84,13 @@ class SourceBatch(NamedTuple):
     right: np.ndarray  # [N, 3, 123, 11]: for output column 31 of rows 2..30
 
 
-def rows_of(first: int, last: int) -> slice:
+def padded_span(first: int, last: int) -> slice:
     """The padded rows (or columns) that the windows of outputs first..last cover."""
     return slice(STRIDE * first, STRIDE * last + KERNEL)
 
 
-TOP, BOTTOM = rows_of(0, INNER_FIRST - 1), rows_of(INNER_LAST + 1, OUT_SIZE - 1)
-MIDDLE = rows_of(INNER_FIRST, INNER_LAST)
+TOP, BOTTOM = padded_span(0, INNER_FIRST - 1), padded_span(INNER_LAST + 1, OUT_SIZE - 1)
+MIDDLE = padded_span(INNER_FIRST, INNER_LAST)
 
 
 def source_batch(source: np.ndarray) -> SourceBatch:
@@ -103,7 +105,7 @@ def source_batch(source: np.ndarray) -> SourceBatch:
 
     everything = slice(None)
     return SourceBatch(source, strip(TOP, everything), strip(BOTTOM, everything),
-                       strip(MIDDLE, rows_of(0, INNER_FIRST - 1)), strip(MIDDLE, rows_of(INNER_LAST + 1, OUT_SIZE - 1)))
+                       strip(MIDDLE, padded_span(0, INNER_FIRST - 1)), strip(MIDDLE, padded_span(INNER_LAST + 1, OUT_SIZE - 1)))
 
 
 def first_convolution(conv, batch):
