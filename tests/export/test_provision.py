@@ -236,3 +236,17 @@ def test_provisioning_builds_and_verifies_the_engine_in_a_child_and_this_process
     from runtime.artifacts import engine_status
 
     assert engine_status(engine, onnx, EngineSpec("fp32", 1, 8, 8, 1024))[0]
+
+
+@pytest.mark.skipif(TRT_OK, reason="TensorRT runs here: the gpu test above builds through the child for real")
+def test_the_engine_command_runs_without_paddle_as_in_the_runtime_images(tiny_onnx, tmp_path):
+    """The runtime images have no Paddle and no paddle2onnx; provisioning's engine child imports neither
+    (here it stops where TensorRT is missing, past every import of the engine path)."""
+    program = textwrap.dedent(f"""
+        import sys
+        sys.modules.update(paddle=None, paddle2onnx=None)  # importing either raises
+        from export.__main__ import main
+        sys.exit(main(["engine", "--onnx", {str(tiny_onnx)!r}, "--engine", {str(tmp_path / "m.plan")!r}, "--force"]))
+    """)
+    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "cannot build a TensorRT engine here" in result.stderr, result.stderr
