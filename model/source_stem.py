@@ -1,17 +1,20 @@
 """Training's fast first layer: AlexNet's first convolution (11x11, stride 4, padding 5) of a 32x32
-image resized to 128x128, computed from the 32x32 image.
+image resized to 128x128, computed with the resize folded in along the rows.
 
-The resize to 128 (bilinear, as model/preprocessing.py does it) is linear, and four times the
-source size: away from the borders, every output position of the stride-4 convolution sees the
-same 4x4 source pixels through the same mix of weights. There the convolution folds with the
-resize into a 4x4 convolution over the source (its weights: the 11x11 kernel through the resize's
-per-axis interpolation, `FOLD`), 1/7 of the products. On the frame (output rows and columns 0, 1
-and 31 of 32) the convolution's zero padding cuts the window, so it runs as it is there, over
-strips of the resized image. Forward and backward equal the convolution of the resized image to
-float rounding; per layer and step ~2x faster than the convolution at 128x128.
+The resize to 128 (bilinear, as model/preprocessing.py does it) is linear, separable, and four
+times the source size. Down the rows, away from the top and bottom, every output row of the
+stride-4 convolution sees the same 4 source rows through the same mix of weights; there the
+convolution folds with the vertical resize into a 4x11 convolution (stride 1 down, 4 across) of
+the image resized across only (its weights: the 11x11 kernel through the resize's interpolation
+weights, `FOLD`), 4/11 of the products. In output rows 0, 1 and 31 the convolution's zero padding
+cuts the window, so it runs as it is there, over strips of the resized image. Forward and
+backward equal the convolution of the resized image to float rounding; the layer is ~2x faster
+forward and backward than the convolution at 128x128, which Paddle runs as im2col and a GEMM.
+(Folding both axes and assembling the frame's columns apart was slower: Paddle's concatenation
+along the last axis copies a few floats at a time.)
 
 The resized image is the exact bilinear interpolation (float): Pillow's uint8 resize, which
-inference runs, rounds it to a grey level (at most 0.5 / 255 apart).
+inference runs, rounds it to a grey level after each of its two passes (at most 1 / 255 apart).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from model.preprocessing import IMAGE_SIZE
 SOURCE_SIZE = 32
 KERNEL, STRIDE, PADDING = 11, 4, 5  # the first convolution of model/alexnet.py's stem
 OUT_SIZE = (IMAGE_SIZE + 2 * PADDING - KERNEL) // STRIDE + 1  # 32
-# Output positions (per axis) whose window lies inside the image: the interior, [2, 30].
+# Output rows (or columns) whose window lies inside the image: the interior, [2, 30].
 INNER_FIRST = -(-PADDING // STRIDE)
 INNER_LAST = (IMAGE_SIZE + PADDING - KERNEL) // STRIDE
 INNER = INNER_LAST - INNER_FIRST + 1
@@ -70,27 +73,25 @@ def fold_taps(resize: np.ndarray = RESIZE) -> tuple[np.ndarray, int]:
     return fold, offset
 
 
-FOLD, FOLD_OFFSET = fold_taps()  # [11, 4], -2: output o reads source pixels o-2 .. o+1
+FOLD, FOLD_OFFSET = fold_taps()  # [11, 4], -2: output row o reads source rows o-2 .. o+1
 
 
 class SourceBatch(NamedTuple):
-    """What the fast first layer reads for a batch, all float32 and normalized: the source images
-    and the four strips of their padded, resized images that the frame's windows cover."""
+    """What the fast first layer reads for a batch, all float32 and normalized: the images resized
+    across only (zero-padded across as the convolution pads), and the two strips of the padded,
+    resized images that the windows of the top and bottom output rows cover."""
 
-    source: np.ndarray  # [N, 3, 32, 32]
+    across: np.ndarray  # [N, 3, 32, 138]
     top: np.ndarray  # [N, 3, 15, 138]: padded rows for output rows 0 and 1
     bottom: np.ndarray  # [N, 3, 11, 138]: for output row 31
-    left: np.ndarray  # [N, 3, 123, 15]: for output columns 0 and 1 of rows 2..30
-    right: np.ndarray  # [N, 3, 123, 11]: for output column 31 of rows 2..30
 
 
 def padded_span(first: int, last: int) -> slice:
-    """The padded rows (or columns) that the windows of outputs first..last cover."""
+    """The padded rows that the windows of output rows first..last cover."""
     return slice(STRIDE * first, STRIDE * last + KERNEL)
 
 
 TOP, BOTTOM = padded_span(0, INNER_FIRST - 1), padded_span(INNER_LAST + 1, OUT_SIZE - 1)
-MIDDLE = padded_span(INNER_FIRST, INNER_LAST)
 
 
 def source_batch(source: np.ndarray) -> SourceBatch:
@@ -98,30 +99,23 @@ def source_batch(source: np.ndarray) -> SourceBatch:
     is linear and keeps constants, so normalizing before it is normalizing after it)."""
     if source.shape[1:] != (3, SOURCE_SIZE, SOURCE_SIZE):
         raise ValueError(f"source images must be [N, 3, {SOURCE_SIZE}, {SOURCE_SIZE}], got {list(source.shape)}")
-    source = np.ascontiguousarray(source, dtype=np.float32)
-
-    def strip(rows: slice, columns: slice) -> np.ndarray:
-        return np.ascontiguousarray(RESIZE[rows] @ source @ RESIZE[columns].T)
-
-    everything = slice(None)
-    return SourceBatch(source, strip(TOP, everything), strip(BOTTOM, everything),
-                       strip(MIDDLE, padded_span(0, INNER_FIRST - 1)), strip(MIDDLE, padded_span(INNER_LAST + 1, OUT_SIZE - 1)))
+    across = np.ascontiguousarray(np.asarray(source, np.float32) @ RESIZE.T)
+    return SourceBatch(across, np.ascontiguousarray(RESIZE[TOP] @ across), np.ascontiguousarray(RESIZE[BOTTOM] @ across))
 
 
 def first_convolution(conv, batch):
     """conv (the stem's 11x11 stride-4 Conv2D) of the resized images, from a SourceBatch of Paddle
-    tensors: the folded 4x4 convolution inside, the convolution itself on the frame."""
+    tensors: folded down the rows inside, the convolution itself in the top and bottom rows."""
     import paddle
     import paddle.nn.functional as F
 
     if (list(conv._kernel_size), list(conv._stride), conv._padding, conv._groups) != ([KERNEL] * 2, [STRIDE] * 2,
                                                                                        PADDING, 1):
         raise ValueError("first_convolution needs an 11x11 convolution of stride 4, padding 5, one group")
-    fold = paddle.to_tensor(FOLD)
-    folded = paddle.einsum("ocyx,ya,xb->ocab", conv.weight, fold, fold)
-    inner = F.conv2d(batch.source, folded)  # [N, out, 29, 29]
-    top, bottom, left, right = (F.conv2d(s, conv.weight, stride=STRIDE) for s in batch[1:])
-    out = paddle.concat([top, paddle.concat([left, inner, right], axis=3), bottom], axis=2)
+    folded = paddle.einsum("ocyx,ya->ocax", conv.weight, paddle.to_tensor(FOLD))  # [out, in, 4, 11]
+    middle = F.conv2d(batch.across, folded, stride=(1, STRIDE))  # output rows 2..30
+    top, bottom = (F.conv2d(strip, conv.weight, stride=STRIDE) for strip in (batch.top, batch.bottom))
+    out = paddle.concat([top, middle, bottom], axis=2)
     n, c = out.shape[:2]
     # the bias over a [N, C, H*W] view, as model/alexnet.py's Conv2D adds it
     return (out.reshape([n, c, OUT_SIZE * OUT_SIZE]) + conv.bias.reshape([c, 1])).reshape([n, c, OUT_SIZE, OUT_SIZE])
@@ -138,7 +132,7 @@ def forward_from_source(model, batch: SourceBatch):
     a SourceBatch (numpy or Paddle): its first convolution by first_convolution, the rest as it is."""
     import paddle
 
-    if isinstance(batch.source, np.ndarray):
+    if isinstance(batch.across, np.ndarray):
         batch = to_tensors(batch)
     features = model.features
     x = first_convolution(features[0], batch)
