@@ -74,14 +74,14 @@ def status_line(metrics: dict, accuracy: float) -> str:
 
 
 def augmentation_text(config: dict) -> str:
-    jpeg = f"; JPEG re-encoding (quality 40–95) of {config['jpeg']:.0%} of the images" if config["jpeg"] else ""
+    jpeg = f"JPEG re-encoding (quality 40–95) of {config['jpeg']:.0%} of the images, " if config["jpeg"] else ""
     if config["augment"] == "translate":
         erasing = f", random erasing ({config['erasing']:.0%})" if config["erasing"] else ""
-        return (f"at 32×32: random translation by up to {config['pad']} pixels (reflect padding), horizontal "
-                f"flip{erasing}; then the inference resize to 128{jpeg}")
+        return (f"at 32×32: {jpeg}random translation by up to {config['pad']} pixels (reflect padding), "
+                f"horizontal flip{erasing}; then the bilinear resize to 128 that inference uses")
     rotation = f"rotation ±{config['rotation']:g}°" if config["rotation"] else "no rotation"
-    return (f"resize 130, color jitter {config['jitter']:g} (brightness, contrast, saturation), random resized "
-            f"crop 128 (scale {config['crop_scale_min']:g}–1), horizontal flip, {rotation}{jpeg}")
+    return (f"{jpeg}resize 130, color jitter {config['jitter']:g} (brightness, contrast, saturation), random "
+            f"resized crop 128 (scale {config['crop_scale_min']:g}–1), horizontal flip, {rotation}")
 
 
 OPTIMIZER_NAMES = {"adam": "Adam (L2 weight decay)", "adamw": "AdamW (decoupled weight decay)",
@@ -205,7 +205,9 @@ in PaddlePaddle {paddle_version} on this project's 2-core CPU machine.
   on: `model/weights/val_split.json` lists them (by name, so in either archive).
 {recipes}
   Per-epoch seeds make a resumed run draw the same batches. Parameters are saved with subnormal
-  values set to zero.
+  values set to zero. Since session 14, training computes the translation recipe's resize exactly,
+  in float, folded into the first convolution (`model/source_stem.py`); inference's Pillow resize
+  rounds it to whole grey levels (at most 1 apart).
 * Speed: about {minutes:.0f} min per epoch lately (median of the last {len(recent)}) on 2 CPU cores.
 
 ## Recipe search

@@ -208,3 +208,15 @@ def test_the_card_of_a_third_run_names_every_stage_and_where_each_started(run, f
     assert "| val acc (weight average) | val acc (trained weights) |" in card
     assert "| 2 | 1.00e-03 | 1.8000 | 0.3000 | 1.7000 | 0.6200 | 0.5700 | 11.0 |" in card
     assert card.count("--out model/weights") == 2  # the first two runs' weights were shipped there
+
+
+def test_the_recipe_text_lists_the_jpeg_reencoding_first_as_the_augmentation_applies_it():
+    """JPEG re-encoding runs on the source image, before translation (or the reference's resize)."""
+    from model.ship import augmentation_text
+
+    translate = {"augment": "translate", "jpeg": 0.9, "erasing": 0.1, "pad": 4}
+    assert augmentation_text(translate) == (
+        "at 32×32: JPEG re-encoding (quality 40–95) of 90% of the images, random translation by up to 4 pixels "
+        "(reflect padding), horizontal flip, random erasing (10%); then the bilinear resize to 128 that inference uses")
+    reference = {"augment": "reference", "jpeg": 0.0, "jitter": 0.2, "crop_scale_min": 0.6, "rotation": 20.0}
+    assert augmentation_text(reference).startswith("resize 130, color jitter 0.2")
