@@ -5,7 +5,8 @@
 1. Paddle CPU: training step against the previous training path, inference against the reference
    ACmix formulation (benchmarks/paddle_acmix.py).
 2. ONNX Runtime CPU: AlexNet-ACmix fp32 and int8 against the plain AlexNet by batch size
-   (benchmarks/onnx_runtime.py).
+   (benchmarks/onnx_runtime.py); their top-1 on the held-out split, lossless and JPEG q75, where the
+   data is present (benchmarks/precision_accuracy.py).
 3. The service under load against the raw backend, by concurrency (benchmarks/service_load.py).
 4. Ray Serve with 2 replicas against the single FastAPI process (benchmarks/ray_vs_fastapi.py).
 4b. The service's own ceiling on a trivial model, and the real model, with 1 and 2 server processes
@@ -117,16 +118,30 @@ def plot_ceiling(results: dict, path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["paddle", "onnx_runtime", "service", "ray", "ceiling", "tensorrt"])
+                        choices=["paddle", "onnx_runtime", "accuracy", "service", "ray", "ceiling", "tensorrt"])
     parser.add_argument("--onnx", default=paths.ONNX, help="the model the service benchmark serves")
     parser.add_argument("--seconds", type=positive_float, default=10, help="per service load level and round")
     args = parser.parse_args(argv)
 
-    from benchmarks import onnx_runtime, paddle_acmix, ray_vs_fastapi, service_ceiling, service_load, tensorrt_engines
+    from benchmarks import (
+        onnx_runtime,
+        paddle_acmix,
+        precision_accuracy,
+        ray_vs_fastapi,
+        service_ceiling,
+        service_load,
+        tensorrt_engines,
+    )
+
+    if "accuracy" not in args.skip and not Path(paths.DATA).exists():
+        print(f"{paths.DATA}: absent; the accuracy benchmark is skipped", file=sys.stderr)
+        args.skip.append("accuracy")
 
     steps = [
         ("paddle", lambda: paddle_acmix.main(["--out", str(BUILD / "paddle_acmix.json")])),
         ("onnx_runtime", lambda: onnx_runtime.main(["--onnx", args.onnx, "--out", str(BUILD / "onnx_runtime.json")])),
+        ("accuracy", lambda: precision_accuracy.main(["--onnx", args.onnx,
+                                                      "--out", str(BUILD / "precision_accuracy.json")])),
         ("service", lambda: service_load.main(["--onnx", args.onnx, "--seconds", str(args.seconds),
                                                "--concurrency", "8", "16", "32", "64", "128",
                                                "--out", str(BUILD / "service_load.json")])),
@@ -144,6 +159,7 @@ def main(argv=None) -> int:
 
     results = {}
     for key, file in (("paddle_acmix", "paddle_acmix.json"), ("onnx_runtime", "onnx_runtime.json"),
+                      ("precision_accuracy", "precision_accuracy.json"),
                       ("service_load", "service_load.json"), ("ray_vs_fastapi", "ray_vs_fastapi.json"),
                       ("service_ceiling", "service_ceiling.json"), ("tensorrt", "tensorrt.json")):
         if (BUILD / file).is_file():

@@ -10,6 +10,7 @@ import pytest
     ("onnx_runtime", ["--onnx", "{tmp}/text.onnx"], "error: {tmp}/text.onnx: not an ONNX file ONNX Runtime loads"),
     ("int8_avx2_emulation", ["--int8", "{tmp}/text.onnx"], "error: {tmp}/text.onnx: not an ONNX file (DecodeError)"),
     ("onnx_runtime", ["--onnx", "{onnx}", "--out", "{tmp}/text.onnx/out.json"], "error: {tmp}/text.onnx:"),
+    ("precision_accuracy", ["--data", "{tmp}/missing.tar.gz"], "error: {tmp}/missing.tar.gz: no such data set"),
 ])
 def test_a_wrong_input_is_one_line_and_exit_2_before_measuring(module, argv, message, tmp_path, tiny_onnx, capsys):
     import importlib
