@@ -3,7 +3,7 @@
     python -m benchmarks.onnx_runtime [--onnx build/alexnet_acmix.onnx] [--batches 1 8 32 128] [--seconds 3]
 
 AlexNet-ACmix is the exported model the service serves (--onnx) and its int8 QDQ file beside it
-(made by export/int8.py when missing); the plain AlexNet is exported the same way
+(made by export/int8.py where missing or made from another fp32 file); the plain AlexNet is exported the same way
 (export/onnx_export.py) from seeded random weights (speed does not depend on the values, and
 neither file holds subnormal numbers). Every session comes from runtime.onnxruntime.create_session,
 with the service's options (denormals as zero, thread spinning off), in one process, in short
@@ -28,7 +28,7 @@ from model import paths
 from model.cli import one_line_errors, positive_float, positive_int
 from model.data import DataError
 from model.spec import INPUT_NAME, OUTPUT_NAME
-from runtime.artifacts import derived_onnx_path, onnx_metadata
+from runtime.artifacts import onnx_metadata
 from runtime.backend import BackendError
 from runtime.cpu import cpu_info, describe
 
@@ -74,11 +74,9 @@ def main(argv=None) -> int:
     from runtime.onnxruntime import SESSION_CONFIG, create_session
 
     print(f"CPU: {describe()}")
-    int8 = derived_onnx_path(args.onnx, "int8")
-    if not int8.is_file():
-        from export.int8 import quantize_int8
+    from export.int8 import int8_beside
 
-        quantize_int8(args.onnx, int8)
+    int8 = int8_beside(args.onnx)
     with tempfile.TemporaryDirectory() as tmp:
         files = {"alexnet_acmix_fp32": Path(args.onnx), "alexnet_acmix_int8": int8,
                  "alexnet_fp32": export_plain_alexnet(Path(tmp))}

@@ -24,7 +24,6 @@ from export.errors import ExportError
 from model import paths
 from model.cli import one_line_errors
 from model.data import DataError
-from model.spec import INPUT_NAME, OUTPUT_NAME
 from runtime.backend import BackendError
 
 CHUNK = 250  # images preprocessed and run at a time: 5,000 at once would hold ~1 GB of float input
@@ -34,29 +33,22 @@ def served_files(onnx: Path, weights: str = paths.WEIGHTS) -> dict[str, Path]:
     """{"fp32": onnx, "int8": the int8 file beside it, made again where stale}; DataError where the fp32
     file is missing or was exported from other weights than the shipped ones (its figures would be
     another model's)."""
-    from runtime.artifacts import SOURCE_DIGEST, derived_onnx_path, onnx_staleness
+    from export.int8 import int8_beside
+    from runtime.artifacts import onnx_staleness
 
     stale = onnx_staleness(onnx, weights)
     if stale:
         raise DataError(f"{stale}; export it first: python -m export onnx")
-    int8 = derived_onnx_path(onnx, "int8")
-    if onnx_staleness(int8, onnx, key=SOURCE_DIGEST):
-        from export.int8 import quantize_int8
-
-        print(f"making {int8} from {onnx} (export/int8.py)")
-        quantize_int8(onnx, int8)
-    return {"fp32": onnx, "int8": int8}
+    return {"fp32": onnx, "int8": int8_beside(onnx)}
 
 
 def run_logits(session, images: list[np.ndarray], desc: str) -> np.ndarray:
     """The session's logits for uint8 images, preprocessed CHUNK at a time."""
+    from export.verify import run_onnx
     from model.preprocessing import preprocess_batch
 
-    chunks = []
-    for start in tqdm(range(0, len(images), CHUNK), desc=desc, unit="chunk"):
-        batch = preprocess_batch(images[start:start + CHUNK])
-        chunks.append(session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0])
-    return np.concatenate(chunks)
+    return np.concatenate([run_onnx(session, preprocess_batch(images[start:start + CHUNK]))
+                           for start in tqdm(range(0, len(images), CHUNK), desc=desc, unit="chunk")])
 
 
 def compare_precisions(files: dict[str, Path], copies: dict[str, str], split_file: str | None) -> list[dict]:

@@ -44,7 +44,7 @@ from export.errors import ExportError
 from export.projection_fold import fold_into_projections
 from model import paths
 from model.files import replacing, write_bytes
-from runtime.artifacts import WEIGHTS_DIGEST, onnx_metadata
+from runtime.artifacts import SOURCE_DIGEST, WEIGHTS_DIGEST, derived_onnx_path, onnx_metadata, onnx_staleness
 from runtime.onnx_graph import index
 
 CALIBRATION_TABLE = paths.WEIGHTS_DIR / "int8_calibration.json"
@@ -140,6 +140,16 @@ def quantize_after_relu(model) -> int:
         graph.node.remove(quantize)
         removed += 1
     return removed
+
+
+def int8_beside(onnx_path: str | Path) -> Path:
+    """The int8 file beside the fp32 `onnx_path` (runtime/artifacts.py names it), made again with
+    quantize_int8's defaults where it is missing or was made from another fp32 file."""
+    int8 = derived_onnx_path(onnx_path, "int8")
+    if onnx_staleness(int8, onnx_path, key=SOURCE_DIGEST):
+        print(f"making {int8} from {onnx_path} (export/int8.py)")
+        quantize_int8(onnx_path, int8)
+    return int8
 
 
 def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, data: str | Path | None = paths.DATA,
