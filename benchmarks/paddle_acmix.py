@@ -71,7 +71,7 @@ def measure(task: str, variant: str, batch: int, steps: int) -> list[float]:
 
     from model.augmentation import ReferenceAugmentation, TranslateAugmentation
     from model.data import LabeledImages
-    from model.train import smoothed_cross_entropy, train_batches, training_logits
+    from model.train import train_batches, training_logits, training_loss
 
     if variant == "previous":
         from benchmarks.previous_training import previous_model
@@ -86,8 +86,8 @@ def measure(task: str, variant: str, batch: int, steps: int) -> list[float]:
     model.train()
     times, started = [], time.perf_counter()
     batches = train_batches(images, batch, augment, np.random.default_rng(1), steps + WARMUP_STEPS)
-    for step, (xb, yb) in enumerate(batches):
-        loss = smoothed_cross_entropy(training_logits(model, xb), paddle.to_tensor(yb), 0.1)
+    for step, (xb, yb, mix) in enumerate(batches):
+        loss = training_loss(training_logits(model, xb), yb, mix, 0.1)
         loss.backward()
         optimizer.step()
         optimizer.clear_grad()

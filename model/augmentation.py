@@ -13,13 +13,14 @@ inference normalization (model/preprocessing.py), so that a batch is float32 [N,
   stops before the resize, for training's fast first layer (model/source_stem.py).
 
 Both can first re-encode the source as JPEG at a random quality (`jpeg` is the probability), so
-that the model sees the compression users upload.
+that the model sees the compression users upload. `cutmix_batch` then mixes whole batches of either.
 """
 
 from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageEnhance
@@ -153,3 +154,28 @@ class TranslateAugmentation(_JpegReencoding):
 
 
 AUGMENTATIONS = ("reference", "translate")
+
+
+@dataclass(frozen=True)
+class Mix:
+    """How a batch was CutMixed: image i holds a box of image partner[i], covering 1 - lam of its
+    area, so its target is lam of its own label and 1 - lam of the partner's."""
+
+    partner: np.ndarray
+    lam: float
+
+
+def cutmix_batch(batch: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, Mix]:
+    """CutMix (Yun et al., ICCV 2019) of a batch [N, C, H, W]: one box, the same for every image,
+    pasted from the batch in a random order. The box covers 1 - lam of the area for lam drawn
+    uniformly (Beta(1, 1)), centred anywhere and cut by the border; lam is then the area kept."""
+    n, _, height, width = batch.shape
+    partner = rng.permutation(n)
+    side = math.sqrt(1.0 - rng.uniform())
+    h, w = int(height * side), int(width * side)
+    cy, cx = int(rng.integers(height)), int(rng.integers(width))
+    top, bottom = max(cy - h // 2, 0), min(cy + h - h // 2, height)
+    left, right = max(cx - w // 2, 0), min(cx + w - w // 2, width)
+    mixed = batch.copy()
+    mixed[:, :, top:bottom, left:right] = batch[partner, :, top:bottom, left:right]
+    return mixed, Mix(partner, 1.0 - (bottom - top) * (right - left) / (height * width))

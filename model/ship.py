@@ -75,13 +75,14 @@ def status_line(metrics: dict, accuracy: float) -> str:
 
 def augmentation_text(config: dict) -> str:
     jpeg = f"JPEG re-encoding (quality 40–95) of {config['jpeg']:.0%} of the images, " if config["jpeg"] else ""
+    cutmix = f", CutMix of {config['cutmix']:.0%} of the batches" if config.get("cutmix") else ""
     if config["augment"] == "translate":
         erasing = f", random erasing ({config['erasing']:.0%})" if config["erasing"] else ""
         return (f"at 32×32: {jpeg}random translation by up to {config['pad']} pixels (reflect padding), "
-                f"horizontal flip{erasing}; then the bilinear resize to 128 that inference uses")
+                f"horizontal flip{erasing}{cutmix}; then the bilinear resize to 128 that inference uses")
     rotation = f"rotation ±{config['rotation']:g}°" if config["rotation"] else "no rotation"
     return (f"{jpeg}resize 130, color jitter {config['jitter']:g} (brightness, contrast, saturation), random "
-            f"resized crop 128 (scale {config['crop_scale_min']:g}–1), horizontal flip, {rotation}")
+            f"resized crop 128 (scale {config['crop_scale_min']:g}–1), horizontal flip, {rotation}{cutmix}")
 
 
 OPTIMIZER_NAMES = {"adam": "Adam (L2 weight decay)", "adamw": "AdamW (decoupled weight decay)",

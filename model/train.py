@@ -36,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from model import paths
-from model.augmentation import AUGMENTATIONS, ReferenceAugmentation, TranslateAugmentation
+from model.augmentation import AUGMENTATIONS, Mix, ReferenceAugmentation, TranslateAugmentation, cutmix_batch
 from model.cli import fail, positive_int
 from model.data import DataError, LabeledImages, open_dataset, split_indices
 from model.files import replacing
@@ -65,6 +65,7 @@ RANGES = {
     "pad": (lambda v: v >= 0, "at least 0"),
     "erasing": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "jpeg": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "cutmix": (lambda v: 0 <= v <= 1, "in [0, 1]"),
 }
 
 
@@ -98,6 +99,8 @@ class TrainConfig:
     pad: int = 4
     erasing: float = 0.0
     jpeg: float = 0.0
+    # Probability that a batch is CutMixed (model/augmentation.py, cutmix_batch), after either augmentation.
+    cutmix: float = 0.0
     init_weights: str | None = None
     # Exponential moving average of the weights, updated after every step with this decay (0: off).
     # The average is what the run validates, keeps as its best weights and ships.
@@ -225,8 +228,10 @@ class WeightAverage:
         self.average = {name: paddle.to_tensor(state[name]) for name in self.average}
 
 
-def train_batches(data: LabeledImages, batch_size: int, augment, rng: np.random.Generator, limit: int | None):
-    """Shuffled, augmented batches (drop_last), prepared one ahead in a thread.
+def train_batches(data: LabeledImages, batch_size: int, augment, rng: np.random.Generator, limit: int | None,
+                  cutmix: float = 0.0):
+    """Shuffled, augmented batches (drop_last) as (images, labels, Mix or None), prepared one ahead
+    in a thread.
 
     Pillow and NumPy release the GIL, so augmentation overlaps with Paddle's compute.
     """
@@ -242,7 +247,8 @@ def train_batches(data: LabeledImages, batch_size: int, augment, rng: np.random.
             for step in range(steps):
                 batch_rng = np.random.default_rng(seeds[step])
                 idx = order[step * batch_size : (step + 1) * batch_size]
-                ready.put((augment_batch(augment, [data.images[i] for i in idx], batch_rng), data.labels[idx]))
+                batch, mix = augment_batch(augment, [data.images[i] for i in idx], batch_rng, cutmix)
+                ready.put((batch, data.labels[idx], mix))
         except Exception as error:  # raised where the batches are read, which would otherwise wait forever
             ready.put(error)
 
@@ -254,13 +260,19 @@ def train_batches(data: LabeledImages, batch_size: int, augment, rng: np.random.
         yield batch
 
 
-def augment_batch(augment, images: list[np.ndarray], rng: np.random.Generator):
-    """One augmented batch as training_logits reads it: where the augmentation ends in the resize
-    to 128 (TranslateAugmentation) and the images are 32x32, a SourceBatch for the fast first
-    layer (model/source_stem.py); else float32 [N, 3, 128, 128]."""
-    if isinstance(augment, TranslateAugmentation) and all(i.shape[:2] == (SOURCE_SIZE,) * 2 for i in images):
-        return source_batch(np.stack([to_normalized_chw(augment.source(image, rng)) for image in images]))
-    return np.stack([augment(image, rng) for image in images])
+def augment_batch(augment, images: list[np.ndarray], rng: np.random.Generator,
+                  cutmix: float = 0.0) -> tuple[object, Mix | None]:
+    """One augmented batch as training_logits reads it, and how it was CutMixed (with probability
+    `cutmix`; None if not). Where the augmentation ends in the resize to 128 (TranslateAugmentation)
+    and the images are 32x32, a SourceBatch for the fast first layer (model/source_stem.py), mixed
+    at 32x32; else float32 [N, 3, 128, 128]."""
+    fast = isinstance(augment, TranslateAugmentation) and all(i.shape[:2] == (SOURCE_SIZE,) * 2 for i in images)
+    batch = np.stack([to_normalized_chw(augment.source(image, rng)) if fast else augment(image, rng)
+                      for image in images])
+    mix = None
+    if cutmix and rng.random() < cutmix:  # no draw when off: batches stay those of runs before CutMix
+        batch, mix = cutmix_batch(batch, rng)
+    return (source_batch(batch) if fast else batch), mix
 
 
 def training_logits(model, batch):
@@ -270,6 +282,18 @@ def training_logits(model, batch):
     if isinstance(batch, SourceBatch):
         return forward_from_source(model, batch)
     return model(paddle.to_tensor(batch))
+
+
+def training_loss(logits, labels: np.ndarray, mix: Mix | None, smoothing: float):
+    """The smoothed cross-entropy of a batch; of a CutMixed one, lam of it against the images' own
+    labels and 1 - lam against their partners'."""
+    import paddle
+
+    loss = smoothed_cross_entropy(logits, paddle.to_tensor(labels), smoothing)
+    if mix is None:
+        return loss
+    partner = smoothed_cross_entropy(logits, paddle.to_tensor(labels[mix.partner]), smoothing)
+    return mix.lam * loss + (1.0 - mix.lam) * partner
 
 
 def evaluate_split(model, data: LabeledImages, smoothing: float, batch_size: int = 256) -> dict:
@@ -502,11 +526,12 @@ def train_epoch(session: Session, train_data: LabeledImages, augment, epoch: int
     seen = correct = 0
     loss_sum = 0.0
     started = time.perf_counter()
-    batches = train_batches(train_data, config.batch_size, augment, rng, config.max_steps_per_epoch)
+    batches = train_batches(train_data, config.batch_size, augment, rng, config.max_steps_per_epoch, config.cutmix)
     bar = tqdm(batches, total=session.steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="step")
-    for x, y in bar:
-        logits, y = training_logits(model, x), paddle.to_tensor(y)
-        loss = smoothed_cross_entropy(logits, y, config.label_smoothing)
+    for x, labels, mix in bar:
+        logits = training_logits(model, x)
+        loss = training_loss(logits, labels, mix, config.label_smoothing)
+        y = paddle.to_tensor(labels)  # training accuracy counts a CutMixed image's own label
         loss.backward()
         optimizer.step()
         optimizer.clear_grad()
@@ -644,6 +669,7 @@ RECIPE_HELP = {
     "pad": "translate augmentation: largest shift in source pixels",
     "erasing": "translate augmentation: probability of erasing a random rectangle",
     "jpeg": "probability of re-encoding a training image as JPEG (random quality 40-95)",
+    "cutmix": "probability of CutMixing a batch (one box pasted from the batch in another order)",
     "init_weights": "start a new run from these weights (a run's best.pdparams or shipped weights)",
     "ema": "decay of an exponential moving average of the weights per step, which the run validates and keeps (0: off)",
 }

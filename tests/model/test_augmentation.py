@@ -1,11 +1,11 @@
-"""Training augmentation: the translation style at the source size, JPEG re-encoding, the reference's."""
+"""Training augmentation: the translation style at the source size, JPEG re-encoding, the reference's, CutMix."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from model.augmentation import JPEG_QUALITY, ReferenceAugmentation, TranslateAugmentation, jpeg_round_trip
+from model.augmentation import JPEG_QUALITY, ReferenceAugmentation, TranslateAugmentation, cutmix_batch, jpeg_round_trip
 from model.preprocessing import preprocess
 
 
@@ -65,3 +65,28 @@ def test_erasing_replaces_one_rectangle():
 def test_the_reference_augmentation_still_produces_network_inputs_and_can_reencode():
     out = ReferenceAugmentation(jpeg=1.0)(image(4), np.random.default_rng(0))
     assert out.shape == (3, 128, 128) and out.dtype == np.float32
+
+
+def test_cutmix_pastes_one_box_of_the_partner_and_lam_is_the_area_kept():
+    # image i is filled with the value i, so every pixel says which image it came from
+    batch = np.broadcast_to(np.arange(8, dtype=np.float32)[:, None, None, None], (8, 3, 32, 32)).copy()
+    lams = []
+    for seed in range(40):
+        mixed, mix = cutmix_batch(batch, np.random.default_rng(seed))
+        assert sorted(mix.partner) == list(range(8))
+        from_partner = mixed == mix.partner[:, None, None, None]
+        own = mixed == np.arange(8)[:, None, None, None]
+        moved = np.flatnonzero(mix.partner != np.arange(8))
+        assert (from_partner | own).all()
+        # the same rectangle in every image and channel, covering 1 - lam of the area
+        box = from_partner[moved[0], 0] if len(moved) else None
+        if box is not None:
+            assert (from_partner[moved] == box).all()
+            rows, cols = np.flatnonzero(box.any(axis=1)), np.flatnonzero(box.any(axis=0))
+            assert box.sum() == (len(rows) * len(cols) if len(rows) else 0)
+            assert mix.lam == pytest.approx(1 - box.mean())
+        lams.append(mix.lam)
+    assert np.array_equal(batch, np.broadcast_to(np.arange(8, dtype=np.float32)[:, None, None, None], batch.shape))
+    assert 0.0 <= min(lams) and max(lams) <= 1.0 and 0.25 < np.mean(lams) < 0.85  # lam ~ U(0, 1), boxes cut at the border
+    again, mix_again = cutmix_batch(batch, np.random.default_rng(39))
+    assert np.array_equal(again, mixed) and mix_again.lam == mix.lam

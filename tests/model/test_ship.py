@@ -220,3 +220,7 @@ def test_the_recipe_text_lists_the_jpeg_reencoding_first_as_the_augmentation_app
         "(reflect padding), horizontal flip, random erasing (10%); then the bilinear resize to 128 that inference uses")
     reference = {"augment": "reference", "jpeg": 0.0, "jitter": 0.2, "crop_scale_min": 0.6, "rotation": 20.0}
     assert augmentation_text(reference).startswith("resize 130, color jitter 0.2")
+    # CutMix mixes the batch where the augmentation ends: at 32×32 before the resize, or at 128
+    assert augmentation_text({**translate, "cutmix": 0.5}).endswith(
+        "random erasing (10%), CutMix of 50% of the batches; then the bilinear resize to 128 that inference uses")
+    assert augmentation_text({**reference, "cutmix": 1.0}).endswith("rotation ±20°, CutMix of 100% of the batches")

@@ -86,16 +86,17 @@ def test_training_batches_take_the_fast_layer_where_the_augmentation_allows():
 
     images = list(synthetic_images(per_class=1, seed=5)[0][:4])
     augment = TranslateAugmentation(erasing=0.5, jpeg=0.5)
-    fast = augment_batch(augment, images, np.random.default_rng(6))
+    fast, mix = augment_batch(augment, images, np.random.default_rng(6))
     plain = np.stack([augment(image, np.random.default_rng(6)) for image in images[:1]])
-    assert isinstance(fast, SourceBatch) and fast.across.shape == (4, 3, 32, 138)
+    assert isinstance(fast, SourceBatch) and fast.across.shape == (4, 3, 32, 138) and mix is None
     # the same augmented image, as the service's Pillow resize would give it (its rounding apart)
-    first = augment_batch(augment, images[:1], np.random.default_rng(6))
+    first, _ = augment_batch(augment, images[:1], np.random.default_rng(6))
     whole = np.einsum("ia,ncab->ncib", INSIDE, first.across[..., PADDING:-PADDING])
     assert np.abs(whole - plain).max() < 1.5 / 255 / 0.224
 
-    reference = augment_batch(ReferenceAugmentation(), images, np.random.default_rng(6))
-    larger = augment_batch(augment, list(synthetic_images(per_class=1, seed=5, size=40)[0][:2]), np.random.default_rng(6))
+    reference, _ = augment_batch(ReferenceAugmentation(), images, np.random.default_rng(6))
+    larger, _ = augment_batch(augment, list(synthetic_images(per_class=1, seed=5, size=40)[0][:2]),
+                             np.random.default_rng(6))
     assert reference.shape == (4, 3, 128, 128) and larger.shape == (2, 3, 128, 128)
 
 

@@ -109,6 +109,38 @@ def test_label_smoothing_matches_its_definition(paddle):
     assert got == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_cutmixed_loss_weighs_both_labels_by_the_area_each_image_holds(paddle):
+    from model.augmentation import Mix
+    from model.train import smoothed_cross_entropy, training_loss
+
+    logits = paddle.to_tensor(np.random.default_rng(0).normal(size=(4, 10)).astype(np.float32))
+    labels, partner = np.array([0, 1, 2, 3]), np.array([2, 0, 3, 1])
+    own = float(smoothed_cross_entropy(logits, paddle.to_tensor(labels), 0.1))
+    theirs = float(smoothed_cross_entropy(logits, paddle.to_tensor(labels[partner]), 0.1))
+    assert float(training_loss(logits, labels, None, 0.1)) == pytest.approx(own, rel=1e-6)
+    assert float(training_loss(logits, labels, Mix(partner, 0.3), 0.1)) == pytest.approx(0.3 * own + 0.7 * theirs, rel=1e-6)
+    assert own != pytest.approx(theirs)
+
+
+def test_cutmix_mixes_the_batches_it_draws_and_leaves_runs_without_it_unchanged(paddle, data, tmp_path):
+    from model.train import train, train_batches
+
+    augment = config(augment="translate").augmentation()
+    plain = list(train_batches(data[0], 8, augment, np.random.default_rng(2), 4))
+    off = list(train_batches(data[0], 8, augment, np.random.default_rng(2), 4, cutmix=0.0))
+    mixed = list(train_batches(data[0], 8, augment, np.random.default_rng(2), 4, cutmix=1.0))
+    assert all(mix is None for *_, mix in plain + off)
+    for (a, labels_a, _), (b, labels_b, _) in zip(plain, off, strict=True):  # no random draw when off
+        np.testing.assert_array_equal(a.across, b.across)
+        np.testing.assert_array_equal(labels_a, labels_b)
+    assert all(mix is not None and 0.0 <= mix.lam <= 1.0 for *_, mix in mixed)
+    assert any(not np.array_equal(a.across, b.across) for (a, *_), (b, *_) in zip(plain, mixed, strict=True))
+
+    record = train(config(augment="translate", cutmix=0.5), *data, tmp_path)
+    assert record["config"]["cutmix"] == 0.5 and len(record["history"]) == 3
+    assert all(np.isfinite(h["train_loss"]) for h in record["history"])
+
+
 def test_cli_reports_a_missing_data_set_in_one_line(capsys, tmp_path):
     from model.train import main
 
@@ -124,6 +156,7 @@ def test_cli_reports_a_missing_data_set_in_one_line(capsys, tmp_path):
     (["--lr", "0"], "lr 0.0 is out of range (--lr: above 0)"),
     (["--dropout", "1"], "dropout 1.0 is out of range (--dropout: in [0, 1))"),
     (["--weight-decay", "-1"], "weight_decay -1.0 is out of range"),
+    (["--cutmix", "1.5"], "cutmix 1.5 is out of range (--cutmix: in [0, 1])"),
     (["--resume"], "no checkpoint (last.pdparams) to resume"),  # was a fresh run, silently
 ])
 def test_cli_refuses_a_recipe_out_of_range_or_a_resume_without_checkpoint_in_one_line(capsys, tmp_path, flags, message):
