@@ -15,7 +15,7 @@ and the classifier reads the last map flattened channels-last, its first weight'
 to match. The transposes to and from NHWC written here meet the ones ONNX Runtime inserts and
 cancel, so one transpose is left per product operand instead of two, and the convolution path,
 the sum and the ReLU stay NHWC between layers: 30 transposes became 15, int8 throughput +5-11% at
-batch 32 and 128 on an AMD EPYC (AVX-512 VNNI; README, "INT8"). Measured worse in fp32 (session 9),
+batch 32 and 128 on an AMD EPYC (AVX-512 VNNI; docs/inference_speed.md, "INT8"). Measured worse in fp32 (session 9),
 so the fp32 file keeps its form.
 
 Exact algebra (the same products in another layout), NumPy and onnx only, like conv_fold.

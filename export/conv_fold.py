@@ -5,7 +5,7 @@ convolutions of the layer's input x, which the attention reads too) by one group
 convolution per projection, summed (model/alexnet.py, `_project_and_convolve_for_export`). That is
 the fastest fp32 form on the CPU, but ONNX Runtime's int8 kernels run grouped convolutions slowly:
 on an AMD EPYC (AVX-512 VNNI) the nine grouped QLinearConv nodes took 24 ms of 69 ms per batch of
-128, against 3 dense ones of about 2 ms each in the folded form (README, "INT8").
+128, against 3 dense ones of about 2 ms each in the folded form (docs/inference_speed.md, "INT8").
 
 Everything between x and the sum is linear, so
 

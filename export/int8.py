@@ -16,7 +16,7 @@ folded into one dense convolution per layer (export/conv_fold.py: ONNX Runtime's
 the fp32 graph's grouped convolutions slowly, dense ones fast), the attention's head reordering
 and scalar factors moved into the projections (export/projection_fold.py), and the attention and
 classifier reading channels-last (export/channels_last.py), so that ONNX Runtime's layout
-transposes cancel (README, "INT8"). Each rewrite is exact algebra on the fp32 file; the fp32 file
+transposes cancel (docs/inference_speed.md, "INT8"). Each rewrite is exact algebra on the fp32 file; the fp32 file
 itself keeps its form, which is the faster one in fp32. After quantization the convolutions'
 outputs are quantized once, after their ReLU (`quantize_after_relu`).
 
@@ -124,7 +124,7 @@ def quantize_after_relu(model) -> int:
     puts the next pair); returns how many pairs went. TensorRT fuses a convolution with its ReLU
     and the quantization after; ONNX Runtime's CPU graph folds the ReLU into that quantization
     (runtime/int8_cpu_graph.py). Before, the pair made ONNX Runtime dequantize the stem's output to
-    float for the ReLU: 10 ms of 78 in one profile at batch 128 on an AMD EPYC (README, "INT8")."""
+    float for the ReLU: 10 ms of 78 in one profile at batch 128 on an AMD EPYC (docs/inference_speed.md, "INT8")."""
     graph = model.graph
     producer, readers = index(graph)
     removed = 0

@@ -9,7 +9,7 @@ next to their outputs:
   for the fp32 graph's grouped convolutions (model/alexnet.py); the attention reorders them to
   [head, dims] by a Reshape, a Transpose and a Reshape. Permuting the projection's output channels
   instead leaves one Reshape: on an AMD EPYC (AVX-512 VNNI) each of those nine int8 transposes took
-  ~0.5 ms per batch of 128 (README, "INT8").
+  ~0.5 ms per batch of 128 (docs/inference_speed.md, "INT8").
 * **scalar factors.** q's 1/sqrt(head_dim) and rate1, the attention output's weight, are products
   with a constant scalar. The attention is linear in q (up to the softmax's input) and in v, so the
   factor moves into the projection's weights and bias, and the Mul, with its Q/DQ pair in the int8

@@ -77,7 +77,7 @@ def mkl_code_path(cpuinfo_path: str = "/proc/cpuinfo") -> str | None:
     Paddle's CPU wheel bundles MKL 2019, which runs its generic kernels on AMD CPUs unless told
     which code path to take: AVX2 on every AMD CPU this project has had (a training step 2x faster
     than the generic kernels), AVX-512 where the CPU has the Xeon set (AMD EPYC Zen 5: the stem's
-    convolutions 0.33 -> 0.26 s per training step, forward and backward; README, "Training speed").
+    convolutions 0.33 -> 0.26 s per training step, forward and backward; docs/model.md, "Training speed").
     """
     vendor, flags = cpu_vendor_and_flags(cpuinfo_path)
     if vendor != "AuthenticAMD":

@@ -5,7 +5,7 @@ TensorRT's explicit quantization requires it. ONNX Runtime's x86 CPU kernels wan
 activations: on the CPU, `create_session` loads such a file with every activation Q/DQ pair
 rewritten to uint8 with zero point 128, which denotes exactly the same values (q + 128, same
 scale; weights stay int8): on an Intel Xeon, int8 went from 0.69-0.85x fp32 to 1.01-1.58x
-(`python -m benchmarks.onnx_runtime`, README "INT8"). Where a quantized tensor is a ReLU's output
+(`python -m benchmarks.onnx_runtime`, docs/inference_speed.md, "INT8"). Where a quantized tensor is a ReLU's output
 (through max pooling or reshapes), its zero point is 0 instead, and the ReLU goes: quantizing to
 uint8 with zero point 0 clamps at 0, which is the ReLU, so ONNX Runtime runs the convolution, its
 ReLU and the quantization as one integer kernel rather than dequantizing to float for the ReLU.
