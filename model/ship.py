@@ -94,10 +94,12 @@ def recipe_text(config: dict) -> str:
     clip = f", gradient norm clipped at {config['clip_grad_norm']:g}" if config["clip_grad_norm"] else ""
     average = (f"; the run validates and keeps an exponential moving average of the weights (decay "
                f"{config['ema']:g} per step)" if config.get("ema") else "")
+    subset = (f"; trained on {config['train_per_class']:,} images of each class of the training split"
+              if config.get("train_per_class") else "")
     return (f"{OPTIMIZER_NAMES[config['optimizer']]}, lr {config['lr']:g} with {warmup}cosine decay per step over "
             f"the {config['epochs']} epochs, weight decay {config['weight_decay']:g}{clip}, label smoothing "
             f"{config['label_smoothing']:g}, batch {config['batch_size']} (drop last), dropout {config['dropout']:g}; augmentation: "
-            f"{augmentation_text(config)}; seed {config['seed']}{average}")
+            f"{augmentation_text(config)}; seed {config['seed']}{average}{subset}")
 
 
 def train_command(config: dict, out: Path) -> str:

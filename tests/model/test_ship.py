@@ -224,3 +224,14 @@ def test_the_recipe_text_lists_the_jpeg_reencoding_first_as_the_augmentation_app
     assert augmentation_text({**translate, "cutmix": 0.5}).endswith(
         "random erasing (10%), CutMix of 50% of the batches; then the bilinear resize to 128 that inference uses")
     assert augmentation_text({**reference, "cutmix": 1.0}).endswith("rotation ±20°, CutMix of 100% of the batches")
+
+
+def test_the_recipe_text_says_when_a_run_trained_on_part_of_the_split():
+    from dataclasses import asdict
+
+    from model.ship import recipe_text
+    from model.train import TrainConfig
+
+    assert recipe_text(asdict(TrainConfig(train_per_class=1000))).endswith(
+        "; trained on 1,000 images of each class of the training split")
+    assert "trained on" not in recipe_text(asdict(TrainConfig()))

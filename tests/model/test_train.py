@@ -157,6 +157,7 @@ def test_cli_reports_a_missing_data_set_in_one_line(capsys, tmp_path):
     (["--dropout", "1"], "dropout 1.0 is out of range (--dropout: in [0, 1))"),
     (["--weight-decay", "-1"], "weight_decay -1.0 is out of range"),
     (["--cutmix", "1.5"], "cutmix 1.5 is out of range (--cutmix: in [0, 1])"),
+    (["--train-per-class", "0"], "train_per_class 0 is out of range (--train-per-class: at least 1)"),
     (["--resume"], "no checkpoint (last.pdparams) to resume"),  # was a fresh run, silently
 ])
 def test_cli_refuses_a_recipe_out_of_range_or_a_resume_without_checkpoint_in_one_line(capsys, tmp_path, flags, message):
@@ -317,6 +318,39 @@ def test_cli_resume_takes_the_recorded_configuration_and_refuses_a_differing_fla
     assert main([*common, "--resume", "--lr", "1e-3"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: {out} holds a run with another configuration (lr=0.0005)"]
+
+
+def test_a_per_class_subset_keeps_as_many_of_each_class_drawn_by_the_seed():
+    from model.data import DataError
+    from model.train import per_class_subset
+
+    labels = np.repeat(np.arange(10), 50)
+    indices = np.arange(0, 500, 2)  # 25 of each class
+    kept = per_class_subset(labels, indices, 7, seed=1)
+    assert np.isin(kept, indices).all() and list(kept) == sorted(kept)
+    assert np.bincount(labels[kept]).tolist() == [7] * 10
+    assert np.array_equal(kept, per_class_subset(labels, indices, 7, seed=1))
+    assert not np.array_equal(kept, per_class_subset(labels, indices, 7, seed=2))
+    assert set(kept) <= set(per_class_subset(labels, indices, 25, seed=1))
+    with pytest.raises(DataError, match="--train-per-class 26: class 0 has 25 training images"):
+        per_class_subset(labels, indices, 26, seed=1)
+
+
+def test_cli_trains_on_a_per_class_subset_and_records_it(paddle, folder_dataset, tmp_path, capsys):
+    from model.train import main
+
+    root, _ = folder_dataset  # 3 images per class, 1 held out
+    common = ["--data", str(root), "--split-file", str(tmp_path / "split.json"), "--val-per-class", "1",
+              "--epochs", "1", "--batch-size", "5"]
+    assert main([*common, "--train-per-class", "1", "--out", str(tmp_path / "one")]) == 0
+    assert main([*common, "--out", str(tmp_path / "all")]) == 0
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    every = json.loads((tmp_path / "all" / "metrics.json").read_text())
+    assert one["config"]["train_per_class"] == 1 and every["config"]["train_per_class"] is None
+    assert (one["train_images"], every["train_images"]) == (10, 20)
+    capsys.readouterr()
+    assert main([*common, "--train-per-class", "3", "--out", str(tmp_path / "three")]) == 2
+    assert capsys.readouterr().err.strip() == "error: --train-per-class 3: class 0 has 2 training images"
 
 
 def test_saved_weights_and_checkpoints_hold_no_subnormal_numbers(paddle, data, tmp_path):
