@@ -708,8 +708,8 @@ def main(argv=None) -> int:
         if field.name == "arch":
             continue
         default = getattr(defaults, field.name)
-        kind = int if field.name in ("max_steps_per_epoch", "train_per_class") else {int: int, float: float}.get(
-            type(default), str)
+        # The field's annotation ("int | None", "float", ...; strings under `from __future__ import annotations`).
+        kind = {"int": int, "float": float}.get(field.type.split(" | ")[0], str)
         shown = None if default is None else f"default {default:g}" if isinstance(default, float) else f"default {default}"
         help_text = "; ".join(part for part in (RECIPE_HELP.get(field.name), shown) if part)
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, help=help_text)

@@ -83,7 +83,7 @@ def test_cutmix_pastes_one_box_of_the_partner_and_lam_is_the_area_kept():
         if box is not None:
             assert (from_partner[moved] == box).all()
             rows, cols = np.flatnonzero(box.any(axis=1)), np.flatnonzero(box.any(axis=0))
-            assert box.sum() == (len(rows) * len(cols) if len(rows) else 0)
+            assert box.sum() == len(rows) * len(cols)
             assert mix.lam == pytest.approx(1 - box.mean())
         lams.append(mix.lam)
     assert np.array_equal(batch, np.broadcast_to(np.arange(8, dtype=np.float32)[:, None, None, None], batch.shape))
