@@ -54,19 +54,20 @@ class Peers:
             return cls()
         return cls(int(os.environ[INDEX_ENV]), int(os.environ[COUNT_ENV]), Path(os.environ[FOLDER_ENV]))
 
-    def _file(self, index: int) -> Path:
+    def ready_file(self, index: int) -> Path:
+        """Where worker `index` marks itself ready (the supervisor reads and removes it too)."""
         return self.folder / "ready" / str(index)
 
     def mark_ready(self) -> None:
         if self.index is not None:
-            path = self._file(self.index)
+            path = self.ready_file(self.index)
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text(str(os.getpid()))
             os.replace(tmp, path)
 
     def mark_not_ready(self) -> None:
         if self.index is not None:
-            self._file(self.index).unlink(missing_ok=True)
+            self.ready_file(self.index).unlink(missing_ok=True)
 
     def all_ready(self) -> bool:
         """True when every worker has marked itself ready and is alive (always, for a single process)."""
@@ -74,7 +75,7 @@ class Peers:
             return True
         for index in range(self.count):
             try:
-                pid = int(self._file(index).read_text())
+                pid = int(self.ready_file(index).read_text())
                 os.kill(pid, 0)
             except (OSError, ValueError):
                 return False
@@ -148,14 +149,14 @@ def supervise(count: int, argv: list[str], drain_s: float) -> int:
             time.sleep(0.2)
             for index, process in list(workers.items()):
                 if process.poll() is None:
-                    if peers._file(index).is_file():
+                    if peers.ready_file(index).is_file():
                         failures[index], was_ready[index] = 0, True
                     continue
                 if stopping:
                     break
                 if not was_ready[index]:  # a worker that had served died: not a failure to start
                     failures[index] += 1
-                reap(folder, process.pid, index)
+                reap(peers, process.pid, index)
                 if failures[index] >= STARTUP_FAILURES:
                     log.error("worker %d exited %d times in a row before it was ready (status %s): stopping",
                               index, failures[index], process.returncode)
@@ -179,12 +180,12 @@ def supervise(count: int, argv: list[str], drain_s: float) -> int:
     return code
 
 
-def reap(folder: Path, pid: int, index: int) -> None:
+def reap(peers: Peers, pid: int, index: int) -> None:
     """Forget a dead worker: its readiness mark, and its live gauges in the shared metrics."""
     from prometheus_client import multiprocess
 
-    (folder / "ready" / str(index)).unlink(missing_ok=True)
-    multiprocess.mark_process_dead(pid, str(folder / "metrics"))
+    peers.ready_file(index).unlink(missing_ok=True)
+    multiprocess.mark_process_dead(pid, str(peers.folder / "metrics"))
 
 
 def reuse_port_socket(host: str, port: int):
