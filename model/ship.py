@@ -66,11 +66,17 @@ def status_line(metrics: dict, accuracy: float) -> str:
                f"validation accuracy {parent['best']['val_accuracy']:.4f}) of a run of {parent['config']['epochs']} epochs")
     else:
         run = f"a run of {planned} epochs"
+    reached = accuracy >= TARGET_ACCURACY
+    if metrics.get("average"):
+        kept = "weight average" if metrics["config"].get("ema") else "weights"
+        return (f"Complete: the uniform average of the best weights (epoch {parent['best']['epoch']}, validation "
+                f"accuracy {parent['best']['val_accuracy']:.4f}) of a run of {parent['config']['epochs']} epochs and "
+                f"of the {kept} after the last epoch ({history[-1]['epoch']}) of a run of {planned} epochs started "
+                f"from them; {'at' if reached else 'below'} the target.")
     if len(history) < planned:
         return (f"**Work in progress:** the best weights (epoch {best}) of the first {len(history)} epochs of "
                 f"{run}; it goes on in later sessions with `make train`.")
-    verdict = "its best weights" if accuracy >= TARGET_ACCURACY else "below the target"
-    return f"Complete: the best weights (epoch {best}) of {run}; {verdict}."
+    return f"Complete: the best weights (epoch {best}) of {run}; {'its best weights' if reached else 'below the target'}."
 
 
 def augmentation_text(config: dict) -> str:
@@ -158,6 +164,44 @@ def calibration_text(calibration: dict | None) -> str:
             f"\n\n![reliability diagram](reliability.png)")
 
 
+def command_chain(configs: list[dict], run: Path, average: dict | None) -> str:
+    """The commands that remake the weights of `run`: each training run in turn, from the weights the
+    one before it left. A run started from the shipped weights (SHIPPED_WEIGHTS) followed its
+    predecessor's `model.ship` (that predecessor's folder is not recorded: it is named here); one
+    started from a run's best.pdparams followed that run, in its folder. An averaged run ends with
+    `model.average` of its restart."""
+    commands = []
+    for number, config in enumerate(configs, start=1):
+        start = Path(configs[number]["init_weights"]) if number < len(configs) else None
+        if start is None:
+            out = Path(average["run"]) if average else run
+        elif start.name == SHIPPED_WEIGHTS:
+            out = Path("runs") / f"{config['arch']}_run{number}"
+        else:
+            out = start.parent
+        commands.append(train_command(config, out))
+        if start is not None and start.name == SHIPPED_WEIGHTS:
+            commands.append(f"python -m model.ship --run {out}")
+    if average:
+        commands.append(f"python -m model.average --run {average['run']} --out {run}")
+    return "\n".join([*commands, f"python -m model.ship --run {run}"])
+
+
+def average_text(average: dict | None, names: list[str]) -> str:
+    """What an averaged run averaged, from its record: each source's validation accuracy and the average's."""
+    if not average:
+        return ""
+    parent, restart = average["sources"]
+    return (f"\n\nThe shipped weights are the uniform average, parameter by parameter, of two sets of weights "
+            f"(`python -m model.average`), validated on the same split:\n\n"
+            f"| weights | validation accuracy (lossless) |\n|---|---|\n"
+            f"| the best of {names[-2]} (epoch {parent['epoch']}), where {names[-1]} started "
+            f"(SHA-256 `{parent['sha256'][:12]}`) | {parent['val_accuracy']:.4f} |\n"
+            f"| {names[-1]} after its last epoch ({restart['epoch']}; SHA-256 `{restart['sha256'][:12]}`) | "
+            f"{restart['val_accuracy']:.4f} |\n"
+            f"| their average (shipped) | **{average['val_accuracy']:.4f}** |")
+
+
 def model_card(metrics: dict, evaluation: dict, paddle_version: str, run: Path, jpeg: dict | None = None,
                calibration: dict | None = None, proxies: list[dict] | None = None) -> str:
     config, history, best = recorded_config(metrics), metrics["history"], metrics["best"]
@@ -174,10 +218,11 @@ def model_card(metrics: dict, evaluation: dict, paddle_version: str, run: Path, 
     trained = " + ".join(f"{len(record['history'])} / {cfg['epochs']}" for record, cfg, _ in stages)
     recipes = "\n".join(f"* Recipe of {name}: {recipe_text(cfg)}." for _, cfg, name in stages)
     tables = "\n\n".join(f"Epochs of {name}:\n\n{epoch_table(record['history'])}" for record, _, name in stages)
-    # Each run wrote its best weights where the next one started from; the last one into `run`.
-    outs = [Path(cfg["init_weights"]).parent for _, cfg, _ in stages[1:]] + [run]
-    commands = [train_command(cfg, out) for (_, cfg, _), out in zip(stages, outs, strict=True)]
-    commands = "\n".join([*commands, f"python -m model.ship --run {run}"])
+    average = metrics.get("average")
+    commands = command_chain([cfg for _, cfg, _ in stages], run, average)
+    best_text = (f"averaged: epoch {average['sources'][0]['epoch']} of {names[-2]} with epoch "
+                 f"{average['sources'][1]['epoch']} of {names[-1]}" if average else
+                 f"best: epoch {best['epoch']}{f' of {names[-1]}' if parent else ''}")
     data = metrics.get("data") or Path(evaluation["data"]).name
     jpeg_row = (f"| validation accuracy, JPEG q75 copy of the same images (`{Path(jpeg['data']).name}`) | "
                 f"{jpeg['accuracy']:.4f} ({(jpeg['accuracy'] - evaluation['accuracy']) * 100:+.2f} points) |"
@@ -193,7 +238,7 @@ in PaddlePaddle {paddle_version} on this project's 2-core CPU machine.
 |---|---|
 | validation accuracy ({evaluation["n"]:,} held-out training images, lossless) | **{evaluation["accuracy"]:.4f}** |
 {jpeg_row}
-| epochs trained / planned | {trained} (best: epoch {best["epoch"]}{f" of {names[-1]}" if parent else ""}) |
+| epochs trained / planned | {trained} ({best_text}) |
 | calibration: expected calibration error after / before | {f"{calibration['ece_after']:.4f} / {calibration['ece_before']:.4f}" if calibration else "–"} |
 | test accuracy | measured independently (the test split is withheld here) |
 
@@ -211,7 +256,7 @@ in PaddlePaddle {paddle_version} on this project's 2-core CPU machine.
   values set to zero. Since session 14, training computes the translation recipe's resize exactly,
   in float, folded into the first convolution (`model/source_stem.py`); inference's Pillow resize
   rounds it to whole grey levels (at most 1 apart).
-* Speed: about {minutes:.0f} min per epoch lately (median of the last {len(recent)}) on 2 CPU cores.
+* Speed: about {minutes:.0f} min per epoch lately (median of the last {len(recent)}) on 2 CPU cores.{average_text(average, names)}
 
 ## Recipe search
 

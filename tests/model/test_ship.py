@@ -207,7 +207,13 @@ def test_the_card_of_a_third_run_names_every_stage_and_where_each_started(run, f
     # The third run's table shows the average's accuracy and the trained weights' beside it.
     assert "| val acc (weight average) | val acc (trained weights) |" in card
     assert "| 2 | 1.00e-03 | 1.8000 | 0.3000 | 1.7000 | 0.6200 | 0.5700 | 11.0 |" in card
-    assert card.count("--out model/weights") == 2  # the first two runs' weights were shipped there
+    # The first two runs' weights were shipped (where the next run started): each is trained in a folder
+    # of its own, then shipped; the card never trains into the shipped weights' folder.
+    assert "--out model/weights" not in card
+    for number in (1, 2):
+        assert f"--out runs/alexnet_acmix_run{number}" in card
+        assert f"python -m model.ship --run runs/alexnet_acmix_run{number}\npython -m model.train --out " in card
+    assert card.count("\npython -m model.ship --run ") == 3
 
 
 def test_the_recipe_text_lists_the_jpeg_reencoding_first_as_the_augmentation_applies_it():
