@@ -168,12 +168,20 @@ def test_the_readme_quotes_the_shipped_weights():
 
     root = Path(__file__).resolve().parents[2]
     metrics = json.loads((root / WEIGHTS_DIR / SHIPPED_METRICS).read_text())
-    quoted = re.search(r"validation\s+accuracy \*\*(0\.\d{3})\*\* \(best epoch (\d+) of (?:the first )?(\d+)",
-                       (root / "README.md").read_text())
-    assert quoted, "README.md: no 'validation accuracy **0.xxx** (best epoch N of [the first] M' line"
+    readme = (root / "README.md").read_text()
+    if "average" in metrics:  # python -m model.average: epoch P of the parent's N and epoch E of the restart's M
+        quoted = re.search(r"validation\s+accuracy \*\*(0\.\d{3})\*\* \(the\s+average\s+of\s+epoch\s+(\d+)\s+of\s+(\d+)"
+                           r"\s.*?\sand\s+epoch\s+(\d+)\s+of\s+(\d+)\s", readme, re.S)
+        assert quoted, "README.md: no 'validation accuracy **0.xxx** (the average of epoch P of N ... and epoch E of M' line"
+        parent, restart = metrics["average"]["sources"]
+        assert [int(n) for n in quoted.groups()[1:]] == [
+            parent["epoch"], len(metrics["parent"]["history"]), restart["epoch"], len(metrics["history"])]
+    else:
+        quoted = re.search(r"validation\s+accuracy \*\*(0\.\d{3})\*\* \(best epoch (\d+) of (?:the first )?(\d+)", readme)
+        assert quoted, "README.md: no 'validation accuracy **0.xxx** (best epoch N of [the first] M' line"
+        assert int(quoted[2]) == metrics["best"]["epoch"]
+        assert int(quoted[3]) == len(metrics["history"])
     assert float(quoted[1]) == round(metrics["best"]["val_accuracy"], 3)
-    assert int(quoted[2]) == metrics["best"]["epoch"]
-    assert int(quoted[3]) == len(metrics["history"])
 
 
 def test_a_proxy_row_without_minutes_says_so():
