@@ -124,17 +124,14 @@ def run_wrk(url: str, connections: int, seconds: float, image: Path, script: Pat
     }
 
 
-def preflight(onnx: Path) -> str | None:
-    """Why a load benchmark cannot run here (no ONNX, no wrk), or None."""
+def preflight(onnx: Path) -> None:
+    """ValueError naming why a load benchmark cannot run here (no ONNX, one that does not load, no
+    wrk); each benchmark's one_line_errors turns it into `error: <cause>` and exit status 2."""
     if not onnx.is_file():
-        return f"{onnx}: no such ONNX file (make export, or python -m export onnx)"
-    try:
-        onnx_metadata(onnx)
-    except ValueError as exc:
-        return str(exc)
+        raise ValueError(f"{onnx}: no such ONNX file (make export, or python -m export onnx)")
+    onnx_metadata(onnx)  # ValueError naming the file where it is no ONNX
     if shutil.which("wrk") is None:
-        return "wrk is not installed (apt-get install wrk)"
-    return None
+        raise ValueError("wrk is not installed (apt-get install wrk)")
 
 
 def summarize(rounds: list[dict], concurrency: int) -> dict:
@@ -168,10 +165,7 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before the measurement, not after it
 
     onnx = Path(args.onnx)
-    problem = preflight(onnx)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+    preflight(onnx)
 
     rounds, raws = [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -34,9 +34,15 @@ def test_a_number_out_of_range_is_refused_by_argparse(module, argv, capsys):
     assert exited.value.code == 2 and "is not a positive" in capsys.readouterr().err
 
 
-def test_the_load_benchmarks_preflight_names_an_onnx_that_does_not_load(tmp_path, tiny_onnx):
-    from benchmarks.service_load import preflight
+@pytest.mark.parametrize("module", ["service_load", "service_ceiling", "ray_vs_fastapi"])
+def test_the_load_benchmarks_name_an_onnx_that_does_not_load_in_one_line(tmp_path, capsys, module):
+    import importlib
 
+    main = importlib.import_module(f"benchmarks.{module}").main
     (tmp_path / "text.onnx").write_text("not a model")
-    assert preflight(tmp_path / "text.onnx").startswith(f"{tmp_path / 'text.onnx'}: not an ONNX file")
-    assert preflight(tmp_path / "none.onnx").startswith(f"{tmp_path / 'none.onnx'}: no such ONNX file")
+    for name, cause in (("text.onnx", "not an ONNX file"), ("none.onnx", "no such ONNX file")):
+        out = tmp_path / "results.json"
+        assert main(["--onnx", str(tmp_path / name), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {tmp_path / name}: {cause}") and err.count("\n") == 1
+        assert not out.exists()
