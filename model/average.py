@@ -13,7 +13,6 @@ held-out split and written as a run folder that `python -m model.ship --run` tak
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -22,11 +21,8 @@ from pathlib import Path
 from model import paths
 from model.cli import one_line_errors
 from model.data import DataError
-from model.train import read_run_record, recorded_config
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+from model.files import sha256_file
+from model.train import parent_record, read_run_record, recorded_config
 
 
 def restart_sources(run: Path) -> tuple[dict, Path, Path]:
@@ -45,6 +41,11 @@ def restart_sources(run: Path) -> tuple[dict, Path, Path]:
     for path in (start, end, run / "curves.png"):
         if not path.is_file():
             raise DataError(f"{path}: missing")
+    # Shipped weights get replaced: the file must still hold what the restart started from.
+    recorded = record.get("init_weights_sha256")
+    if (recorded and sha256_file(start) != recorded) or parent_record(start) != record["parent"]:
+        raise DataError(f"{start}: no longer the weights {run} started from (other weights were saved there "
+                        "since); nothing to average with")
     return record, start, end
 
 
@@ -89,9 +90,9 @@ def average_run(run: Path, out: Path, data: str, split_file: str, split: str = "
         record["average"] = {
             "run": str(run),
             "sources": [
-                {"path": str(start), "sha256": sha256(start), "val_accuracy": record["parent"]["best"]["val_accuracy"],
+                {"path": str(start), "sha256": sha256_file(start), "val_accuracy": record["parent"]["best"]["val_accuracy"],
                  "epoch": record["parent"]["best"]["epoch"], "of": "parent"},
-                {"path": str(end), "sha256": sha256(end), "val_accuracy": last["val_accuracy"],
+                {"path": str(end), "sha256": sha256_file(end), "val_accuracy": last["val_accuracy"],
                  "epoch": last["epoch"], "of": "run"},
             ],
             "val_accuracy": accuracy,

@@ -5,12 +5,14 @@ it is fsynced and renamed over `path` (then the folder is fsynced), so that a re
 process or a crash never sees half a file. If the caller fails, the temporary file is removed
 and `path` keeps its old content. `exclusive(lock_path)` holds an advisory lock (flock) so that
 processes and containers sharing a volume never build the same artifact at once.
+`sha256_file(path)` is the digest by which records and metadata name a file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -90,3 +92,12 @@ def exclusive(lock_path: str | Path):
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The file's SHA-256, hex, read in 1 MiB chunks: what records and metadata name a file by."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

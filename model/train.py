@@ -39,7 +39,7 @@ from model import paths
 from model.augmentation import AUGMENTATIONS, Mix, ReferenceAugmentation, TranslateAugmentation, cutmix_batch
 from model.cli import fail, positive_int
 from model.data import DataError, LabeledImages, open_dataset, split_indices
-from model.files import replacing
+from model.files import replacing, sha256_file
 from model.predict import read_state
 from model.preprocessing import to_normalized_chw
 from model.runtime import DEVICES, import_paddle, resolve_device
@@ -498,6 +498,7 @@ def start_session(config: TrainConfig, train_size: int, out: Path, resume: bool,
     elif config.init_weights:
         model.set_state_dict(read_state(model, config.init_weights, config.arch))
         session.record["parent"] = parent_record(Path(config.init_weights))
+        session.record["init_weights_sha256"] = sha256_file(config.init_weights)  # what model.average checks
     if config.ema and session.average is None:
         session.average = WeightAverage(model, config.ema)
     return session

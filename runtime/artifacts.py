@@ -15,12 +15,11 @@ Pure logic and file reads; ONNX metadata is read through ONNX Runtime (every ima
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from model.files import write_bytes
+from model.files import sha256_file, write_bytes
 
 PRECISIONS = ("fp32", "fp16", "int8")
 # Metadata of ONNX files: the digest of the weights (fp32) or of the fp32 ONNX (fp16, int8) they came from.
@@ -95,14 +94,6 @@ class ArtifactPlan:
     def served(self) -> Path:
         """The file the backend loads."""
         return self.engine if self.backend == "tensorrt" else self.onnx_for_precision
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --- ONNX ---------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 from model.average import average_run, average_state, main
+from model.files import sha256_file
 from model.ship import ship
 from model.train import plot_curves
 from tests.model.test_ship import history_entry
@@ -47,8 +47,10 @@ def restart(paddle, tmp_path):
     first = {"config": config, "history": [history_entry(e, 0.3 + e / 100) for e in range(1, 51)],
              "best": {"epoch": 48, "val_accuracy": 0.78}}
     history = [history_entry(1, 0.79), history_entry(2, 0.77)]
+    (start.parent / "training_metrics.json").write_text(json.dumps(first))  # as model.ship leaves it
     record = {"config": {**config, "epochs": 2, "lr": 2e-4, "ema": 0.999, "init_weights": str(start)},
-              "history": history, "best": {"epoch": 1, "val_accuracy": 0.79}, "parent": first}
+              "history": history, "best": {"epoch": 1, "val_accuracy": 0.79}, "parent": first,
+              "init_weights_sha256": sha256_file(start)}
     (folder / "metrics.json").write_text(json.dumps(record))
     plot_curves(history, folder / "curves.png")
     return folder, start
@@ -70,7 +72,7 @@ def test_an_averaged_run_holds_the_mean_weights_and_a_record_that_ships_with_bot
         np.testing.assert_array_equal(averaged[name].numpy(), expected)
     parent, last = record["average"]["sources"]
     assert parent["path"] == str(start) and parent["epoch"] == 48 and parent["val_accuracy"] == 0.78
-    assert parent["sha256"] == hashlib.sha256(start.read_bytes()).hexdigest()
+    assert parent["sha256"] == sha256_file(start)
     assert last["path"] == str(folder / "last.pdema") and last["epoch"] == 2 and last["val_accuracy"] == 0.77
     assert record["best"] == {"epoch": 2, "val_accuracy": record["average"]["val_accuracy"]}
     assert json.loads((out / "metrics.json").read_text()) == record
@@ -116,3 +118,26 @@ def test_the_averaged_run_needs_its_own_folder_and_its_sources(restart, tmp_path
     assert main(["--run", str(folder)]) == 2
     assert f"{start}: missing" in capsys.readouterr().err
     assert not folder.with_name("restart_averaged").exists()
+
+
+@pytest.mark.parametrize("digest_recorded", [True, False])
+def test_weights_saved_over_where_the_restart_started_are_refused(restart, tmp_path, capsys, digest_recorded):
+    """Shipping replaces model/weights/alexnet_acmix.pdparams: averaging with what is there now would
+    average with other weights. A run records the digest of its start (since session 18); for an older
+    record the run record beside the weights must still be the restart's parent."""
+    import paddle
+
+    from model.alexnet import AlexNet_ACmix
+
+    folder, start = restart
+    if not digest_recorded:
+        record = json.loads((folder / "metrics.json").read_text())
+        del record["init_weights_sha256"]
+        (folder / "metrics.json").write_text(json.dumps(record))
+        shipped = json.loads((start.parent / "training_metrics.json").read_text())
+        (start.parent / "training_metrics.json").write_text(json.dumps({**shipped, "best": {"epoch": 3, "val_accuracy": 0.9}}))
+    paddle.seed(5)
+    paddle.save(AlexNet_ACmix().state_dict(), str(start))  # other weights shipped since
+    assert main(["--run", str(folder), "--out", str(tmp_path / "averaged")]) == 2
+    assert f"error: {start}: no longer the weights {folder} started from" in capsys.readouterr().err
+    assert not (tmp_path / "averaged").exists()

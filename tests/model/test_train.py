@@ -252,6 +252,7 @@ def test_continue_from_refuses_a_complete_run(paddle, data, tmp_path):
 
 
 def test_init_weights_starts_a_new_run_that_records_its_parent(paddle, data, tmp_path):
+    from model.files import sha256_file
     from model.train import train
 
     first = train(config(epochs=2), *data, tmp_path / "first")
@@ -259,6 +260,7 @@ def test_init_weights_starts_a_new_run_that_records_its_parent(paddle, data, tmp
                       init_weights=str(tmp_path / "first" / "best.pdparams"))
     record = train(finetune, *data, tmp_path / "finetune")
     assert record["parent"] == first
+    assert record["init_weights_sha256"] == sha256_file(tmp_path / "first" / "best.pdparams")
     assert [h["epoch"] for h in record["history"]] == [1, 2]
     # Its own cosine schedule from 1e-4: halfway after epoch 1 of 2.
     assert record["history"][0]["lr"] == pytest.approx(0.5e-4, rel=1e-6)
