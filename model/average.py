@@ -25,9 +25,9 @@ from model.files import sha256_file
 from model.train import parent_record, read_run_record, recorded_config
 
 
-def restart_sources(run: Path) -> tuple[dict, Path, Path]:
-    """The restart's record, the weights it started from and its weights after the last epoch; DataError
-    naming what is missing where `run` is not a finished warm restart."""
+def restart_sources(run: Path) -> tuple[dict, Path, str, Path]:
+    """The restart's record, the weights it started from and their SHA-256, and its weights after the
+    last epoch; DataError naming what is missing where `run` is not a finished warm restart."""
     record = read_run_record(run / "metrics.json")
     config = recorded_config(record)
     if not config.get("init_weights") or not record.get("parent"):
@@ -42,11 +42,11 @@ def restart_sources(run: Path) -> tuple[dict, Path, Path]:
         if not path.is_file():
             raise DataError(f"{path}: missing")
     # Shipped weights get replaced: the file must still hold what the restart started from.
-    recorded = record.get("init_weights_sha256")
-    if (recorded and sha256_file(start) != recorded) or parent_record(start) != record["parent"]:
+    recorded, digest = record.get("init_weights_sha256"), sha256_file(start)
+    if (recorded and digest != recorded) or parent_record(start) != record["parent"]:
         raise DataError(f"{start}: no longer the weights {run} started from (other weights were saved there "
                         "since); nothing to average with")
-    return record, start, end
+    return record, start, digest, end
 
 
 def average_state(first: dict, second: dict) -> dict:
@@ -78,7 +78,7 @@ def average_run(run: Path, out: Path, data: str, split_file: str, split: str = "
     from model.files import replacing
     from model.predict import load_weights
 
-    record, start, end = restart_sources(run)
+    record, start, start_sha256, end = restart_sources(run)
     arch = recorded_config(record)["arch"]
     states = [load_weights(arch, str(path)).state_dict() for path in (start, end)]  # ValueError naming a bad file
     averaged = average_state(*({k: v.numpy() for k, v in state.items()} for state in states))
@@ -90,7 +90,7 @@ def average_run(run: Path, out: Path, data: str, split_file: str, split: str = "
         record["average"] = {
             "run": str(run),
             "sources": [
-                {"path": str(start), "sha256": sha256_file(start), "val_accuracy": record["parent"]["best"]["val_accuracy"],
+                {"path": str(start), "sha256": start_sha256, "val_accuracy": record["parent"]["best"]["val_accuracy"],
                  "epoch": record["parent"]["best"]["epoch"], "of": "parent"},
                 {"path": str(end), "sha256": sha256_file(end), "val_accuracy": last["val_accuracy"],
                  "epoch": last["epoch"], "of": "run"},
