@@ -38,6 +38,13 @@ DOCS = Path("docs/bench")
 BUILD = Path("build/bench")
 
 
+def cpu_line(cpu: dict) -> str:
+    """The CPU a plot was measured on, wrapped to fit a plot's width (its vector extensions are many)."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(describe(cpu), 64))
+
+
 def plot_throughput(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -53,7 +60,7 @@ def plot_throughput(results: dict, path: Path) -> None:
     for name, series in (results.get("tensorrt") or {}).get("engines", {}).items():
         ax.plot([r["batch"] for r in series], [r["img_s"] for r in series], "^-", label=f"AlexNet-ACmix, TensorRT {name}")
     ax.set(xscale="log", xlabel="batch size", ylabel="images / s", ylim=(0, None),
-           title=f"Throughput by batch size and precision\n{describe(results['onnx_runtime']['cpu'])}")
+           title=f"Throughput by batch size and precision\n{cpu_line(results['onnx_runtime']['cpu'])}")
     ax.set_xticks(batches, [str(b) for b in batches])
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
@@ -79,7 +86,7 @@ def plot_latency(results: dict, path: Path) -> None:
     ax_rps.axhline(raw, color="gray", linestyle="--", label=f"raw backend, batch {results['service_load']['batch']}")
     ax_rps.axhline(0.6 * raw, color="gray", linestyle=":", label="0.6 x raw")
     ax_rps.set(xlabel="concurrent clients", ylabel="requests / s", title="Service throughput", ylim=(0, raw * 1.1))
-    fig.suptitle(describe(results["service_load"]["cpu"]))
+    fig.suptitle(cpu_line(results["service_load"]["cpu"]))
     for ax in (ax_lat, ax_rps):
         ax.set_xscale("log", base=2)
         ax.set_xticks(concurrency, [str(c) for c in concurrency])
@@ -106,7 +113,7 @@ def plot_ceiling(results: dict, path: Path) -> None:
         bars = ax.bar([i + offset for i in range(len(cases))], values, width, label="1 process" if workers == 1 else f"{workers} processes")
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_xticks(range(len(cases)), [f"{model} model\n{kind}" for model, kind in cases])
-    ax.set(ylabel="images / s", title=f"Service ceiling, 64 connections\n{describe(results['service_ceiling']['cpu'])}")
+    ax.set(ylabel="images / s", title=f"Service ceiling, 64 connections\n{cpu_line(results['service_ceiling']['cpu'])}")
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -1,14 +1,17 @@
 """ONNX Runtime CPU throughput of AlexNet-ACmix (fp32 and int8) against the plain AlexNet (fp32).
 
     python -m benchmarks.onnx_runtime [--onnx build/alexnet_acmix.onnx] [--batches 1 8 32 128] [--seconds 3]
+                                      [--threads N]
 
 AlexNet-ACmix is the exported model the service serves (--onnx) and its int8 QDQ file beside it
 (made by export/int8.py where missing or made from another fp32 file); the plain AlexNet is exported the same way
 (export/onnx_export.py) from seeded random weights (speed does not depend on the values, and
 neither file holds subnormal numbers). Every session comes from runtime.onnxruntime.create_session,
 with the service's options (denormals as zero, thread spinning off), in one process, in short
-alternating blocks so that machine load hits all alike. Prints the CPU, images/s per batch size
-and the ratios; writes build/bench/onnx_runtime.json.
+alternating blocks so that machine load hits all alike. --threads: ONNX Runtime's intra-op threads
+per session; default one per core, as a single service process uses (on a many-core host the
+service runs several processes of fewer threads each: settings `workers`, `intra_op_threads`).
+Prints the CPU, images/s per batch size and the ratios; writes build/bench/onnx_runtime.json.
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ def main(argv=None) -> int:
     parser.add_argument("--onnx", default=paths.ONNX, help="AlexNet-ACmix, fp32")
     parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--seconds", type=positive_float, default=3.0, help="per model and batch size")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="ONNX Runtime intra-op threads per session (default: one per core)")
     parser.add_argument("--out", default="build/bench/onnx_runtime.json")
     args = parser.parse_args(argv)
     onnx_metadata(args.onnx)  # ValueError naming the file where it is missing or no ONNX
@@ -73,14 +78,15 @@ def main(argv=None) -> int:
 
     from runtime.onnxruntime import SESSION_CONFIG, create_session
 
-    print(f"CPU: {describe()}")
+    print(f"CPU: {describe()}; ONNX Runtime threads per session: {args.threads or 'one per core'}")
     from export.int8 import int8_beside
 
     int8 = int8_beside(args.onnx)
     with tempfile.TemporaryDirectory() as tmp:
         files = {"alexnet_acmix_fp32": Path(args.onnx), "alexnet_acmix_int8": int8,
                  "alexnet_fp32": export_plain_alexnet(Path(tmp))}
-        sessions = {name: create_session(path, providers=["CPUExecutionProvider"]) for name, path in files.items()}
+        sessions = {name: create_session(path, args.threads, providers=["CPUExecutionProvider"])
+                    for name, path in files.items()}
         rows = []
         for batch in tqdm(args.batches, desc="batch sizes"):
             rates = measure(sessions, batch, args.seconds)
@@ -93,7 +99,8 @@ def main(argv=None) -> int:
               f"{row['alexnet_fp32_img_s']:>13.0f} {row['ratio']:>14.2f} {row['int8_speedup']:>10.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cpu": cpu_info(), "session_config": SESSION_CONFIG, "rows": rows}, indent=2) + "\n")
+    results = {"cpu": cpu_info(), "session_config": SESSION_CONFIG, "threads": args.threads, "rows": rows}
+    out.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

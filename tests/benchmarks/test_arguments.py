@@ -24,7 +24,8 @@ def test_a_wrong_input_is_one_line_and_exit_2_before_measuring(module, argv, mes
 
 @pytest.mark.parametrize("module, argv", [
     ("paddle_acmix", ["--rounds", "0"]), ("service_load", ["--concurrency", "8", "0"]),
-    ("onnx_runtime", ["--seconds", "-1"]), ("service_ceiling", ["--connections", "0"]),
+    ("onnx_runtime", ["--seconds", "-1"]), ("onnx_runtime", ["--threads", "0"]),
+    ("service_ceiling", ["--connections", "0"]),
 ])
 def test_a_number_out_of_range_is_refused_by_argparse(module, argv, capsys):
     import importlib
