@@ -1,7 +1,7 @@
 """ONNX Runtime CPU throughput of AlexNet-ACmix (fp32 and int8) against the plain AlexNet (fp32).
 
     python -m benchmarks.onnx_runtime [--onnx build/alexnet_acmix.onnx] [--batches 1 8 32 128] [--seconds 3]
-                                      [--threads N]
+                                      [--threads N] [--sessions K]
 
 AlexNet-ACmix is the exported model the service serves (--onnx) and its int8 QDQ file beside it
 (made by export/int8.py where missing or made from another fp32 file); the plain AlexNet is exported the same way
@@ -9,8 +9,9 @@ AlexNet-ACmix is the exported model the service serves (--onnx) and its int8 QDQ
 neither file holds subnormal numbers). Every session comes from runtime.onnxruntime.create_session,
 with the service's options (denormals as zero, thread spinning off), in one process, in short
 alternating blocks so that machine load hits all alike. --threads: ONNX Runtime's intra-op threads
-per session; default one per core, as a single service process uses (on a many-core host the
-service runs several processes of fewer threads each: settings `workers`, `intra_op_threads`).
+per session; default one per core, as a single service process uses. --sessions K runs K sessions
+of each model at once and reports their total, as the service's K processes on a many-core host
+would (settings `workers`, `intra_op_threads`; e.g. 4 sessions of 4 threads on 16 cores).
 Prints the CPU, images/s per batch size and the ratios; writes build/bench/onnx_runtime.json.
 """
 
@@ -49,17 +50,31 @@ def export_plain_alexnet(folder: Path) -> Path:
     return export_onnx(weights, folder / "alexnet.onnx", arch="alexnet")
 
 
-def measure(sessions: dict, batch: int, seconds: float, rounds: int = 4) -> dict[str, float]:
+def median_rate(session, x: np.ndarray, seconds: float) -> float:
+    """Images per second of `session` on the batch `x` for `seconds`, after one warm-up call: the batch
+    over its median call time."""
+    session.run([OUTPUT_NAME], {INPUT_NAME: x})
+    times = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        started = time.perf_counter()
+        session.run([OUTPUT_NAME], {INPUT_NAME: x})
+        times.append(time.perf_counter() - started)
+    return len(x) / statistics.median(times)
+
+
+def measure(sessions: dict[str, list], batch: int, seconds: float, rounds: int = 4) -> dict[str, float]:
+    """Images per second per model, whose sessions all run at once (one Python thread each: ONNX
+    Runtime's run releases the GIL), the sum of their median_rate; in `rounds` short rounds that take
+    the models in turn, so that machine load hits all alike; the median over the rounds."""
+    from concurrent.futures import ThreadPoolExecutor
+
     x = np.random.default_rng(0).standard_normal((batch, 3, 128, 128)).astype(np.float32)
     rates = {name: [] for name in sessions}
     for _ in range(rounds):
-        for name, session in sessions.items():
-            session.run([OUTPUT_NAME], {INPUT_NAME: x})
-            end = time.perf_counter() + seconds / rounds
-            while time.perf_counter() < end:
-                started = time.perf_counter()
-                session.run([OUTPUT_NAME], {INPUT_NAME: x})
-                rates[name].append(batch / (time.perf_counter() - started))
+        for name, group in sessions.items():
+            with ThreadPoolExecutor(len(group)) as pool:
+                rates[name].append(sum(pool.map(lambda session: median_rate(session, x, seconds / rounds), group)))
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
@@ -71,6 +86,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=positive_float, default=3.0, help="per model and batch size")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="ONNX Runtime intra-op threads per session (default: one per core)")
+    parser.add_argument("--sessions", type=positive_int, default=1,
+                        help="sessions per model running at once, as the service's processes do (figures: their total)")
     parser.add_argument("--out", default="build/bench/onnx_runtime.json")
     args = parser.parse_args(argv)
     onnx_metadata(args.onnx)  # ValueError naming the file where it is missing or no ONNX
@@ -78,15 +95,16 @@ def main(argv=None) -> int:
 
     from runtime.onnxruntime import SESSION_CONFIG, create_session
 
-    print(f"CPU: {describe()}; ONNX Runtime threads per session: {args.threads or 'one per core'}")
+    print(f"CPU: {describe()}; {args.sessions} session(s) per model at once, ONNX Runtime threads per session: "
+          f"{args.threads or 'one per core'}")
     from export.int8 import int8_beside
 
     int8 = int8_beside(args.onnx)
     with tempfile.TemporaryDirectory() as tmp:
         files = {"alexnet_acmix_fp32": Path(args.onnx), "alexnet_acmix_int8": int8,
                  "alexnet_fp32": export_plain_alexnet(Path(tmp))}
-        sessions = {name: create_session(path, args.threads, providers=["CPUExecutionProvider"])
-                    for name, path in files.items()}
+        sessions = {name: [create_session(path, args.threads, providers=["CPUExecutionProvider"])
+                           for _ in range(args.sessions)] for name, path in files.items()}
         rows = []
         for batch in tqdm(args.batches, desc="batch sizes"):
             rates = measure(sessions, batch, args.seconds)
@@ -99,7 +117,8 @@ def main(argv=None) -> int:
               f"{row['alexnet_fp32_img_s']:>13.0f} {row['ratio']:>14.2f} {row['int8_speedup']:>10.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    results = {"cpu": cpu_info(), "session_config": SESSION_CONFIG, "threads": args.threads, "rows": rows}
+    results = {"cpu": cpu_info(), "session_config": SESSION_CONFIG, "sessions": args.sessions,
+               "threads": args.threads, "rows": rows}
     out.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 

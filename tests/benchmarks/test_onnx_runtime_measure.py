@@ -1,0 +1,37 @@
+"""benchmarks/onnx_runtime.py's measurement: a model's sessions run at once, and its figure is the sum
+of their rates. The sessions are fakes that sleep per call and count the calls in flight: this tests
+the measurement's logic, not ONNX Runtime."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from benchmarks.onnx_runtime import measure
+
+
+class SleepingSession:
+    def __init__(self, seconds: float, shared: dict):
+        self.seconds, self.shared = seconds, shared
+
+    def run(self, outputs, feeds):
+        with self.shared["lock"]:
+            self.shared["in_flight"] += 1
+            self.shared["most"] = max(self.shared["most"], self.shared["in_flight"])
+        time.sleep(self.seconds)
+        with self.shared["lock"]:
+            self.shared["in_flight"] -= 1
+
+
+def group(size: int) -> tuple[list, dict]:
+    shared = {"lock": threading.Lock(), "in_flight": 0, "most": 0}
+    return [SleepingSession(0.01, shared) for _ in range(size)], shared
+
+
+def test_a_models_sessions_run_at_once_and_their_rates_add_up():
+    one, one_shared = group(1)
+    three, three_shared = group(3)
+    rates = measure({"one": one, "three": three}, batch=8, seconds=0.6, rounds=2)
+    assert (one_shared["most"], three_shared["most"]) == (1, 3)  # never two models at once; a model's sessions together
+    assert 0.6 * 8 / 0.01 < rates["one"] <= 8 / 0.01  # the batch over the median call time
+    assert 2.4 < rates["three"] / rates["one"] < 3.3
