@@ -5,8 +5,9 @@
 1. Paddle CPU: training step against the previous training path, inference against the reference
    ACmix formulation (benchmarks/paddle_acmix.py).
 2. ONNX Runtime CPU: AlexNet-ACmix fp32 and int8 against the plain AlexNet by batch size
-   (benchmarks/onnx_runtime.py); their top-1 on the held-out split, lossless and JPEG q75, where the
-   data is present (benchmarks/precision_accuracy.py).
+   (benchmarks/onnx_runtime.py), in one session on every core and as the service's settings run it
+   (its processes' sessions at once, their threads each: served_sessions); their top-1 on the
+   held-out split, lossless and JPEG q75, where the data is present (benchmarks/precision_accuracy.py).
 3. The service under load against the raw backend, by concurrency (benchmarks/service_load.py).
 4. Ray Serve with 2 replicas against the single FastAPI process (benchmarks/ray_vs_fastapi.py).
 4b. The service's own ceiling on a trivial model, and the real model, with 1 and 2 server processes
@@ -121,6 +122,19 @@ def plot_ceiling(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def served_sessions() -> list[str]:
+    """benchmarks.onnx_runtime's arguments for ONNX Runtime as the service's settings run it on this
+    machine (ACMIX_* environment included): one session per batch computed at once in all its
+    processes, each with the threads the settings give a batch (on 2 cores by default: 2 processes
+    of one batch and 1 thread)."""
+    from service.settings import Settings
+
+    settings = Settings()
+    workers = settings.resolved_workers("onnxruntime")
+    sessions = workers * settings.batches_per_process(workers)
+    return ["--sessions", str(sessions), "--threads", str(settings.threads_per_batch(workers))]
+
+
 @one_line_errors(BackendError, DataError, ExportError)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -147,6 +161,8 @@ def main(argv=None) -> int:
     steps = [
         ("paddle", lambda: paddle_acmix.main(["--out", str(BUILD / "paddle_acmix.json")])),
         ("onnx_runtime", lambda: onnx_runtime.main(["--onnx", args.onnx, "--out", str(BUILD / "onnx_runtime.json")])),
+        ("onnx_runtime", lambda: onnx_runtime.main(["--onnx", args.onnx, *served_sessions(),
+                                                    "--out", str(BUILD / "onnx_runtime_served.json")])),
         ("accuracy", lambda: precision_accuracy.main(["--onnx", args.onnx,
                                                       "--out", str(BUILD / "precision_accuracy.json")])),
         ("service", lambda: service_load.main(["--onnx", args.onnx, "--seconds", str(args.seconds),
@@ -166,6 +182,7 @@ def main(argv=None) -> int:
 
     results = {}
     for key, file in (("paddle_acmix", "paddle_acmix.json"), ("onnx_runtime", "onnx_runtime.json"),
+                      ("onnx_runtime_served", "onnx_runtime_served.json"),
                       ("precision_accuracy", "precision_accuracy.json"),
                       ("service_load", "service_load.json"), ("ray_vs_fastapi", "ray_vs_fastapi.json"),
                       ("service_ceiling", "service_ceiling.json"), ("tensorrt", "tensorrt.json")):

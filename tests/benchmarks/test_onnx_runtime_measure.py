@@ -35,3 +35,16 @@ def test_a_models_sessions_run_at_once_and_their_rates_add_up():
     assert (one_shared["most"], three_shared["most"]) == (1, 3)  # never two models at once; a model's sessions together
     assert 0.6 * 8 / 0.01 < rates["one"] <= 8 / 0.01  # the batch over the median call time
     assert 2.4 < rates["three"] / rates["one"] < 3.3
+
+
+def test_make_bench_measures_onnx_runtime_as_the_service_settings_run_it(monkeypatch):
+    from benchmarks.__main__ import served_sessions
+    from model.runtime import available_cores
+
+    monkeypatch.setenv("ACMIX_WORKERS", "3")
+    monkeypatch.setenv("ACMIX_INTRA_OP_THREADS", "2")
+    assert served_sessions() == ["--sessions", "3", "--threads", "2"]  # one batch per process with several
+    monkeypatch.setenv("ACMIX_WORKERS", "1")
+    monkeypatch.delenv("ACMIX_INTRA_OP_THREADS")
+    # a single process computes two batches at once, each with half the cores
+    assert served_sessions() == ["--sessions", "2", "--threads", str(max(1, available_cores() // 2))]
