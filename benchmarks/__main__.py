@@ -125,8 +125,9 @@ def plot_ceiling(results: dict, path: Path) -> None:
 def served_sessions() -> list[str]:
     """benchmarks.onnx_runtime's arguments for ONNX Runtime as the service's settings run it on this
     machine (ACMIX_* environment included): one session per batch computed at once in all its
-    processes, each with the threads the settings give a batch (on 2 cores by default: 2 processes
-    of one batch and 1 thread)."""
+    processes, each with the threads the settings give a batch. Exact where each process computes one
+    batch (several processes: on 2 cores by default 2 of 1 thread); a single process's two batches
+    share its one session instead, which this approximates by two sessions."""
     from service.settings import Settings
 
     settings = Settings()
