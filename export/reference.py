@@ -13,7 +13,8 @@ from model.files import write_bytes
 from runtime.reference import Reference, reference_path
 
 REFERENCE_IMAGES = 16
-# Two best logits at least this far apart: int8's tolerance (runtime/reference.py) cannot flip them.
+# Two best logits at least this far apart, widest first: int8's error on them (runtime/reference.py)
+# does not flip them.
 MIN_MARGIN = 3.0
 
 

@@ -19,11 +19,18 @@ from pathlib import Path
 
 import numpy as np
 
-# Largest |logit - reference| each precision may show on the reference images (logits of the
-# trained model span about +-15). Measured here: fp32 ONNX Runtime against Paddle ~1e-5 (the export's
-# check); int8 on the CPU 0.61 on session 11's weights (docs/inference_speed.md, "INT8 on x86 CPUs
-# without VNNI"). fp16's is not recorded; TensorRT has not run here.
+# Largest |logit - reference| each precision may show on a reference image: the larger of an absolute
+# bound and a share of that image's largest |reference logit|. Measured here: fp32 ONNX Runtime
+# against Paddle ~1e-5 (the export's check). int8 clips activations at its calibrated range (the
+# 99.999th percentile, export/int8.py), so its error grows with the image's activations: on the
+# weights shipped in session 18, 2,000 validation images (ONNX Runtime, AMD EPYC Zen 5) differ by
+# at most 0.95 where the largest logit is under 20, by 4.1 on one whose largest is 41.7 (a reference
+# image: a fixed bound of 1.0 refused the correct file), and by at most 0.098 of the largest logit
+# where it is 10 or more; so int8 may differ by max(1.0, 0.15 x the largest |logit|), of which those
+# images reach 0.71 at most (docs/inference_speed.md, "The int8 reference check"). fp16's is not
+# recorded; TensorRT has not run here.
 LOGIT_TOLERANCE = {"fp32": 1e-3, "fp16": 0.1, "int8": 1.0}
+RELATIVE_TOLERANCE = {"fp32": 0.0, "fp16": 0.0, "int8": 0.15}
 
 
 class ReferenceError(ValueError):
@@ -71,19 +78,31 @@ def reference_batch(reference: Reference) -> np.ndarray:
     return np.stack([preprocess(decode_image(image)) for image in reference.images])
 
 
+def tolerances(reference_logits: np.ndarray, precision: str) -> np.ndarray:
+    """Each reference image's largest allowed |logit diff| for `precision` (LOGIT_TOLERANCE)."""
+    scale = np.abs(reference_logits).max(axis=1)
+    return np.maximum(LOGIT_TOLERANCE[precision], RELATIVE_TOLERANCE[precision] * scale)
+
+
 def compare(logits: np.ndarray, reference: Reference, precision: str = "fp32") -> dict:
     """The figures of `logits` (of reference_batch) against the reference's, or ReferenceError naming
-    what differs: a top-1 that changed, or the largest logit difference over the precision's tolerance."""
-    diff = float(np.abs(logits - reference.logits).max())
+    what differs: a top-1 that changed, or an image whose largest logit difference is over its
+    tolerance for the precision (`tolerances`). "tolerance" is the tolerance of the image closest to
+    its own."""
+    per_image = np.abs(logits - reference.logits).max(axis=1)
+    allowed = tolerances(reference.logits, precision)
+    worst = int(np.argmax(np.where(np.isfinite(per_image), per_image / allowed, np.inf)))
+    diff = float(per_image.max())
     flipped = np.flatnonzero(logits.argmax(1) != reference.logits.argmax(1))
     result = {"n": len(logits), "max_abs_diff": diff, "top1_changed": len(flipped), "precision": precision,
-              "tolerance": LOGIT_TOLERANCE[precision]}
+              "tolerance": float(allowed[worst]), "worst_image": worst}
     if len(flipped):
         raise ReferenceError(f"reference check failed: the top-1 class of {len(flipped)} of {len(logits)} "
                              f"reference images changed (first: image {flipped[0]}); max |logit diff| {diff:.3g}")
-    if not np.isfinite(diff) or diff > LOGIT_TOLERANCE[precision]:
-        raise ReferenceError(f"reference check failed: max |logit diff| {diff:.3g} over the {precision} "
-                             f"tolerance {LOGIT_TOLERANCE[precision]:g} on {len(logits)} reference images")
+    if not np.isfinite(per_image[worst]) or per_image[worst] > allowed[worst]:
+        raise ReferenceError(f"reference check failed: |logit diff| {per_image[worst]:.3g} on reference image "
+                             f"{worst} over its {precision} tolerance {allowed[worst]:.3g} "
+                             f"({len(logits)} reference images)")
     return result
 
 

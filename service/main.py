@@ -70,8 +70,9 @@ def self_check(backend, plan) -> None:
         result = check(backend, read_reference(path), plan.precision)
     except ReferenceError as exc:
         raise BackendError(f"{plan.served}: {exc}") from None
-    log.info("reference check passed: %d images, max |logit diff| %.2g (tolerance %g for %s)",
-             result["n"], result["max_abs_diff"], result["tolerance"], plan.precision)
+    log.info("reference check passed: %d images, max |logit diff| %.2g (closest to its tolerance: image %d, "
+             "%.3g for %s)", result["n"], result["max_abs_diff"], result["worst_image"], result["tolerance"],
+             plan.precision)
 
 
 def open_service(state: ServiceState, backend=None, reason: str = "given", batcher=None) -> None:

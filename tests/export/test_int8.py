@@ -158,6 +158,32 @@ def test_the_avx2_emulation_reproduces_this_cpu_when_exact(int8_of_the_exported_
     assert stem["pairs"] > 0 and 0 <= stem["saturated_pairs"] <= stem["pairs"]
 
 
+def test_the_int8_file_of_the_shipped_weights_passes_the_reference_check(tmp_path):
+    """The service's check at start (service/main.py), on the files `python -m export onnx` makes from
+    the shipped weights, the int8 one from their calibration table with no images to calibrate on
+    (as in a Docker build). Where the data is present the reference images are real validation
+    images, widest margins first: on the weights shipped in session 18 one of them has a logit of
+    41.7, which int8's clipping lowers by 4.1, and a fixed tolerance of 1.0 kept the service from
+    starting. Each export runs in its own process, as the command does: paddle2onnx's tensor names,
+    which the table's ranges are keyed by, depend on what the process exported before."""
+    import subprocess
+    import sys
+
+    from runtime.onnxruntime import OnnxRuntimeBackend
+    from runtime.reference import check, read_reference, reference_path
+
+    fp32, int8 = tmp_path / "alexnet_acmix.onnx", tmp_path / "alexnet_acmix.int8.onnx"
+    for args in (["--out", str(fp32)],
+                 ["--precision", "int8", "--from-onnx", str(fp32), "--out", str(int8),
+                  "--data", str(tmp_path / "none.tar.gz")]):
+        done = subprocess.run([sys.executable, "-m", "export", "onnx", "--no-verify", *args],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-1500:]
+    with OnnxRuntimeBackend(int8, max_batch=16) as backend:
+        result = check(backend, read_reference(reference_path(fp32)), "int8")
+    assert result["n"] == 16 and result["top1_changed"] == 0
+
+
 def test_it_records_its_source_and_calibration_and_reuses_the_table(int8_of_the_exported_model, tmp_path):
     fp32, int8, table = int8_of_the_exported_model
     metadata = onnx_metadata(int8)
