@@ -41,6 +41,27 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+class OneLineLoadFailure:
+    """The app as uvicorn runs it. When the backend does not load, the lifespan has logged one line
+    naming the cause (service/main.py, open_service) and re-raised; Starlette then hands uvicorn the
+    traceback as the startup failure's message, which uvicorn would log too. This drops that message
+    for a load failure only: any other exception at startup keeps its traceback."""
+
+    def __init__(self, app, state):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+
+        async def send_without_traceback(message):
+            if message["type"] == "lifespan.startup.failed" and self.state.load_error:
+                message = {**message, "message": ""}
+            await send(message)
+
+        await self.app(scope, receive, send_without_traceback)
+
+
 def stop_provisioning(signum, frame):
     raise SystemExit(128 + signum)
 
@@ -108,7 +129,7 @@ def serve(settings: Settings, reuse_port: bool = False) -> int:
     """The app under uvicorn in this process; with reuse_port on a socket the other workers share."""
     app = create_app(settings)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        OneLineLoadFailure(app, app.state.service), host=settings.host, port=settings.port, log_level=settings.log_level,
         timeout_graceful_shutdown=DRAIN_SECONDS, access_log=False,
     )
     server = DrainingServer(config, app.state.service)

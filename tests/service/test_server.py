@@ -195,3 +195,21 @@ def test_sigterm_drains_grpc_requests_in_flight_too(onnx_model, cifar_like_jpegs
     assert shapes == [(1, 10)] * 6
     assert process.wait(timeout=30) in (0, -signal.SIGTERM)
     client.close()
+
+
+def test_a_backend_that_fails_its_check_stops_the_server_in_one_line(onnx_model, tmp_path):
+    """The cause once per attempt, no traceback (service/__main__.py, OneLineLoadFailure)."""
+    import json
+    import shutil
+
+    from runtime.reference import reference_path
+
+    onnx = shutil.copyfile(onnx_model, tmp_path / "m.onnx")
+    record = json.loads(reference_path(onnx_model).read_text())
+    record["logits"][0][0] += 3.0  # as if the artifact or the preprocessing were wrong
+    reference_path(onnx).write_text(json.dumps(record))
+    with pytest.raises(RuntimeError, match="exited with status [1-9]") as failure:
+        start_server(onnx, timeout=60)
+    output = str(failure.value)
+    assert "ERROR service: the backend did not load: " in output and "reference check failed" in output
+    assert "Traceback" not in output
