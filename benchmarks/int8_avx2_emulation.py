@@ -13,7 +13,12 @@ against this CPU's, and the reference check at start (runtime/reference.py) on e
 emulation must reproduce this CPU's logits: that checks the emulation itself.
 
 runtime/int8_cpu_graph.py gives such CPUs uint8 weights for that layer (uint8 x uint8 kernels, which
-do not saturate), so there they compute what this CPU computes.
+do not saturate), so there they compute what this CPU computes: "served" is that graph as this CPU
+runs it, compared with the exact stem.
+
+Run under `python -m harness.hidden_cpu_features avx2 ...`, "this CPU" is ONNX Runtime's own AVX2
+kernels (AVX-512 and VNNI hidden): the saturating emulation must then reproduce it, and "served"
+is the graph the service would choose there.
 """
 
 from __future__ import annotations
@@ -182,6 +187,7 @@ def emulate(int8_path: Path, images: int, layer_images: int, data_path: str | No
         # the probe is the whole graph with the layers' inputs as outputs too: asked for the logits
         # only, it is this CPU's int8 model
         probe_session, rest_session = (create_session(Path(tmp) / name) for name in ("probe.onnx", "rest.onnx"))
+        served_session = create_session(int8_path)  # what the service runs on this CPU
 
         def rest_logits(x, saturate):
             y, clamped = stem_output(x, stem, saturate)
@@ -197,12 +203,13 @@ def emulate(int8_path: Path, images: int, layer_images: int, data_path: str | No
             _, clamped = accumulate(rows, weights, saturate=True)
             counts[layer["node"].name] = [clamped, len(rows) * len(weights) * weights.shape[1] // 2]
         # end to end, the stem exact and saturating
-        answers = {"this CPU": [], "exact": [], "saturating": []}
+        answers = {"this CPU": [], "exact": [], "saturating": [], "served": []}
         labels = []
         for x, y in tqdm(batches, desc="images", leave=False):
             answers["this CPU"].append(probe_session.run(["logits"], {"image": x})[0])
             answers["exact"].append(rest_logits(x, False)[0])
             answers["saturating"].append(rest_logits(x, True)[0])
+            answers["served"].append(served_session.run(["logits"], {"image": x})[0])
             labels.append(y)
         logits = {name: np.concatenate(parts) for name, parts in answers.items()}
         labels = np.concatenate(labels)
@@ -223,6 +230,8 @@ def emulate(int8_path: Path, images: int, layer_images: int, data_path: str | No
         "cpu": describe(), "int8": str(int8_path), "images": len(labels),
         "layers": {name: {"saturated_pairs": c, "pairs": t} for name, (c, t) in counts.items()},
         "exact_max_abs_diff": float(np.abs(logits["exact"] - logits["this CPU"]).max()),
+        "saturating_max_abs_diff": float(np.abs(logits["saturating"] - logits["this CPU"]).max()),
+        "served_vs_exact_max_abs_diff": float(np.abs(logits["served"] - logits["exact"]).max()),
         "top1": {name: float(np.mean(t == labels)) for name, t in top.items()},
         "agreement_with_this_cpu": {name: float(np.mean(t == top["this CPU"])) for name, t in top.items()},
         "reference_check": reference,
@@ -230,8 +239,11 @@ def emulate(int8_path: Path, images: int, layer_images: int, data_path: str | No
     lines = [f"CPU: {result['cpu']}; {int8_path}",
              f"pair sums that saturate, on {len(probe_x)} images:"]
     lines += [f"  {name[:40]:40} {c / max(t, 1):.2e} ({c} of {t})" for name, (c, t) in counts.items()]
-    lines.append(f"stem computed exactly vs this CPU's logits: max |diff| {result['exact_max_abs_diff']:.2e}")
-    for name in ("this CPU", "exact", "saturating"):
+    lines.append(f"stem computed exactly vs this CPU's logits: max |diff| {result['exact_max_abs_diff']:.2e}; "
+                 f"with saturation: {result['saturating_max_abs_diff']:.2e}")
+    lines.append(f"the served graph (runtime/int8_cpu_graph.py, this CPU's choice) vs the exact stem: max |diff| "
+                 f"{result['served_vs_exact_max_abs_diff']:.2e}")
+    for name in ("this CPU", "exact", "saturating", "served"):
         lines.append(f"  {name:11} top-1 {result['top1'][name]:.4f} on {len(labels)} images, "
                      f"agrees with this CPU {result['agreement_with_this_cpu'][name]:.4f}")
     for name, outcome in (reference or {}).items():

@@ -8,35 +8,44 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import platform
 
 EXTENSIONS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+# Set where harness/hidden_cpu_features.c hides extensions from this process (it filters the flags
+# read below, so that they are the ones ONNX Runtime sees): "avx2" or "avx512".
+HIDDEN_ENV = "HIDDEN_CPU_FEATURES"
 # Any of these gives ONNX Runtime's x86 int8 kernels a 32-bit sum of uint8 x int8 products.
 VNNI = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
 def cpu_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
     """{"model": ..., "vendor": ..., "family": "26/2", "cores": N, "extensions": [...]} ("unknown" where
-    not Linux). A virtual machine may name its CPU only "AMD EPYC": the family and model numbers
-    tell a Zen 4 (family 25) from a Zen 5 (26)."""
+    not Linux), and "hidden": the profile where extensions are hidden from this process
+    (harness/hidden_cpu_features.py). A virtual machine may name its CPU only "AMD EPYC": the
+    family and model numbers tell a Zen 4 (family 25) from a Zen 5 (26)."""
     from model.runtime import available_cores, read_cpuinfo
 
     fields = read_cpuinfo(cpuinfo_path)
     flags = set(fields.get("flags", "").split())
+    hidden = {"hidden": os.environ[HIDDEN_ENV]} if os.environ.get(HIDDEN_ENV) else {}
     return {
         "model": fields.get("model name", platform.processor() or "unknown"),
         "vendor": fields.get("vendor_id", "unknown"),
         "family": f"{fields['cpu family']}/{fields.get('model', '?')}" if "cpu family" in fields else "unknown",
         "cores": available_cores(),
         "extensions": [name for name in EXTENSIONS if name in flags],
+        **hidden,
     }
 
 
 def describe(info: dict | None = None) -> str:
-    """One line: "AMD EPYC (family 26/2), 2 cores, avx2 avx512f avx512_vnni"."""
+    """One line: "AMD EPYC (family 26/2), 2 cores, avx2 avx512f avx512_vnni"; where extensions are
+    hidden, it says so: "..., avx2 (the rest hidden: avx2 profile)"."""
     info = info or cpu_info()
     family = f" (family {info['family']})" if info.get("family", "unknown") != "unknown" else ""
-    return f"{info['model']}{family}, {info['cores']} cores, {' '.join(info['extensions']) or 'no AVX2'}"
+    hidden = f" (the rest hidden: {info['hidden']} profile)" if info.get("hidden") else ""
+    return f"{info['model']}{family}, {info['cores']} cores, {' '.join(info['extensions']) or 'no AVX2'}{hidden}"
 
 
 def int8_pairs_saturate(info: dict | None = None, machine: str | None = None) -> bool:
