@@ -8,7 +8,8 @@
    (benchmarks/onnx_runtime.py), in one session on every core and as the service's settings run it
    (its processes' sessions at once, their threads each: served_sessions); their top-1 on the
    held-out split, lossless and JPEG q75, where the data is present (benchmarks/precision_accuracy.py).
-3. The service under load against the raw backend, by concurrency (benchmarks/service_load.py).
+3. The service under load against the raw backend, by concurrency, and serving int8 at 64 clients
+   (benchmarks/service_load.py).
 4. Ray Serve with 2 replicas against the single FastAPI process (benchmarks/ray_vs_fastapi.py).
 4b. The service's own ceiling on a trivial model, and the real model, with 1 and 2 server processes
    (benchmarks/service_ceiling.py).
@@ -169,6 +170,8 @@ def main(argv=None) -> int:
         ("service", lambda: service_load.main(["--onnx", args.onnx, "--seconds", str(args.seconds),
                                                "--concurrency", "8", "16", "32", "64", "128",
                                                "--out", str(BUILD / "service_load.json")])),
+        ("service", lambda: service_load.main(["--onnx", args.onnx, "--precision", "int8", "--seconds", str(args.seconds),
+                                               "--concurrency", "64", "--out", str(BUILD / "service_load_int8.json")])),
         ("ray", lambda: ray_vs_fastapi.main(["--onnx", args.onnx, "--seconds", str(args.seconds),
                                              "--out", str(BUILD / "ray_vs_fastapi.json")])),
         ("ceiling", lambda: service_ceiling.main(["--onnx", args.onnx, "--seconds", str(args.seconds),
@@ -185,7 +188,8 @@ def main(argv=None) -> int:
     for key, file in (("paddle_acmix", "paddle_acmix.json"), ("onnx_runtime", "onnx_runtime.json"),
                       ("onnx_runtime_served", "onnx_runtime_served.json"),
                       ("precision_accuracy", "precision_accuracy.json"),
-                      ("service_load", "service_load.json"), ("ray_vs_fastapi", "ray_vs_fastapi.json"),
+                      ("service_load", "service_load.json"), ("service_load_int8", "service_load_int8.json"),
+                      ("ray_vs_fastapi", "ray_vs_fastapi.json"),
                       ("service_ceiling", "service_ceiling.json"), ("tensorrt", "tensorrt.json")):
         if (BUILD / file).is_file():
             results[key] = json.loads((BUILD / file).read_text())

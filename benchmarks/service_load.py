@@ -1,11 +1,12 @@
 """The service under load against the raw backend, side by side in one run.
 
-    python -m benchmarks.service_load [--onnx build/alexnet_acmix.onnx] [--concurrency 64]
-                                      [--seconds 10] [--rounds 3]
+    python -m benchmarks.service_load [--onnx build/alexnet_acmix.onnx] [--precision fp32|int8]
+                                      [--concurrency 64] [--seconds 10] [--rounds 3]
 
-The real server (`python -m service`, default settings but the batch size) starts once. Then,
-each round:
-1. Raw backend: ONNX Runtime on the exported model at the service's max batch size (32), in this
+The real server (`python -m service`, default settings but the batch size; ACMIX_PRECISION from
+--precision: int8 serves the int8 file beside --onnx, made first where it is missing or stale)
+starts once. Then, each round:
+1. Raw backend: ONNX Runtime on the served file at the service's max batch size (32), in this
    process (one session, every core), for up to 5 s: images per second.
 2. Load: wrk (Debian package `wrk`; a compiled load generator, so the client costs little of the
    two cores) with N connections each POSTing a single 32x32 JPEG to /predict for T seconds:
@@ -154,7 +155,9 @@ def summarize(rounds: list[dict], concurrency: int) -> dict:
 @one_line_errors(BackendError, DataError, ExportError)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--onnx", default=paths.ONNX)
+    parser.add_argument("--onnx", default=paths.ONNX, help="the fp32 ONNX")
+    parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                        help="what the service serves (ACMIX_PRECISION); int8: the file beside --onnx")
     parser.add_argument("--batch", type=positive_int, default=32, help="the service's max batch size")
     parser.add_argument("--concurrency", type=positive_int, nargs="+", default=[64])
     parser.add_argument("--seconds", type=positive_float, default=10, help="per load run")
@@ -166,17 +169,22 @@ def main(argv=None) -> int:
 
     onnx = Path(args.onnx)
     preflight(onnx)
+    served = onnx
+    if args.precision == "int8":
+        from export.int8 import int8_beside
+
+        served = int8_beside(onnx)  # where the service looks for it
 
     rounds, raws = [], []
     with tempfile.TemporaryDirectory() as tmp:
         image, script = wrk_inputs(Path(tmp))
-        process, url = start_server(onnx, max_batch_size=args.batch, max_queue_delay_ms=args.queue_delay_ms,
-                                    max_queue_size=4096, log_level="warning")
+        process, url = start_server(onnx, precision=args.precision, max_batch_size=args.batch,
+                                    max_queue_delay_ms=args.queue_delay_ms, max_queue_size=4096, log_level="warning")
         try:
             run_wrk(url, 8, 2, image, script)  # warm-up
             for number in range(1, args.rounds + 1):
                 print(f"round {number}/{args.rounds}: raw backend, batch {args.batch} ...", file=sys.stderr)
-                raw = raw_backend_throughput(onnx, args.batch, seconds=min(args.seconds, 5))
+                raw = raw_backend_throughput(served, args.batch, seconds=min(args.seconds, 5))
                 raws.append(raw)
                 for connections in args.concurrency:
                     print(f"round {number}/{args.rounds}: service, {connections} connections for {args.seconds:g} s ...",
@@ -189,7 +197,7 @@ def main(argv=None) -> int:
 
     raw = statistics.median(raws)
     results = [summarize(rounds, c) for c in args.concurrency]
-    print(f"\nraw backend (ONNX Runtime, batch {args.batch}): {raw:.0f} img/s "
+    print(f"\nraw backend (ONNX Runtime, {args.precision}, batch {args.batch}): {raw:.0f} img/s "
           f"(median of {len(raws)}: {', '.join(f'{r:.0f}' for r in raws)})")
     print("service: medians over the rounds; ratio: each round's service req/s over its own raw figure")
     print(f"{'concurrency':>11} {'req/s':>8} {'ratio':>6} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'worst p99':>9} "
@@ -199,7 +207,8 @@ def main(argv=None) -> int:
               f"{r['p95_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['worst_p99_ms']:>9.1f} {r['errors']:>6}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cpu": cpu_info(), "raw_backend_img_s": raw, "raw_rounds": raws, "batch": args.batch,
+    out.write_text(json.dumps({"cpu": cpu_info(), "precision": args.precision, "served": str(served),
+                               "raw_backend_img_s": raw, "raw_rounds": raws, "batch": args.batch,
                                "runs": results, "rounds": rounds}, indent=2) + "\n")
     return 0
 
