@@ -12,6 +12,8 @@ import pytest
 from export.__main__ import main
 from export.onnx_export import graph_report
 from export.verify import compare, onnx_session, run_onnx, verification_images, verify_onnx
+from harness.hidden_cpu_features import unavailable
+from runtime.cpu import cpu_info
 
 
 @pytest.fixture(scope="module")
@@ -253,3 +255,28 @@ def test_engine_of_the_model_agrees_with_onnx_runtime_on_real_images(onnx_model,
                  "--data", str(shared_data), "--count", "1000", "--timing-cache", str(tmp_path / "cache")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["verify"]["passed"] and result["verify"]["n"] == 1000
+
+
+@pytest.mark.skipif(unavailable() is not None, reason=f"cannot hide CPU features here: {unavailable()}")
+@pytest.mark.skipif("avx512f" not in cpu_info()["extensions"], reason="this CPU has no AVX-512 to hide")
+def test_the_one_layout_gives_the_same_logits_on_avx2_and_avx512_kernels(onnx_model, tmp_path):
+    """One exported layout serves every x86 CPU (README, "ONNX Runtime layout"): ONNX Runtime's AVX2
+    kernels (NCHWc blocks of 8; AVX-512 hidden from a child, harness/hidden_cpu_features.py) and
+    this CPU's AVX-512 ones (blocks of 16) compute the same logits."""
+    import subprocess
+    import sys
+
+    from harness.hidden_cpu_features import environment
+    from runtime.onnxruntime import create_session
+
+    x = np.random.default_rng(5).normal(size=(8, 3, 128, 128)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    child = ("import sys, numpy as np; from runtime.onnxruntime import create_session; "
+             "x = np.load(sys.argv[2] + '/x.npy'); "
+             "np.save(sys.argv[2] + '/avx2.npy', create_session(sys.argv[1], 1).run(['logits'], {'image': x})[0])")
+    done = subprocess.run([sys.executable, "-c", child, str(onnx_model), str(tmp_path)], env=environment("avx2"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    avx512 = create_session(onnx_model, 1).run(["logits"], {"image": x})[0]
+    avx2 = np.load(tmp_path / "avx2.npy")
+    assert 0 < np.abs(avx2 - avx512).max() <= 1e-4  # not bit-identical: other kernels ran
