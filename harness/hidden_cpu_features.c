@@ -5,7 +5,7 @@
    library's constructor turns that on for the process before main, and its SIGSEGV handler
    executes the instruction with faulting off, clears the hidden features' bits from the answer,
    and steps over it. The "flags" line of /proc/cpuinfo, which runtime/cpu.py reads, is filtered
-   the same way. So the process takes the code paths of such a CPU, on this one's cores: a
+   the same way for whatever opens it through open/openat (Python does; C's fopen does not). So the process takes the code paths of such a CPU, on this one's cores: a
    measurement of those paths, not of that CPU's speed.
 
    HIDDEN_CPU_FEATURES (environment):
@@ -82,11 +82,16 @@ int sigaction(int sig, const struct sigaction *action, struct sigaction *old) {
 }
 
 sighandler_t signal(int sig, sighandler_t handler) {
-    struct sigaction action = {0}, old;
-    action.sa_handler = handler;
-    action.sa_flags = SA_RESTART;
-    sigemptyset(&action.sa_mask);
-    return sigaction(sig, &action, &old) == 0 ? old.sa_handler : SIG_ERR;
+    static sighandler_t (*real)(int, sighandler_t);
+    if (!real)
+        real = (sighandler_t (*)(int, sighandler_t))dlsym(RTLD_NEXT, "signal");
+    if (!active || sig != SIGSEGV)
+        return real(sig, handler);
+    sighandler_t old = (chained.sa_flags & SA_SIGINFO) ? SIG_DFL : chained.sa_handler;
+    memset(&chained, 0, sizeof chained);
+    chained.sa_handler = handler;
+    chained.sa_flags = SA_RESTART;
+    return old;
 }
 
 static void fail(const char *why) {
@@ -142,7 +147,9 @@ static int filtered_cpuinfo(int (*real_open)(const char *, int, ...)) {
         return in;
     FILE *source = fdopen(in, "r");
     int out = memfd_create("cpuinfo", 0);
-    FILE *sink = fdopen(dup(out), "w");
+    FILE *sink = out < 0 ? NULL : fdopen(dup(out), "w");
+    if (!source || !sink)
+        fail("cannot write the filtered /proc/cpuinfo");
     char *line = NULL;
     size_t capacity = 0;
     while (getline(&line, &capacity, source) > 0) {
@@ -176,7 +183,7 @@ static int filtered_cpuinfo(int (*real_open)(const char *, int, ...)) {
             real = (int (*)(const char *, int, ...))dlsym(RTLD_NEXT, #name);            \
         va_list args;                                                                   \
         va_start(args, flags);                                                          \
-        mode_t mode = (flags & (O_CREAT | O_TMPFILE)) ? va_arg(args, mode_t) : 0;       \
+        mode_t mode = ((flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE) ? va_arg(args, mode_t) : 0;       \
         va_end(args);                                                                   \
         if (active && strcmp(path, "/proc/cpuinfo") == 0)                       \
             return filtered_cpuinfo(real);                                              \
@@ -195,7 +202,7 @@ OPEN_WRAPPER(open64)
         }                                                                               \
         va_list args;                                                                   \
         va_start(args, flags);                                                          \
-        mode_t mode = (flags & (O_CREAT | O_TMPFILE)) ? va_arg(args, mode_t) : 0;       \
+        mode_t mode = ((flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE) ? va_arg(args, mode_t) : 0;       \
         va_end(args);                                                                   \
         if (active && strcmp(path, "/proc/cpuinfo") == 0)                       \
             return filtered_cpuinfo(real_open);                                         \
