@@ -99,7 +99,13 @@ class OnnxRuntimeBackend(Backend):
         if inputs != {INPUT_NAME: "tensor(float)"} or OUTPUT_NAME not in outputs:
             self.session = None
             raise BackendError(f"{self.onnx_path}: expected input {INPUT_NAME} float and output {OUTPUT_NAME}")
-        self.description = f"{self.onnx_path} on {self.session.get_providers()[0]}"
+        provider = self.session.get_providers()[0]
+        self.description = f"{self.onnx_path} on {provider}"
+        if provider == "CPUExecutionProvider":  # which kernels run: the CPU's extensions, and the threads
+            from runtime.cpu import describe
+
+            threads = f"{self.threads} thread{'s' if self.threads != 1 else ''}" if self.threads else "a thread per core"
+            self.description += f" ({threads} per batch; {describe()})"
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]

@@ -8,6 +8,7 @@ import pytest
 
 from runtime.artifacts import ArtifactPlan
 from runtime.backend import BackendError
+from runtime.cpu import describe
 from service.backends import create_backend
 from service.settings import Settings
 
@@ -17,7 +18,8 @@ def test_the_plan_of_the_settings_loads_on_onnx_runtime(onnx_model):
     backend = create_backend(plan, max_batch=4, threads=1)
     assert backend.name == "onnxruntime" and backend.onnx_path == Path(onnx_model)
     with backend:
-        assert "CPUExecutionProvider" in backend.description
+        # which kernels run: the CPU's extensions (runtime/cpu.py) and the threads, for /readyz and the log
+        assert backend.description == f"{onnx_model} on CPUExecutionProvider (1 thread per batch; {describe()})"
 
 
 def test_a_missing_artifact_names_how_to_make_it(tmp_path):
