@@ -28,10 +28,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from model.runtime import read_cpuinfo
+from runtime.cpu import HIDDEN_ENV  # the library reads it too
+
 SOURCE = Path(__file__).with_suffix(".c")
 BUILD = Path(__file__).resolve().parents[1] / "build"
 PROFILES = ("avx2", "avx512")
-PROFILE_ENV = "HIDDEN_CPU_FEATURES"  # read by the library and by runtime/cpu.py
 
 
 class HiddenFeaturesError(RuntimeError):
@@ -42,12 +44,10 @@ def unavailable(cpuinfo_path: str = "/proc/cpuinfo") -> str | None:
     """Why features cannot be hidden here, or None when they can."""
     if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
         return f"needs Linux on x86-64, not {platform.system()} on {platform.machine()}"
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in Path(cpuinfo_path).read_text().splitlines()
-                      if line.startswith("flags")), [])
-    except OSError as exc:
-        return f"cannot read {cpuinfo_path} ({exc.strerror})"
-    if "cpuid_fault" not in flags:
+    flags = read_cpuinfo(cpuinfo_path).get("flags")
+    if flags is None:
+        return f"cannot read the flags of {cpuinfo_path}"
+    if "cpuid_fault" not in flags.split():
         return "this CPU or its hypervisor cannot make CPUID fault (no cpuid_fault in /proc/cpuinfo)"
     if not compiler():
         return "no C compiler (cc or gcc) to build harness/hidden_cpu_features.c"
@@ -81,7 +81,7 @@ def environment(profile: str, base: dict | None = None) -> dict:
         raise HiddenFeaturesError(f"unknown profile {profile!r}: one of {', '.join(PROFILES)}")
     env = dict(os.environ if base is None else base)
     preload = [str(library())] + [p for p in env.get("LD_PRELOAD", "").split(":") if p]
-    env.update(LD_PRELOAD=":".join(preload), **{PROFILE_ENV: profile})
+    env.update(LD_PRELOAD=":".join(preload), **{HIDDEN_ENV: profile})
     return env
 
 
