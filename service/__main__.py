@@ -133,12 +133,20 @@ def serve(settings: Settings, reuse_port: bool = False) -> int:
         timeout_graceful_shutdown=DRAIN_SECONDS, access_log=False,
     )
     server = DrainingServer(config, app.state.service)
-    if reuse_port:
-        from service.workers import reuse_port_socket
+    try:
+        if reuse_port:
+            from service.workers import reuse_port_socket
 
-        server.run(sockets=[reuse_port_socket(settings.host, settings.port)])
-    else:
-        server.run()
+            server.run(sockets=[reuse_port_socket(settings.host, settings.port)])
+        else:
+            server.run()
+    except SystemExit:  # uvicorn's own exit at a failed startup (status 3)
+        if not app.state.service.load_error:
+            raise
+    if app.state.service.load_error:  # logged in one line; a supervisor does not start it again
+        from service.workers import BACKEND_REFUSED
+
+        return BACKEND_REFUSED
     return 0 if server.started else 1
 
 

@@ -8,8 +8,10 @@ divided so that processes x threads never exceeds the cores: Settings.threads_pe
 
 The supervisor (this module's `supervise`, the process `python -m service` started) provisions
 the artifacts once, before any worker starts; workers only load them. It restarts a worker that
-dies, and on SIGTERM passes the signal to every worker, each of which drains as one process does,
-then exits when they have. They share a folder: `metrics/` for prometheus_client's multiprocess
+dies, unless its backend refused to load (status BACKEND_REFUSED: a cause every worker shares, such
+as a precision the backend cannot run) or it failed to start STARTUP_FAILURES times in a row; on
+SIGTERM it passes the signal to every worker, each of which drains as one process does, then exits
+when they have. They share a folder: `metrics/` for prometheus_client's multiprocess
 mode (every worker's /metrics counts all of them), and `ready/<index>` where each worker writes its
 pid once it is loaded, warmed up and checked: a worker's readiness is true only while every
 index's file is there with a live process (`Peers`), so readiness waits for all of them and dips
@@ -38,6 +40,10 @@ FOLDER_ENV = "ACMIX_WORKER_FOLDER"
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own
 # A worker that exits this many times in a row before it ever became ready stops the supervisor.
 STARTUP_FAILURES = 3
+# A worker's exit status when its backend refused to load (a BackendError: an unsupported precision,
+# a missing or foreign artifact, a failed reference check). Every worker would meet the same cause,
+# so the supervisor stops at the first instead of retrying. sysexits.h's EX_CONFIG.
+BACKEND_REFUSED = 78
 
 
 @dataclass(frozen=True)
@@ -106,14 +112,33 @@ class PortTaken(Exception):
 def claimed_port(host: str, port: int):
     """Held while a supervisor runs: a second `python -m service --workers N` on the same port stops
     here, instead of sharing the port with the first, as SO_REUSEPORT would let its workers do
-    (the kernel would split the connections between two services)."""
+    (the kernel would split the connections between two services). The lock file is removed on
+    release, while still locked; whoever opened it before and locks it after finds that the path
+    names another file (or none) and tries again on the path's."""
     path = Path(tempfile.gettempdir()) / f"acmix-service-{host}-{port}.lock"
-    with open(path, "a+b") as handle:
+    while True:
+        handle = open(path, "a+b")
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            handle.close()
             raise PortTaken(f"another python -m service --workers serves {host}:{port} (lock {path})") from None
+        if _same_file(path, handle):
+            break
+        handle.close()  # the holder before removed it: a lock on it locks out nobody
+    try:
         yield
+    finally:
+        path.unlink(missing_ok=True)
+        handle.close()
+
+
+def _same_file(path: Path, handle) -> bool:
+    try:
+        named, held = path.stat(), os.fstat(handle.fileno())
+    except FileNotFoundError:
+        return False
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def worker_command(index: int, argv: list[str]) -> list[str]:
@@ -157,6 +182,11 @@ def supervise(count: int, argv: list[str], drain_s: float) -> int:
                 if not was_ready[index]:  # a worker that had served died: not a failure to start
                     failures[index] += 1
                 reap(peers, process.pid, index)
+                if process.returncode == BACKEND_REFUSED and not was_ready[index]:
+                    log.error("worker %d: the backend refused to load (the cause is above); every worker would: "
+                              "stopping", index)
+                    stopping, code = True, 1
+                    break
                 if failures[index] >= STARTUP_FAILURES:
                     log.error("worker %d exited %d times in a row before it was ready (status %s): stopping",
                               index, failures[index], process.returncode)

@@ -198,7 +198,8 @@ def test_sigterm_drains_grpc_requests_in_flight_too(onnx_model, cifar_like_jpegs
 
 
 def test_a_backend_that_fails_its_check_stops_the_server_in_one_line(onnx_model, tmp_path):
-    """The cause once per attempt, no traceback (service/__main__.py, OneLineLoadFailure)."""
+    """The cause once, no traceback (service/__main__.py, OneLineLoadFailure), and the status that
+    tells a supervisor not to start it again (BACKEND_REFUSED)."""
     import json
     import shutil
 
@@ -208,7 +209,9 @@ def test_a_backend_that_fails_its_check_stops_the_server_in_one_line(onnx_model,
     record = json.loads(reference_path(onnx_model).read_text())
     record["logits"][0][0] += 3.0  # as if the artifact or the preprocessing were wrong
     reference_path(onnx).write_text(json.dumps(record))
-    with pytest.raises(RuntimeError, match="exited with status [1-9]") as failure:
+    from service.workers import BACKEND_REFUSED
+
+    with pytest.raises(RuntimeError, match=f"exited with status {BACKEND_REFUSED}:") as failure:
         start_server(onnx, timeout=60)
     output = str(failure.value)
     assert "ERROR service: the backend did not load: " in output and "reference check failed" in output

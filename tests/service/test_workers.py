@@ -6,8 +6,10 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -242,3 +244,49 @@ def test_a_second_supervisor_on_the_same_port_is_refused():
             pass
     with claimed_port("127.0.0.1", port):  # released with the first
         pass
+    lock = Path(tempfile.gettempdir()) / f"acmix-service-127.0.0.1-{port}.lock"
+    assert not lock.exists()  # removed on release
+
+
+def test_a_lock_file_removed_by_its_holder_between_open_and_lock_is_not_taken(monkeypatch):
+    """The race the removal opens: this supervisor opens the lock file, the holder releases it
+    (removing it) and a third supervisor claims the port on a new file, then this one's lock
+    succeeds on the removed file. It must see that and be refused on the new one. The interleaving
+    is forced by a wrapper around fcntl.flock (the real flock still does the locking)."""
+    import fcntl as real_fcntl
+
+    from service import workers
+    from service.workers import PortTaken, claimed_port
+
+    port = launch.free_port()
+    lock = Path(tempfile.gettempdir()) / f"acmix-service-127.0.0.1-{port}.lock"
+    flock, third = real_fcntl.flock, []
+
+    def flock_after_a_release(fd, operation):
+        if not third:  # first call: the holder goes and a third supervisor comes, before our lock
+            lock.unlink()
+            third.append(open(lock, "a+b"))
+            flock(third[0].fileno(), real_fcntl.LOCK_EX | real_fcntl.LOCK_NB)
+        return flock(fd, operation)
+
+    lock.touch()
+    monkeypatch.setattr(workers.fcntl, "flock", flock_after_a_release)
+    try:
+        with pytest.raises(PortTaken):
+            with claimed_port("127.0.0.1", port):
+                pass
+    finally:
+        third[0].close()
+        lock.unlink(missing_ok=True)
+
+
+def test_a_backend_that_refuses_to_load_stops_the_supervisor_without_retries(tiny_onnx):
+    """fp16 on ONNX Runtime's CPU provider: every worker would refuse it, so the supervisor stops at
+    the first refusal (status BACKEND_REFUSED) instead of starting each worker STARTUP_FAILURES
+    times; one line per worker that tried, no traceback."""
+    with pytest.raises(RuntimeError, match="exited with status 1:") as failure:
+        launch.start_server(tiny_onnx, workers=2, precision="fp16", timeout=120)
+    output = str(failure.value)
+    assert "the backend refused to load" in output
+    assert 1 <= output.count("the backend did not load: precision fp16") <= 2
+    assert "Traceback" not in output
