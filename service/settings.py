@@ -119,15 +119,20 @@ class Settings(BaseSettings):
         """The number of server processes. auto, on TensorRT: one per 4 cores, at most 8 (each
         process feeds the one GPU through its own execution context; one event loop tops out at
         about 725 single-JPEG requests a second, a GPU engine computes tens of thousands of images).
-        On ONNX Runtime: a quarter of the cores, at least 2 (measured on 2 cores: 2 processes served
-        the real model 7% faster than one with a lower p99, README "Scale up on one host"), never
-        more than the cores."""
+        On ONNX Runtime: half the cores, at least 2, never more than the cores, so each process's
+        batch gets 2 threads on a many-core host (threads_per_batch) and 1 on 2 cores (measured
+        there: 2 processes served the real model 7% faster than one with a lower p99, README "Scale
+        up on one host"). A request costs about 1.5 ms of a core for HTTP and decoding and 2.6 ms of
+        inference (Intel Xeon), so 16 cores answer ~3,900 a second while one event loop carries
+        450-725: a quarter of the cores (the rule before session 21) left cores idle, and 8 sessions
+        of 2 threads computed 1.6x the images a second of 4 of 4 (session 19, 16-core Xeon).
+        About 280 MB of memory per process with the real model."""
         if self.workers != "auto":
             return int(self.workers)
         cores = available_cores()
         if backend == "tensorrt":
             return max(1, min(8, cores // 4))
-        return min(cores, max(2, cores // 4))
+        return min(cores, max(2, cores // 2))
 
     def batches_per_process(self, workers: int) -> int:
         """Batches each of `workers` processes computes at once (inference_workers, when set). By

@@ -115,9 +115,12 @@ def test_worker_counts_and_threads_by_host(monkeypatch):
 
     monkeypatch.setattr(service.settings, "available_cores", lambda: 16)
     settings = Settings(workers="auto", inference_workers=2)
-    assert settings.resolved_workers("onnxruntime") == 4 and settings.resolved_workers("tensorrt") == 4
+    assert settings.resolved_workers("onnxruntime") == 8 and settings.resolved_workers("tensorrt") == 4
+    assert Settings(workers="auto").threads_per_batch(8) == 2  # 8 processes of one 2-thread batch
     monkeypatch.setattr(service.settings, "available_cores", lambda: 2)
     assert settings.resolved_workers("onnxruntime") == 2 and settings.resolved_workers("tensorrt") == 1
+    monkeypatch.setattr(service.settings, "available_cores", lambda: 3)
+    assert settings.resolved_workers("onnxruntime") == 2
     monkeypatch.setattr(service.settings, "available_cores", lambda: 1)
     assert settings.resolved_workers("onnxruntime") == 1
     monkeypatch.setattr(service.settings, "available_cores", lambda: 16)
