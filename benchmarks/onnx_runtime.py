@@ -1,7 +1,7 @@
 """ONNX Runtime CPU throughput of AlexNet-ACmix (fp32 and int8) against the plain AlexNet (fp32).
 
     python -m benchmarks.onnx_runtime [--onnx build/alexnet_acmix.onnx] [--batches 1 8 32 128] [--seconds 3]
-                                      [--threads N] [--sessions K]
+                                      [--rounds 4] [--threads N] [--sessions K]
 
 AlexNet-ACmix is the exported model the service serves (--onnx) and its int8 QDQ file beside it
 (made by export/int8.py where missing or made from another fp32 file); the plain AlexNet is exported the same way
@@ -12,7 +12,9 @@ alternating blocks so that machine load hits all alike. --threads: ONNX Runtime'
 per session; default one per core, as a single service process uses. --sessions K runs K sessions
 of each model at once and reports their total, as the service's K processes on a many-core host
 would (settings `workers`, `intra_op_threads`; e.g. 4 sessions of 4 threads on 16 cores).
-Prints the CPU, images/s per batch size and the ratios; writes build/bench/onnx_runtime.json.
+Prints the CPU, images/s per batch size (medians over the rounds) and the ratios: the median of
+the rounds' own ratios, with their quartiles, which show how far one run's figure can move on the
+machine (more --seconds and --rounds narrow them); writes build/bench/onnx_runtime.json.
 """
 
 from __future__ import annotations
@@ -63,10 +65,10 @@ def median_rate(session, x: np.ndarray, seconds: float) -> float:
     return len(x) / statistics.median(times)
 
 
-def measure(sessions: dict[str, list], batch: int, seconds: float, rounds: int = 4) -> dict[str, float]:
-    """Images per second per model, whose sessions all run at once (one Python thread each: ONNX
-    Runtime's run releases the GIL), the sum of their median_rate; in `rounds` short rounds that take
-    the models in turn, so that machine load hits all alike; the median over the rounds."""
+def measure(sessions: dict[str, list], batch: int, seconds: float, rounds: int = 4) -> dict[str, list[float]]:
+    """Images per second per model and round, whose sessions all run at once (one Python thread each:
+    ONNX Runtime's run releases the GIL), the sum of their median_rate; in `rounds` short rounds that
+    take the models in turn, so that machine load hits all alike within a round."""
     from concurrent.futures import ThreadPoolExecutor
 
     x = np.random.default_rng(0).standard_normal((batch, 3, 128, 128)).astype(np.float32)
@@ -75,7 +77,21 @@ def measure(sessions: dict[str, list], batch: int, seconds: float, rounds: int =
         for name, group in sessions.items():
             with ThreadPoolExecutor(len(group)) as pool:
                 rates[name].append(sum(pool.map(lambda session: median_rate(session, x, seconds / rounds), group)))
-    return {name: statistics.median(values) for name, values in rates.items()}
+    return rates
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> tuple[float, float, float]:
+    """(median, lower quartile, upper quartile) of the per-round ratios: each round's two figures were
+    measured within a second of each other, so a drift of the machine's speed between rounds cancels."""
+    ratios = sorted(a / b for a, b in zip(numerator, denominator, strict=True))
+    if len(ratios) == 1:
+        return ratios[0], ratios[0], ratios[0]
+    low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
+    return statistics.median(ratios), low, high
+
+
+def spread(median: float, quartiles) -> str:
+    return f"{median:.2f} ({quartiles[0]:.2f}-{quartiles[1]:.2f})"
 
 
 @one_line_errors(BackendError, DataError, ExportError)
@@ -88,6 +104,8 @@ def main(argv=None) -> int:
                         help="ONNX Runtime intra-op threads per session (default: one per core)")
     parser.add_argument("--sessions", type=positive_int, default=1,
                         help="sessions per model running at once, as the service's processes do (figures: their total)")
+    parser.add_argument("--rounds", type=positive_int, default=4,
+                        help="rounds per batch size, each running every model in turn for seconds / rounds")
     parser.add_argument("--out", default="build/bench/onnx_runtime.json")
     args = parser.parse_args(argv)
     onnx_metadata(args.onnx)  # ValueError naming the file where it is missing or no ONNX
@@ -107,18 +125,22 @@ def main(argv=None) -> int:
                            for _ in range(args.sessions)] for name, path in files.items()}
         rows = []
         for batch in tqdm(args.batches, desc="batch sizes"):
-            rates = measure(sessions, batch, args.seconds)
-            rows.append({"batch": batch, **{f"{name}_img_s": rate for name, rate in rates.items()},
-                         "ratio": rates["alexnet_acmix_fp32"] / rates["alexnet_fp32"],
-                         "int8_speedup": rates["alexnet_acmix_int8"] / rates["alexnet_acmix_fp32"]})
-    print(f"{'batch':>5} {'ACmix fp32':>11} {'ACmix int8':>11} {'AlexNet fp32':>13} {'ACmix/AlexNet':>14} {'int8/fp32':>10}")
+            rates = measure(sessions, batch, args.seconds, args.rounds)
+            ratio = paired_ratio(rates["alexnet_acmix_fp32"], rates["alexnet_fp32"])
+            speedup = paired_ratio(rates["alexnet_acmix_int8"], rates["alexnet_acmix_fp32"])
+            rows.append({"batch": batch, **{f"{name}_img_s": statistics.median(r) for name, r in rates.items()},
+                         "ratio": ratio[0], "ratio_quartiles": ratio[1:],
+                         "int8_speedup": speedup[0], "int8_speedup_quartiles": speedup[1:]})
+    print(f"{'batch':>5} {'ACmix fp32':>11} {'ACmix int8':>11} {'AlexNet fp32':>13} {'ACmix/AlexNet':>20} "
+          f"{'int8/fp32':>20}   (ratios: median of {args.rounds} paired rounds, quartiles)")
     for row in rows:
         print(f"{row['batch']:>5} {row['alexnet_acmix_fp32_img_s']:>11.0f} {row['alexnet_acmix_int8_img_s']:>11.0f} "
-              f"{row['alexnet_fp32_img_s']:>13.0f} {row['ratio']:>14.2f} {row['int8_speedup']:>10.2f}")
+              f"{row['alexnet_fp32_img_s']:>13.0f} {spread(row['ratio'], row['ratio_quartiles']):>20} "
+              f"{spread(row['int8_speedup'], row['int8_speedup_quartiles']):>20}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {"cpu": cpu_info(), "session_config": SESSION_CONFIG, "sessions": args.sessions,
-               "threads": args.threads, "rows": rows}
+               "threads": args.threads, "rounds": args.rounds, "seconds": args.seconds, "rows": rows}
     out.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 

@@ -4,10 +4,13 @@ the measurement's logic, not ONNX Runtime."""
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 
-from benchmarks.onnx_runtime import measure
+import pytest
+
+from benchmarks.onnx_runtime import measure, paired_ratio
 
 
 class SleepingSession:
@@ -30,8 +33,19 @@ def test_a_models_sessions_run_at_once_and_their_rates_add_up():
     rates = measure({"one": one, "three": three}, batch=8, seconds=0.6, rounds=2)
     # 3: the three sessions of one model together; not 4: never sessions of two models at once
     assert shared["most"] == 3
-    assert 0.6 * 8 / 0.01 < rates["one"] <= 8 / 0.01  # the batch over the median call time
-    assert 2.4 < rates["three"] / rates["one"] < 3.3
+    assert len(rates["one"]) == len(rates["three"]) == 2  # one figure per round
+    one_rate, three_rate = statistics.median(rates["one"]), statistics.median(rates["three"])
+    assert 0.6 * 8 / 0.01 < one_rate <= 8 / 0.01  # the batch over the median call time
+    assert 2.4 < three_rate / one_rate < 3.3
+
+
+def test_a_ratio_is_taken_within_each_round_so_that_the_machines_drift_cancels():
+    """The machine runs at half speed in round 2 and double in round 3; A is half as fast as B in every
+    round but the last. The ratio of the medians would say 0.67."""
+    a, b = [100, 50, 200, 100], [200, 100, 400, 100]
+    median, low, high = paired_ratio(a, b)
+    assert median == 0.5 and low == 0.5 and high == pytest.approx(0.625)
+    assert paired_ratio([3.0], [2.0]) == (1.5, 1.5, 1.5)
 
 
 def test_make_bench_measures_onnx_runtime_as_the_service_settings_run_it(monkeypatch):
