@@ -11,6 +11,7 @@ import pytest
     ("int8_avx2_emulation", ["--int8", "{tmp}/text.onnx"], "error: {tmp}/text.onnx: not an ONNX file (DecodeError)"),
     ("onnx_runtime", ["--onnx", "{onnx}", "--out", "{tmp}/text.onnx/out.json"], "error: {tmp}/text.onnx:"),
     ("precision_accuracy", ["--data", "{tmp}/missing.tar.gz"], "error: {tmp}/missing.tar.gz: no such data set"),
+    ("ratio_spread", ["--onnx", "{tmp}/missing.onnx"], "error: {tmp}/missing.onnx: no such ONNX file"),
 ])
 def test_a_wrong_input_is_one_line_and_exit_2_before_measuring(module, argv, message, tmp_path, tiny_onnx, capsys):
     import importlib
@@ -25,7 +26,7 @@ def test_a_wrong_input_is_one_line_and_exit_2_before_measuring(module, argv, mes
 @pytest.mark.parametrize("module, argv", [
     ("paddle_acmix", ["--rounds", "0"]), ("service_load", ["--concurrency", "8", "0"]),
     ("onnx_runtime", ["--seconds", "-1"]), ("onnx_runtime", ["--threads", "0"]),
-    ("service_ceiling", ["--connections", "0"]),
+    ("service_ceiling", ["--connections", "0"]), ("ratio_spread", ["--runs", "0"]),
 ])
 def test_a_number_out_of_range_is_refused_by_argparse(module, argv, capsys):
     import importlib
