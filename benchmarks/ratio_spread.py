@@ -70,8 +70,8 @@ def plot(summary: dict, cpu: dict, runs: int, path: Path) -> None:
     from benchmarks.__main__ import cpu_line
 
     fig, axes = plt.subplots(1, len(FIGURES), figsize=(10, 4.6))
+    batches = sorted({batch for by_batch in summary.values() for batch in by_batch})
     for ax, figure in zip(axes, FIGURES, strict=True):
-        batches = sorted({batch for batches in summary.values() for batch in batches})
         for offset, (configuration, by_batch) in enumerate(summary.items()):
             for position, batch in enumerate(batches):
                 values = by_batch.get(batch, {}).get(figure, {}).get("runs", [])
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     print(f"{'sessions x threads':<28} {'batch':>5} {FIGURES['ratio']:>32} {FIGURES['int8_speedup']:>28}")
     for configuration, by_batch in summary.items():
         for batch, figures in by_batch.items():
-            cells = [f"{f['median']:.2f} ({f['low']:.2f}-{f['high']:.2f})" for f in figures.values()]
+            cells = [onnx_runtime.spread(f["median"], (f["low"], f["high"])) for f in figures.values()]
             print(f"{configuration:<28} {batch:>5} {cells[0]:>32} {cells[1]:>28}")
     print(f"targets: {TARGETS['ratio']} and {TARGETS['int8_speedup']} at batch 32 and 128")
     cpu = cpu_info()
