@@ -25,7 +25,7 @@ from pathlib import Path
 
 from export.errors import ExportError
 from model.files import exclusive, remove_leftovers
-from runtime.artifacts import SOURCE_DIGEST, ArtifactPlan, engine_status, onnx_staleness
+from runtime.artifacts import DERIVED_FORMS, SOURCE_DIGEST, ArtifactPlan, engine_status, onnx_staleness
 
 LOCK_NAME = ".provision.lock"
 TAIL_BYTES = 8192  # of a child's stderr, kept for its error line
@@ -38,7 +38,8 @@ def pending(plan: ArtifactPlan, force_engine: bool = False) -> list[tuple[str, s
     if why:
         steps.append(("onnx", why))
     if plan.precision != "fp32":
-        why = "its fp32 ONNX is made first" if steps else onnx_staleness(plan.onnx_for_precision, plan.onnx, SOURCE_DIGEST)
+        why = "its fp32 ONNX is made first" if steps else onnx_staleness(
+            plan.onnx_for_precision, plan.onnx, SOURCE_DIGEST, DERIVED_FORMS.get(plan.precision))
         if why:
             steps.append((plan.precision, why))
     if plan.backend == "tensorrt":

@@ -4,7 +4,9 @@ Each artifact records the digest of the one it was made from, and is current whi
 
     weights --> fp32 ONNX (weights_sha256) --> fp16 / int8 ONNX (source_onnx_sha256) --> engine (onnx_sha256)
 
-* An ONNX file names its parent in its metadata; `onnx_staleness` compares it with the parent on disk.
+* An ONNX file names its parent in its metadata; `onnx_staleness` compares it with the parent on disk,
+  and for a derived file the form its precision is written in now (DERIVED_FORMS), so that a file an
+  earlier export wrote in another form is made again.
 * A TensorRT engine has `<engine>.json` beside it: versions, GPU, the ONNX it was built from, its
   precision and batch profile, and `verified` (written only after the engine reproduced ONNX
   Runtime's logits). `engine_status` compares it with this host and with what is asked for: an
@@ -25,6 +27,11 @@ PRECISIONS = ("fp32", "fp16", "int8")
 # Metadata of ONNX files: the digest of the weights (fp32) or of the fp32 ONNX (fp16, int8) they came from.
 WEIGHTS_DIGEST = "weights_sha256"
 SOURCE_DIGEST = "source_onnx_sha256"
+# What a derived file of each precision records about its form, beside its source's digest. int8: its
+# quantized convolutions' biases are float, not int32 (TensorRT's ONNX parser dequantizes only 8-bit
+# values; ONNX Runtime's CPU graph quantizes them at load: runtime/int8_cpu_graph.py). Files made
+# before session 22 record no form and had int32 biases.
+DERIVED_FORMS = {"int8": {"int8_bias": "float"}}
 # The softmax temperature fitted on the validation split (model/calibration.py), when shipped.
 TEMPERATURE = "temperature"
 METADATA_KEYS = ("tensorrt_version", "gpu_name", "compute_capability", "onnx_sha256", "engine_sha256", "precision",
@@ -127,9 +134,11 @@ def onnx_temperature(onnx_path: str | Path) -> float:
     return temperature
 
 
-def onnx_staleness(onnx_path: str | Path, parent: str | Path, key: str = WEIGHTS_DIGEST) -> str | None:
+def onnx_staleness(onnx_path: str | Path, parent: str | Path, key: str = WEIGHTS_DIGEST,
+                   form: dict[str, str] | None = None) -> str | None:
     """Why `onnx_path` needs making (again) from `parent` (the weights, or for a derived ONNX the
-    fp32 ONNX, with key=SOURCE_DIGEST); None if it can be used as it is.
+    fp32 ONNX, with key=SOURCE_DIGEST and the `form` of its precision, DERIVED_FORMS); None if it
+    can be used as it is.
 
     An ONNX file that does not say what it came from (brought by a user), or whose parent is not
     on this machine (an image that ships only the ONNX files), is used as it is.
@@ -144,6 +153,9 @@ def onnx_staleness(onnx_path: str | Path, parent: str | Path, key: str = WEIGHTS
         recorded = metadata.get(key)
         if recorded not in (None, sha256_file(parent)):
             return f"{onnx_path} was made from another {'weights file' if key == WEIGHTS_DIGEST else 'ONNX'} than {parent}"
+        for name, value in (form or {}).items() if recorded is not None else ():
+            if metadata.get(name) != value:
+                return f"{onnx_path} was made by an earlier export ({name} {metadata.get(name)!r}, now {value!r})"
         if key == WEIGHTS_DIGEST and recorded is not None:
             from model.calibration import read_temperature
 

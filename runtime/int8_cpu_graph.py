@@ -1,5 +1,11 @@
 """The graph ONNX Runtime's CPU provider runs for an int8 QDQ file (cpu_graph), rewritten in memory.
 
+The file keeps its quantized convolutions' biases float, as TensorRT's ONNX parser needs;
+`int32_biases` first quantizes them to int32 exactly as the quantizer's default would have written
+them into the file (as it did before session 22), so that ONNX Runtime computes what the int8
+accuracy and agreement figures were measured on, to the bit. (ONNX Runtime 1.32 fuses the integer
+convolution with a float bias too, with other roundings: logits up to 0.3 apart on random images.)
+
 An int8 QDQ file (export/int8.py) quantizes activations as int8 with zero point 0, because
 TensorRT's explicit quantization requires it. ONNX Runtime's x86 CPU kernels want unsigned
 activations: on the CPU, `create_session` loads such a file with every activation Q/DQ pair
@@ -71,6 +77,56 @@ def unsigned_activations(model) -> int:
         if not is_scalar(values, 0):
             continue
         node.input[2] = add_constant(graph, initializers, f"{node.input[2]}_as_uint8", np.full(values.shape, 128, np.uint8))
+        changed += 1
+    drop_unused_initializers(graph)
+    return changed
+
+
+def int32_biases(model) -> int:
+    """Rewrite, in place, the float bias of each Conv whose input and weight are dequantized as an
+    int32 initializer dequantized with scale input scale x weight scale (per output channel) and
+    zero point 0; returns how many changed. That is the bias onnxruntime.quantization writes by
+    default (QuantizeBias; its quantize_bias_static_impl: the bias in float64 over that float32
+    scale, rounded, clipped to int32), which the file does not have because TensorRT's ONNX parser
+    needs float biases (export/int8.py). Scales are the same before and after unsigned_activations."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    producer, _ = index(graph)
+
+    def scale(name: str) -> np.ndarray | None:
+        node = producer.get(name)
+        if node is None or node.op_type != "DequantizeLinear" or node.input[1] not in initializers:
+            return None
+        return numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
+
+    changed = 0
+    for node in [n for n in graph.node if n.op_type == "Conv" and len(n.input) > 2 and n.input[2]]:
+        bias = initializers.get(node.input[2])
+        x_scale, w_scale = scale(node.input[0]), scale(node.input[1])
+        if bias is None or bias.data_type != TensorProto.FLOAT or x_scale is None or w_scale is None:
+            continue
+        if x_scale.size != 1:
+            continue
+        values = numpy_helper.to_array(bias)
+        bias_scale = (x_scale.reshape(()) * w_scale).astype(np.float32)
+        if bias_scale.size not in (1, values.size):
+            continue
+        steps = (values.astype(np.float64) / bias_scale.astype(np.float64)).round()
+        info = np.iinfo(np.int32)
+        quantized = np.clip(steps, float(info.min), float(info.max)).astype(np.int32).reshape(values.shape)
+        name = f"{bias.name}_int32"
+        shape = (-1,) if bias_scale.size > 1 else ()
+        add_constant(graph, initializers, name, quantized)
+        add_constant(graph, initializers, f"{name}_scale", bias_scale.reshape(shape))
+        add_constant(graph, initializers, f"{name}_zero_point", np.zeros(bias_scale.size, np.int32).reshape(shape))
+        dequantized = f"{name}_dequantized"
+        dequantize = helper.make_node("DequantizeLinear", [name, f"{name}_scale", f"{name}_zero_point"],
+                                      [dequantized], name=f"{name}_DequantizeLinear",
+                                      **({"axis": 0} if bias_scale.size > 1 else {}))
+        graph.node.insert(list(graph.node).index(node), dequantize)
+        node.input[2] = dequantized
         changed += 1
     drop_unused_initializers(graph)
     return changed
@@ -173,14 +229,15 @@ def unsigned_weights_for_offset_inputs(model) -> int:
 
 def cpu_graph(path: Path, pairs_saturate: bool | None = None) -> bytes:
     """The serialized graph ONNX Runtime's CPU provider runs for the file at `path`: its bytes, read
-    once, with int8 activations made unsigned and ReLUs folded into the quantization after them,
-    where it has any; where `pairs_saturate` (default: this CPU's, runtime/cpu.py), the weights that
-    would saturate made unsigned too."""
+    once, with the quantized convolutions' biases int32, int8 activations made unsigned and ReLUs
+    folded into the quantization after them, where it has any; where `pairs_saturate` (default: this
+    CPU's, runtime/cpu.py), the weights that would saturate made unsigned too."""
     import onnx
 
     data = path.read_bytes()
     model = onnx.ModelProto.FromString(data)
-    if not unsigned_activations(model):
+    biases = int32_biases(model)
+    if not unsigned_activations(model) and not biases:
         return data
     relu_into_quantize(model)
     if int8_pairs_saturate() if pairs_saturate is None else pairs_saturate:

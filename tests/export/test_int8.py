@@ -45,8 +45,51 @@ def test_the_int8_onnx_keeps_float_io_and_is_qdq(int8_of_the_exported_model):
     groups = [a.i for node in model.graph.node if node.op_type == "Conv" for a in node.attribute if a.name == "group"]
     assert all(g == 1 for g in groups)
     zero_points = [onnx.numpy_helper.to_array(init) for init in model.graph.initializer if "zero_point" in init.name]
-    zero_points = [z for z in zero_points if z.dtype != np.int32]  # biases are int32
     assert zero_points and all((z == 0).all() and z.dtype == np.int8 for z in zero_points)  # symmetric int8
+    # TensorRT's ONNX parser dequantizes only 8-bit values: the biases stay float, none int32.
+    stored = {init.name: init.data_type for init in model.graph.initializer}
+    dequantized = {stored.get(node.input[0]) for node in model.graph.node if node.op_type == "DequantizeLinear"}
+    assert dequantized <= {onnx.TensorProto.INT8, None}
+    biases = [stored[node.input[2]] for node in model.graph.node if node.op_type == "Conv" and len(node.input) > 2]
+    assert biases and set(biases) == {onnx.TensorProto.FLOAT}
+
+
+def test_on_the_cpu_the_biases_are_int32_as_the_quantizers_default_writes_them(int8_of_the_exported_model, tmp_path,
+                                                                             monkeypatch):
+    """ONNX Runtime runs the float-bias file as it ran the int32-bias file of before (runtime/int8_cpu_graph.py
+    int32_biases): the same int32 values and scales, and the same logits to the bit."""
+    import onnxruntime.quantization as quantization
+
+    from runtime.int8_cpu_graph import cpu_graph
+    from runtime.onnxruntime import create_session
+    from tests.conftest import images
+
+    fp32, int8, table = int8_of_the_exported_model
+    quantize_static = quantization.quantize_static
+
+    def with_int32_biases(*args, extra_options, **kwargs):
+        return quantize_static(*args, extra_options={**extra_options, "QuantizeBias": True}, **kwargs)
+
+    monkeypatch.setattr(quantization, "quantize_static", with_int32_biases)
+    int32_file = quantize_int8(fp32, tmp_path / "int32_biases.int8.onnx", data=None, table_path=table)
+    written = onnx.load(str(int32_file))
+    assert {i.data_type for i in written.graph.initializer} >= {onnx.TensorProto.INT32}
+
+    def conv_biases(model) -> list[tuple[np.ndarray, ...]]:
+        """(int32 values, scale, zero point) of each Conv's dequantized bias."""
+        values = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+        producer = {o: n for n in model.graph.node for o in n.output}
+        return [tuple(values[name] for name in producer[node.input[2]].input) for node in model.graph.node
+                if node.op_type == "Conv" and len(node.input) > 2]
+
+    served, before = (onnx.ModelProto.FromString(cpu_graph(f)) for f in (int8, int32_file))
+    pairs = list(zip(conv_biases(served), conv_biases(before), strict=True))
+    assert pairs and all(a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+                         for pair in pairs for a, b in zip(*pair, strict=True))
+    batch = images(16, seed=6)
+    logits = [create_session(f, threads=1, providers=["CPUExecutionProvider"]).run(["logits"], {"image": batch})[0]
+              for f in (int8, int32_file)]
+    assert np.array_equal(*logits)
 
 
 def test_each_relu_output_is_quantized_once_after_the_relu(int8_of_the_exported_model):
@@ -239,6 +282,29 @@ def test_it_records_its_source_and_calibration_and_reuses_the_table(int8_of_the_
     # No data set (a Docker build): the table of these weights gives the same graph.
     again = quantize_int8(fp32, tmp_path / "again.int8.onnx", data=None, table_path=table)
     assert onnx_metadata(again)[CALIBRATION_DIGEST] == metadata[CALIBRATION_DIGEST]
+
+
+def test_an_int8_file_of_an_earlier_export_is_made_again(int8_of_the_exported_model, tmp_path):
+    """Files made before the biases stayed float record no form (runtime/artifacts.py DERIVED_FORMS):
+    TensorRT could not parse them, so provisioning makes them again."""
+    from export.provision import pending
+    from runtime.artifacts import DERIVED_FORMS, ArtifactPlan
+
+    fp32, int8, _ = int8_of_the_exported_model
+    assert onnx_staleness(int8, fp32, SOURCE_DIGEST, DERIVED_FORMS["int8"]) is None
+    earlier = onnx.load(str(int8))
+    kept = [prop for prop in earlier.metadata_props if prop.key != "int8_bias"]
+    assert len(kept) == len(earlier.metadata_props) - 1
+    del earlier.metadata_props[:]
+    earlier.metadata_props.extend(kept)
+    old = derived_onnx_path(tmp_path / fp32.name, "int8")
+    onnx.save(earlier, str(old))
+    expected = f"{old} was made by an earlier export (int8_bias None, now 'float')"
+    assert onnx_staleness(old, fp32, SOURCE_DIGEST, DERIVED_FORMS["int8"]) == expected
+    (tmp_path / fp32.name).symlink_to(fp32)
+    plan = ArtifactPlan(backend="onnxruntime", precision="int8", weights=Path("absent.pdparams"),
+                        onnx=tmp_path / fp32.name)
+    assert pending(plan) == [("int8", expected)]
 
 
 def test_a_table_measured_on_another_graph_is_not_reused(int8_of_the_exported_model, tmp_path):
