@@ -3,7 +3,10 @@
 * a size limit: a body over it gets a 413 naming the limit, at once where Content-Length declares
   it, else as soon as the bytes received pass it;
 * a deadline: a client that sends its body too slowly (slowloris) gets a 408 and its connection
-  back, instead of holding a server task for as long as it likes.
+  back, instead of holding a server task for as long as it likes;
+* a client that goes away before the answer: its request ends with status 499 (nginx's "client
+  closed request") in the log and the metrics, whatever the app made of the missing body (a
+  ClientDisconnect raised from reading it, FastAPI's 400 for a form cut short), and no traceback.
 
 The size limit is not Starlette's (FastAPI's `max_body_size`): that one replaces every response to
 a request whose Content-Length is over the limit with a plain-text "Content Too Large", which
@@ -17,12 +20,55 @@ import time
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from service.errors import http_error_body
 
 
 class BodyTooSlow(Exception):
     pass
+
+
+# Not an HTTP status; nginx's for a request whose client closed the connection before the answer.
+CLIENT_CLOSED = 499
+
+
+class ClientGoneMiddleware:
+    """A request whose client disconnected before the response started ends as CLIENT_CLOSED: the
+    status the app sends is replaced (nobody reads it), and a ClientDisconnect from reading the
+    body ends the request instead of reaching the server's error handler."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        gone = started = False
+
+        async def receive_noting_disconnect():
+            nonlocal gone
+            message = await receive()
+            if message["type"] == "http.disconnect" and not started:
+                gone = True
+            return message
+
+        async def send_as_closed(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if gone:
+                    message = {**message, "status": CLIENT_CLOSED}
+            await send(message)
+
+        try:
+            await self.app(scope, receive_noting_disconnect, send_as_closed)
+        except ClientDisconnect:
+            if started:
+                raise
+            gone = True
+            await send_as_closed({"type": "http.response.start", "status": CLIENT_CLOSED, "headers": []})
+            await send_as_closed({"type": "http.response.body", "body": b""})
 
 
 class UploadLimitMiddleware:

@@ -23,7 +23,7 @@ from service.backends import create_backend
 from service.batching import DynamicBatcher
 from service.errors import ServiceError, http_error_body
 from service.kserve_grpc import server as grpc_server
-from service.limits import BodyTimeoutMiddleware, UploadLimitMiddleware
+from service.limits import BodyTimeoutMiddleware, ClientGoneMiddleware, UploadLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.request_log import RequestIdMiddleware
 from service.settings import Settings
@@ -113,6 +113,20 @@ async def close_service(state: ServiceState) -> None:
     log.info("drained and closed")
 
 
+class HeadAsGetMiddleware:
+    """HEAD wherever GET works (RFC 9110 requires it of a general-purpose server; load balancers'
+    health checks use it): the app answers a HEAD as a GET, and the server, whose own scope still
+    says HEAD, sends the status and headers without the body."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
+
+
 def create_app(
     settings: Settings | None = None, backend=None, backend_reason: str = "given", manage_lifespan: bool = True
 ) -> FastAPI:
@@ -164,7 +178,9 @@ def create_app(
             return JSONResponse(http_error_body(request.url.path, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
         return await http_exception_handler(request, exc)
 
+    app.add_middleware(ClientGoneMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(HeadAsGetMiddleware)  # outside the metrics: a HEAD counts as its route's GET
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(BodyTimeoutMiddleware, seconds=settings.body_timeout_s)
     app.add_middleware(RequestIdMiddleware, state=state)

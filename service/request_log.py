@@ -25,6 +25,7 @@ REQUEST_ID = "x-request-id"
 MODEL_DIGEST = "x-model-digest"
 TRACEPARENT = "traceparent"
 _TOKEN = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
+_UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
@@ -62,6 +63,14 @@ def traceparent(given: str | None) -> str | None:
     return given if given and _TRACEPARENT.match(given.strip().lower()) else None
 
 
+def logged_path(scope) -> str:
+    """The request's path as it was sent (percent-encoded), with any byte that is not a printable
+    ASCII character escaped as %XX: decoded, a %0A in it would start a forged log line."""
+    raw = scope.get("raw_path")
+    path = raw.decode("latin-1") if raw else scope["path"]
+    return _UNPRINTABLE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), path)
+
+
 def record_batch(queue_s: float, infer_s: float) -> None:
     """Called by the batcher for each image, in its request's context."""
     record = current.get()
@@ -80,7 +89,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        record = RequestRecord(request_id(headers.get(REQUEST_ID)), f"{scope['method']} {scope['path']}",
+        record = RequestRecord(request_id(headers.get(REQUEST_ID)), f"{scope['method']} {logged_path(scope)}",
                                traceparent(headers.get(TRACEPARENT)))
         token = current.set(record)
         status = 500

@@ -4,15 +4,17 @@ extensions, as Triton serves them: standard clients (tritonclient.http) work unc
 The models, their metadata and the checks of their inputs are service/inference.py's (shared
 with gRPC); this module only reads and writes the HTTP forms:
 
-* JSON: `inputs[0].data` a (nested) list of numbers for FP32, a list of base64 strings (each
-  one encoded image file) for BYTES; NaN and infinities are refused, as are bodies nested deeper
-  than JSON_MAX_DEPTH.
+* JSON: `inputs[0].data` a (nested) list of numbers for FP32 (JSON numbers: strings, booleans
+  and nulls are refused), a list of base64 strings (each one encoded image file) for BYTES; NaN
+  and infinities are refused, as are bodies nested deeper than Python's parser goes. The request
+  `id`, where given, is a string, echoed in the response.
 * binary: `parameters.binary_data_size` on the input and the tensor after the JSON header
   (Inference-Header-Content-Length), FP32 little-endian, or BYTES as Triton packs them (each
   element a 4-byte little-endian length, then its bytes).
 * request `parameters.timeout`: microseconds (as Triton), the request's deadline, never later
   than the server's own (ACMIX_REQUEST_TIMEOUT_S).
-* a body with `Content-Encoding: gzip` or `deflate` is decompressed, within the upload limit.
+* a body with `Content-Encoding: gzip` (one or more members) or `deflate` is decompressed,
+  within the upload limit.
 
 Beside inference: Triton's repository index and statistics; its other extensions' routes answer
 501 naming the extension.
@@ -38,6 +40,8 @@ from service.state import ServiceState, StateDep
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 HEADER_LENGTH = "Inference-Header-Content-Length"
+# What a datatype kind of numpy's reading of JSON data means, for FP32 data that is not numbers.
+NON_NUMBERS = {"b": "booleans", "U": "strings", "O": "nulls, objects or integers beyond 64 bits"}
 # A `timeout` parameter past this (microseconds, about 292,000 years) counts as this.
 MAX_TIMEOUT_US = 2**63 - 1
 
@@ -158,16 +162,22 @@ def decoded_body(body: bytes, encoding: str | None, limit: int) -> bytes:
         return body
     if encoding not in ("gzip", "deflate"):
         raise BadRequest(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none")
-    decompressor = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
-    try:
-        data = decompressor.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise BadRequest(f"the body is not valid {encoding} data ({exc})") from None
-    if len(data) > limit or decompressor.unconsumed_tail:
-        raise TooLarge(f"the body decompresses to more than the upload limit of {limit} bytes")
-    if not decompressor.eof:
-        raise BadRequest(f"the body's {encoding} data is cut short")
-    return data
+    data, rest = b"", body
+    while True:  # a gzip body may be several members one after another (RFC 1952), as `cat a.gz b.gz`
+        decompressor = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
+        try:
+            data += decompressor.decompress(rest, limit + 1 - len(data))
+        except zlib.error as exc:
+            raise BadRequest(f"the body is not valid {encoding} data ({exc})") from None
+        if len(data) > limit or decompressor.unconsumed_tail:
+            raise TooLarge(f"the body decompresses to more than the upload limit of {limit} bytes")
+        if not decompressor.eof:
+            raise BadRequest(f"the body's {encoding} data is cut short")
+        rest = decompressor.unused_data
+        if not rest:
+            return data
+        if encoding != "gzip":
+            raise BadRequest(f"the body has {len(rest)} bytes after the end of its deflate data")
 
 
 def reject_constant(name: str):
@@ -180,6 +190,8 @@ def parse_json(text: bytes):
     try:
         return json.loads(text, parse_constant=reject_constant)
     except ValueError as exc:  # invalid JSON or UTF-8, or an integer over Python's 4,300 digits
+        if "int_max_str_digits" in str(exc):
+            raise BadRequest("the request holds an integer of more than 4,300 digits") from None
         raise BadRequest(f"the request header is not JSON: {exc}") from None
     except RecursionError:
         raise BadRequest("the request nests arrays or objects too deeply to be a v2 request") from None
@@ -187,15 +199,24 @@ def parse_json(text: bytes):
 
 def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     """The JSON header and the binary tail (binary tensor data extension)."""
+    if not body:
+        raise BadRequest("the request body is empty: send a JSON inference request")
     try:
         length = int(header_length) if header_length is not None else len(body)
     except ValueError:
         raise BadRequest(f"{HEADER_LENGTH} is not an integer: {header_length!r}") from None
     if not 0 < length <= len(body):
         raise BadRequest(f"{HEADER_LENGTH} {length} does not fit a body of {len(body)} bytes")
-    header = parse_json(body[:length])
+    try:
+        header = parse_json(body[:length])
+    except BadRequest as exc:
+        if header_length is not None or "Extra data" not in exc.message:
+            raise
+        raise BadRequest(f"{exc.message} (binary data after the JSON needs the {HEADER_LENGTH} header)") from None
     if not isinstance(header, dict):
         raise BadRequest("the request must be a JSON object")
+    if not isinstance(header.get("id", ""), str):
+        raise BadRequest(f"the request id must be a string, got {type(header['id']).__name__}")
     return header, body[length:]
 
 
@@ -262,10 +283,15 @@ def read_tensor_input(header: dict, binary: bytes) -> np.ndarray:
     if data is None:
         raise BadRequest(f"input {INPUT_NAME!r} has neither data nor binary_data_size")
     try:
-        with np.errstate(over="ignore"):  # values beyond float32 become inf, refused as non-finite
-            array = np.asarray(data, dtype=np.float32).reshape(-1)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond float64
+        numbers = np.asarray(data)
+    except ValueError:  # ragged lists
         raise BadRequest(f"input {INPUT_NAME!r} data is not a (nested) list of numbers") from None
+    # JSON strings, booleans and nulls are not FP32 values (numpy would read "0.5" and true as numbers).
+    if numbers.dtype.kind not in "iuf":
+        raise BadRequest(f"input {INPUT_NAME!r} data must be JSON numbers; it holds "
+                         f"{NON_NUMBERS.get(numbers.dtype.kind, 'values that are not')}")
+    with np.errstate(over="ignore"):  # values beyond float32 become inf, refused as non-finite
+        array = numbers.astype(np.float32).reshape(-1)
     if array.size != count:
         raise BadRequest(f"input {INPUT_NAME!r} {shape} needs {count} values, got {array.size}")
     return array.reshape(shape)

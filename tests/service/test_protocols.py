@@ -84,7 +84,7 @@ def test_real_preprocessed_validation_images_are_never_refused(shared_data):
                              "data": [1e39] * 49152}]}).encode(), "NaN or infinite"),  # float32 overflow: inf
     (b'{"inputs": [', "is not JSON"),
     (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 128, 128], "data": [[[["a"]]]]}]}',
-     "not a (nested) list of numbers"),
+     "data must be JSON numbers; it holds strings"),
 ])
 def test_malformed_bodies_are_400_and_the_server_keeps_serving(client, body, message):
     response = client.post(INFER, content=body, headers={"Content-Type": "application/json"})

@@ -216,3 +216,43 @@ def test_a_backend_that_fails_its_check_stops_the_server_in_one_line(onnx_model,
     output = str(failure.value)
     assert "ERROR service: the backend did not load: " in output and "reference check failed" in output
     assert "Traceback" not in output
+
+
+def test_a_client_gone_mid_body_is_logged_as_499_without_a_traceback_and_paths_are_logged_escaped(onnx_model):
+    """A client that closes its connection before its body is in: status 499 in the log and the
+    metrics (it was a 500 with a traceback on /v2, a 400 on /predict); the server keeps serving.
+    A path's encoded newline stays encoded in the log line (it forged a line of its own); HEAD
+    answers wherever GET does."""
+    process, url = start_server(onnx_model, log_level="info")
+    host, port = url.removeprefix("http://").split(":")
+    try:
+        for path, content_type, start in [
+            ("/v2/models/alexnet_acmix/infer", "application/json", b'{"inputs":'),
+            ("/v2/repository/index", "application/json", b"{"),
+            ("/predict", "multipart/form-data; boundary=b",
+             b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n\x89PNG'),
+        ]:
+            with socket.create_connection((host, int(port)), timeout=10) as connection:
+                connection.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
+                                   f"Content-Length: 1000\r\n\r\n".encode() + start)
+                time.sleep(0.2)
+        forged = "x%0A2026-12-04 00:00:00,000 INFO service.requests: request id=FORGED status=200"
+        assert httpx.get(f"{url}/v2/models/{forged.replace(' ', '%20')}").status_code == 404
+        head = httpx.head(f"{url}/healthz")
+        assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
+        assert httpx.head(f"{url}/v2").status_code == 200 and httpx.head(f"{url}/predict").status_code == 405
+        deadline = time.monotonic() + 10
+        while 'status="499"' not in (metrics := httpx.get(f"{url}/metrics").text) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        closed = [line for line in metrics.splitlines() if line.startswith("http_requests_total") and '"499"' in line]
+        assert len(closed) == 3, closed
+        assert httpx.get(f"{url}/readyz").status_code == 200
+    finally:
+        stop(process)
+    log = process.stdout.read()
+    assert "Traceback" not in log and "status=500" not in log, log[-3000:]
+    for route in ("POST /v2/models/alexnet_acmix/infer", "POST /v2/repository/index", "POST /predict"):
+        assert f"route={route} status=499" in log, log[-3000:]
+    assert "id=FORGED" in log and not any(line.startswith("2026-12-04 00:00:00") for line in log.splitlines())
+    assert "route=GET /v2/models/x%0A2026-12-04%2000:00:00,000%20INFO" in log
+    assert "route=HEAD /healthz status=200" not in log  # health checks stay out of the log, HEAD too

@@ -33,7 +33,12 @@ def header(**tensor) -> dict:
     # a shape whose product wraps around in int64 (np.prod gave 0): refused, never a 500
     (header(shape=[2**50, 3, 128, 128], data=[]), b"", f"needs {2**50 * 49152} values, got 0"),
     (header(shape=[2**50, 3, 128, 128], parameters={"binary_data_size": 0}), b"", f"needs {2**50 * 49152 * 4} bytes"),
-    (header(data=[10**400] + [0] * 49151), b"", "data is not a"),  # beyond float64
+    (header(data=[10**400] + [0] * 49151), b"", "data must be JSON numbers; it holds nulls, objects or integers"),
+    # numpy would read these as numbers ("0.5" -> 0.5, true -> 1.0); Triton refuses them
+    (header(data=["0.5"] * 49152), b"", "data must be JSON numbers; it holds strings"),
+    (header(data=[True] * 49152), b"", "data must be JSON numbers; it holds booleans"),
+    (header(data=[None] + [0.0] * 49151), b"", "data must be JSON numbers; it holds nulls"),
+    (header(data=[[0.0], 1.0]), b"", "data is not a \\(nested\\) list of numbers"),
     ({"inputs": []}, b"", "exactly one input"),
     ({"inputs": {"image": 1}}, b"", "exactly one input"),
 ])
@@ -57,7 +62,11 @@ def test_a_good_tensor_input_in_either_form():
     (b'{"a": -Infinity}', None, "-Infinity"),
     (b"\xff\xfe", None, "is not JSON"),
     (b"[" * 50_000 + b"]" * 50_000, None, "too deeply"),
-    (b'{"id": ' + b"1" * 5000 + b"}", None, "is not JSON"),  # over Python's 4,300 digits
+    (b'{"id": ' + b"1" * 5000 + b"}", None, "an integer of more than 4,300 digits"),  # Python's limit
+    (b"", None, "the request body is empty"),
+    (b'{"inputs": []}\0\0\0\0', None, "needs the Inference-Header-Content-Length header"),
+    (b'{"id": 7, "inputs": []}', None, "the request id must be a string, got int"),
+    (b'{"id": {"a": 1}, "inputs": []}', None, "the request id must be a string, got dict"),
 ])
 def test_bad_bodies(body, length, message):
     with pytest.raises(BadRequest, match=message):
@@ -122,3 +131,11 @@ def test_a_compressed_body_is_decompressed_within_the_upload_limit():
         decoded_body(gzip.compress(body)[:-12], "gzip", 100)
     with pytest.raises(BadRequest, match="Content-Encoding 'br' is not supported"):
         decoded_body(body, "br", 100)
+    # gzip members one after another are one body (RFC 1952; `cat a.gz b.gz`), within the limit too
+    assert decoded_body(gzip.compress(body[:5]) + gzip.compress(body[5:]), "gzip", 100) == body
+    with pytest.raises(TooLarge, match="upload limit of 20 bytes"):
+        decoded_body(gzip.compress(body) + gzip.compress(body), "gzip", 20)
+    with pytest.raises(BadRequest, match="not valid gzip data"):
+        decoded_body(gzip.compress(body) + b"garbage!", "gzip", 100)
+    with pytest.raises(BadRequest, match="8 bytes after the end of its deflate data"):
+        decoded_body(zlib.compress(body) + b"garbage!", "deflate", 100)
