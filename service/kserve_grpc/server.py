@@ -10,22 +10,24 @@ other RPCs answer UNIMPLEMENTED naming their extension.
 
 The service's domain errors become gRPC status codes (service/errors.py); every call carries
 `x-request-id` and `x-model-digest` in its trailing metadata, counts in the metrics by method
-and code, and logs one line (service/request_log.py). Messages up to the upload limit are taken.
+and code, and logs one line (service/request_log.py), a message that does not parse included
+(INVALID_ARGUMENT). Messages up to the upload limit are taken; responses are not limited.
 """
 
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 
 import grpc
 import numpy as np
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 
-from model.spec import INPUT_NAME, INPUT_SHAPE, OUTPUT_NAME
+from model.spec import INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME
 from service import inference
-from service.errors import BadRequest, NotFound, ServiceError, Unauthenticated, Unavailable, Unsupported
+from service.api.security import check_key
+from service.errors import BadRequest, NotFound, ServiceError, Unavailable, Unsupported
 from service.kserve_grpc.proto import kserve_v2_pb2 as pb
 from service.request_log import (
     MODEL_DIGEST,
@@ -112,11 +114,14 @@ class Servicer:
             raise BadRequest(f"raw_input_contents holds {len(raw)} tensors; the model takes one")
         deadline = state.deadline(timeout_parameter(request.parameters, metadata))
         outputs = requested_outputs(request)
+        if raw and tensor.HasField("contents"):  # as Triton: one or the other, never one silently ignored
+            raise BadRequest(f"contents field must not be specified when using raw_input_contents for "
+                             f"{INPUT_NAME!r} for model {request.model_name!r}")
         if image:
             if raw:
                 files = inference.unpack_bytes(raw[0], count)
             else:
-                files = list(tensor.contents.bytes_contents)
+                files = list(typed_contents(tensor, "bytes_contents"))
                 if len(files) != count:
                     raise BadRequest(f"input {INPUT_NAME!r}: shape [{count}] but bytes_contents holds {len(files)}")
             logits = await inference.infer_images(state, files, deadline)
@@ -128,7 +133,7 @@ class Servicer:
                                      f"raw_input_contents has {len(raw[0])}")
                 batch = np.frombuffer(raw[0], dtype="<f4")
             else:
-                batch = np.asarray(tensor.contents.fp32_contents, dtype=np.float32)
+                batch = np.asarray(typed_contents(tensor, "fp32_contents"), dtype=np.float32)
                 if batch.size != values:
                     raise BadRequest(f"input {INPUT_NAME!r} {list(tensor.shape)} needs {values} values, "
                                      f"fp32_contents has {batch.size}")
@@ -136,13 +141,19 @@ class Servicer:
         return infer_response(request, outputs, logits)
 
 
+def typed_contents(tensor, field: str):
+    """The values of `tensor`'s typed contents, which its datatype takes in `field` only; BadRequest
+    naming the field sent instead."""
+    other = [f.name for f, _ in tensor.contents.ListFields() if f.name != field]
+    if other:
+        raise BadRequest(f"input {INPUT_NAME!r} is {tensor.datatype}, which takes contents.{field} (or "
+                         f"raw_input_contents), not contents.{other[0]}")
+    return getattr(tensor.contents, field)
+
+
 def require_key(state: ServiceState, metadata: dict[str, str]) -> None:
-    expected = state.settings.api_key
-    if not expected:
-        return
-    given = metadata.get("x-api-key") or metadata.get("authorization", "").removeprefix("Bearer ").strip() or None
-    if given is None or not secrets.compare_digest(given.encode(), expected.encode()):
-        raise Unauthenticated("missing or wrong API key (metadata x-api-key)")
+    """The HTTP API's check (service/api/security.py) on the metadata x-api-key and authorization."""
+    check_key(state.settings.api_key, metadata.get("x-api-key"), metadata.get("authorization"))
 
 
 def timeout_parameter(parameters, metadata) -> float | None:
@@ -167,7 +178,11 @@ def requested_outputs(request) -> list[int]:
         if "classification" in spec.parameters:
             parameter = spec.parameters["classification"]
             choice = parameter.WhichOneof("parameter_choice")
-            k = getattr(parameter, choice) if choice in ("int64_param", "uint64_param") else None
+            if choice not in ("int64_param", "uint64_param"):
+                sent = f"{choice} {getattr(parameter, choice)!r}" if choice else "a parameter without a value"
+                raise BadRequest(f"classification must be an integer (int64_param or uint64_param) in "
+                                 f"0..{NUM_CLASSES}, got {sent}")
+            k = getattr(parameter, choice)
         counts.append(inference.classification_count(k))
     inference.check_requested_once(len(counts))
     return counts
@@ -216,8 +231,37 @@ async def answer(state: ServiceState, name: str, method, request, metadata: dict
     return None, code, message
 
 
+def parse(request_type, data: bytes):
+    """`data` as a `request_type` message, or BadRequest naming why not. Parsed here rather than by grpc
+    (as its request_deserializer), whose failure would be UNKNOWN with a traceback, neither counted nor logged."""
+    try:
+        return request_type.FromString(data)
+    except DecodeError as exc:
+        raise BadRequest(f"malformed request message: {exc}") from None  # exc names the type
+
+
+def parsing(request_type, method):
+    """`method` of a message's bytes, parsed first."""
+
+    async def parsed(data: bytes, metadata):
+        return await method(parse(request_type, data), metadata)
+
+    return parsed
+
+
+def refuse(error: ServiceError):
+    """A method that fails with `error`."""
+
+    async def method(request, metadata):
+        raise error
+
+    return method
+
+
 def handler(state: ServiceState, name: str, method, request_type=None, response_type=None):
     """A unary RPC over `method` (request and response as bytes where no type is given)."""
+    if request_type is not None:
+        method = parsing(request_type, method)
 
     async def call(request, context: grpc.aio.ServicerContext):
         metadata = metadata_of(context)
@@ -232,51 +276,56 @@ def handler(state: ServiceState, name: str, method, request_type=None, response_
         return response
 
     return grpc.unary_unary_rpc_method_handler(
-        call, request_deserializer=request_type.FromString if request_type else None,
-        response_serializer=response_type.SerializeToString if response_type else None)
+        call, response_serializer=response_type.SerializeToString if response_type else None)
 
 
 def stream_handler(state: ServiceState, servicer: Servicer):
     """ModelStreamInfer: every request of the stream through ModelInfer, concurrently (so that they
-    batch), and exactly one response each, in the order they finish: the result, or the error's
-    message with the request's id (Triton's form; tritonclient hands it to the callback), a missing
-    API key included."""
+    batch), and exactly one response each, in the order the requests came (as Triton answers a model
+    that is not decoupled: tritonclient hands an error to its callback without the request's id, so
+    clients match by position): the result, or the error's message with the request's id (Triton's
+    form), a missing API key included. A message that does not parse is answered in its place like
+    any bad request, and the stream goes on: gRPC frames each message, so the ones after it are whole,
+    and the requests in flight are answered."""
 
     async def call(request_iterator, context: grpc.aio.ServicerContext):
         metadata = metadata_of(context)  # the API key is checked per request, by ModelInfer
-        responses: asyncio.Queue = asyncio.Queue()
+        answers: asyncio.Queue = asyncio.Queue()  # each request's task, in the order they came; None: no more
+        pending: set[asyncio.Task] = set()
 
-        async def one(request):
+        async def one(data: bytes):
+            try:
+                request, method = parse(pb.ModelInferRequest, data), servicer.ModelInfer
+            except BadRequest as error:  # answered, counted and logged as any bad request
+                request, method = pb.ModelInferRequest(), refuse(error)  # no id or model to answer with
             record = RequestRecord(request_id(request.id or None), "grpc ModelStreamInfer",
                                    traceparent(metadata.get(TRACEPARENT)))
-            response, _, message = await answer(state, "ModelStreamInfer", servicer.ModelInfer, request, metadata, record)
+            response, _, message = await answer(state, "ModelStreamInfer", method, request, metadata, record)
             if response is None:
                 failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
                                                id=request.id)
-                await responses.put(pb.ModelStreamInferResponse(error_message=message, infer_response=failed))
-            else:
-                await responses.put(pb.ModelStreamInferResponse(infer_response=response))
-
-        tasks: list[asyncio.Task] = []
+                return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
+            return pb.ModelStreamInferResponse(infer_response=response)
 
         async def read():
             try:
-                async for request in request_iterator:
-                    tasks.append(asyncio.create_task(one(request)))
-                await asyncio.gather(*tasks)
-            finally:  # the end of the responses, however the requests ended
-                responses.put_nowait(None)
+                async for data in request_iterator:
+                    task = asyncio.create_task(one(data))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                    answers.put_nowait(task)
+            finally:  # the end of the requests, however they ended
+                answers.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:
-            while (response := await responses.get()) is not None:
-                yield response
+            while (task := await answers.get()) is not None:
+                yield await task  # the requests after it compute meanwhile
         finally:  # the client went away: what it sent is not computed
-            for task in (reader, *tasks):
+            for task in (reader, *pending):
                 task.cancel()
 
-    return grpc.stream_stream_rpc_method_handler(call, request_deserializer=pb.ModelInferRequest.FromString,
-                                                 response_serializer=pb.ModelStreamInferResponse.SerializeToString)
+    return grpc.stream_stream_rpc_method_handler(call, response_serializer=pb.ModelStreamInferResponse.SerializeToString)
 
 
 def unsupported(extension: str):
@@ -312,8 +361,10 @@ async def start(state: ServiceState) -> grpc.aio.Server:
     """The gRPC server on the settings' host and gRPC port, started on the running event loop."""
     settings = state.settings
     limit = settings.max_upload_bytes + GRPC_MESSAGE_OVERHEAD  # the payload plus the message's own fields
+    # Responses are not limited (as Triton's): a request already accepted and computed must not fail in
+    # the sending; classification strings can make a response several times its request.
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                      ("grpc.max_send_message_length", limit),
+                                      ("grpc.max_send_message_length", -1),
                                       # other server processes of this host share the port (service/workers.py)
                                       ("grpc.so_reuseport", 1 if state.peers.count > 1 else 0)])
     servicer = Servicer(state)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -317,3 +318,153 @@ def test_statistics_count_each_models_requests_their_images_and_batches(grpc_cli
     assert int(image["inference_stats"]["compute_input"]["ns"]) > 0  # the image model decodes its files
     code, _ = status_of(lambda: client.get_inference_statistics("resnet"))
     assert code == grpc.StatusCode.NOT_FOUND
+
+
+def raw_request(batch: np.ndarray, id: str = "") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="alexnet_acmix", id=id)
+    request.inputs.add(name="image", datatype="FP32", shape=list(batch.shape))
+    request.raw_input_contents.append(batch.astype("<f4").tobytes())
+    return request
+
+
+MALFORMED = b"\xff\xff\xff\xff\x0f"  # a field of wire type 7, which protobuf does not have
+
+
+def test_stream_infer_answers_in_the_order_the_requests_came_and_computes_them_concurrently(grpc_client):
+    """As Triton: tritonclient's callback gets an error without the request's id, so the position is the id."""
+    import queue
+
+    # A fake backend (not the model): slow, so that the first request still computes when the bad one fails.
+    backend = SlowBackend(delay=0.5)
+    _, client, _ = grpc_client(backend=backend)
+    started = len(backend.calls)  # the warm-up's
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    client.async_stream_infer("alexnet_acmix", [tensor_input(np.zeros((1, 3, 128, 128), np.float32))],
+                              request_id="first")
+    bad = triton.InferInput("image", [1, 3, 128, 127], "FP32")
+    bad._raw_content = b""
+    client.async_stream_infer("alexnet_acmix", [bad], request_id="bad")
+    for name in ("third", "fourth"):
+        client.async_stream_infer("alexnet_acmix", [tensor_input(np.zeros((1, 3, 128, 128), np.float32))],
+                                  request_id=name)
+    got = [answers.get(timeout=30) for _ in range(4)]
+    client.stop_stream()
+    assert [r.get_response().id if e is None else "error" for r, e in got] == ["first", "error", "third", "fourth"]
+    assert "[N, 3, 128, 128]" in got[1][1].message()
+    assert len(backend.calls[started:]) < 3  # batched together, not computed one after another
+
+
+def test_a_malformed_message_is_invalid_argument_counted_and_logged_without_a_traceback(grpc_client, caplog):
+    caplog.set_level(logging.INFO, logger="service.requests")
+    client_http, _, address = grpc_client()
+    with grpc.insecure_channel(address) as channel:
+        for method in ("ModelInfer", "ModelMetadata"):
+            call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")  # bytes as they are
+            with pytest.raises(grpc.RpcError) as caught:
+                call(MALFORMED, timeout=30)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+            assert caught.value.details().startswith("malformed request message"), method
+            assert f"{method}Request" in caught.value.details()
+    text = client_http.get("/metrics").text
+    assert 'grpc_requests_total{code="INVALID_ARGUMENT",method="ModelInfer"} 1.0' in text
+    assert 'grpc_requests_total{code="INVALID_ARGUMENT",method="ModelMetadata"} 1.0' in text
+    assert any("route=grpc ModelInfer status=INVALID_ARGUMENT" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"]
+
+
+def test_a_malformed_message_in_a_stream_is_answered_in_its_place_and_the_stream_goes_on(grpc_client, caplog):
+    """Chosen over ending the stream: gRPC frames each message, so the ones after it are whole."""
+    client_http, _, address = grpc_client()
+    batch = np.zeros((8, 3, 128, 128), np.float32)
+    messages = [raw_request(batch, "a").SerializeToString(), MALFORMED, raw_request(batch[:1], "c").SerializeToString()]
+    with grpc.insecure_channel(address) as channel:
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                       response_deserializer=pb.ModelStreamInferResponse.FromString)
+        call = stream(iter(messages), timeout=30)
+        responses = list(call)
+        assert call.code() == grpc.StatusCode.OK
+    assert [(r.infer_response.id, r.error_message[:25]) for r in responses] == [
+        ("a", ""), ("", "malformed request message"), ("c", "")]
+    assert 'grpc_requests_total{code="INVALID_ARGUMENT",method="ModelStreamInfer"} 1.0' in client_http.get("/metrics").text
+    assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"]
+
+
+@pytest.mark.parametrize("model, datatype, shape, field, values", [
+    ("alexnet_acmix_image", "BYTES", [1], "bytes_contents", [b"an image"]),
+    ("alexnet_acmix", "FP32", [1, 3, 128, 128], "fp32_contents", [0.0] * (3 * 128 * 128)),
+])
+def test_raw_and_typed_contents_together_are_invalid_argument(grpc_client, cifar_like_jpegs, model, datatype,
+                                                                shape, field, values):
+    _, _, address = grpc_client()
+    request = pb.ModelInferRequest(model_name=model)
+    getattr(request.inputs.add(name="image", datatype=datatype, shape=shape).contents, field).extend(values)
+    raw = np.zeros(shape, np.float32).tobytes() if datatype == "FP32" else \
+        len(cifar_like_jpegs[0]).to_bytes(4, "little") + cifar_like_jpegs[0]
+    request.raw_input_contents.append(raw)
+    with pytest.raises(grpc.RpcError) as caught:
+        raw_call(address, request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == (f"contents field must not be specified when using raw_input_contents for "
+                                      f"'image' for model {model!r}")
+
+
+def test_a_response_larger_than_its_request_arrives(grpc_client):
+    """Classification strings make the response several times the request: the upload limit is not the
+    response's."""
+    _, client, _ = grpc_client(max_upload_bytes=20_000)
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="GIF")
+    files = [buffer.getvalue()] * 512
+    result = client.infer("alexnet_acmix_image", [bytes_input(files)],
+                          outputs=[triton.InferRequestedOutput("logits", class_count=10)], client_timeout=60)
+    assert result.as_numpy("logits").shape == (512, 10)
+    assert result.get_response().ByteSize() > 20_000 + (1 << 16)  # over what the send limit was
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("string_param", "3", "string_param '3'"), ("double_param", 3.0, "double_param 3.0"),
+    ("bool_param", True, "bool_param True"),
+])
+def test_a_classification_parameter_not_an_integer_is_named_in_the_error(grpc_client, field, value, named):
+    _, _, address = grpc_client()
+    request = raw_request(np.zeros((1, 3, 128, 128), np.float32))
+    setattr(request.outputs.add(name="logits").parameters["classification"], field, value)
+    with pytest.raises(grpc.RpcError) as caught:
+        raw_call(address, request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "classification must be an integer" in caught.value.details() and named in caught.value.details()
+
+
+def test_the_api_key_is_taken_in_the_forms_http_takes(grpc_client):
+    client_http, client, _ = grpc_client(api_key="secret")
+    forms = [{"x-api-key": "secret"}, {"authorization": "Bearer secret"}, {"authorization": "bearer secret"},
+             {"authorization": "BEARER  secret "}, {"authorization": "secret"}, {"authorization": "Basic secret"},
+             {"authorization": "Bearer wrong"}, {"x-api-key": "wrong"}]
+
+    def grpc_takes(headers):
+        try:
+            client.get_model_repository_index(headers=headers)
+            return True
+        except triton.InferenceServerException as exc:
+            assert code_named(exc.status()) == grpc.StatusCode.UNAUTHENTICATED
+            return False
+
+    over_grpc = [grpc_takes(headers) for headers in forms]
+    over_http = [client_http.post("/v2/repository/index", headers=headers, json={}).status_code == 200
+                 for headers in forms]
+    assert over_grpc == over_http == [True, True, True, True, False, False, False, False]
+
+
+@pytest.mark.parametrize("field, values", [
+    ("int_contents", [0] * (3 * 128 * 128)), ("fp64_contents", [0.0] * (3 * 128 * 128)), ("bytes_contents", [b"x"]),
+])
+def test_fp32_values_in_another_typed_field_get_an_error_naming_both_fields(grpc_client, field, values):
+    _, _, address = grpc_client()
+    request = pb.ModelInferRequest(model_name="alexnet_acmix")
+    getattr(request.inputs.add(name="image", datatype="FP32", shape=[1, 3, 128, 128]).contents, field).extend(values)
+    with pytest.raises(grpc.RpcError) as caught:
+        raw_call(address, request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == ("input 'image' is FP32, which takes contents.fp32_contents (or "
+                                      f"raw_input_contents), not contents.{field}")
