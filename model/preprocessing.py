@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import warnings
 
 import numpy as np
@@ -23,6 +24,9 @@ RESAMPLE = Image.Resampling.BILINEAR
 # their own; they are refused by name instead.
 FORMATS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",), "BMP": (".bmp",), "GIF": (".gif",)}
 SUFFIXES = tuple(suffix for suffixes in FORMATS.values() for suffix in suffixes)
+# The modes of 16-bit grey (Pillow opens a 16-bit grey PNG as I;16, a uint16 array becomes one):
+# convert() would clip 0..65535 at 255, nearly all white.
+_SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N")
 # (v / 255 - mean) / std for every 8-bit value v of each channel: one table look-up per pixel.
 _NORMALIZED = ((np.arange(256, dtype=np.float32)[None, :] / 255.0 - MEAN[:, None]) / STD[:, None]).astype(np.float32)
 
@@ -32,7 +36,7 @@ class ImageError(ValueError):
 
 
 @contextlib.contextmanager
-def _naming_the_cause():
+def _naming_the_cause(max_pixels: int | None = None):
     """Pillow's exceptions, for undecodable bytes, as ImageError with the cause. Any exception while
     decoding is the bytes' fault (Pillow's decoders raise more kinds than they document), so none
     escapes as another type: a caller answers every one as bad input."""
@@ -46,6 +50,11 @@ def _naming_the_cause():
     except UnidentifiedImageError:
         raise ImageError(f"not a recognized image format (this model takes {', '.join(FORMATS)})") from None
     except Image.DecompressionBombError as exc:
+        # Image.open refuses past twice Pillow's own limit (~179 Mpx) before the size reaches
+        # open_image: its message has the pixel count, to cite with the caller's lower limit.
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        if max_pixels is not None and pixels and int(pixels[1]) > max_pixels:
+            raise ImageError(f"image is {pixels[1]} pixels, over the pixel limit of {max_pixels}") from None
         raise ImageError(f"image is over the pixel limit (a decompression bomb?): {exc}") from None
     except Exception as exc:
         raise ImageError(f"corrupt or truncated image: {exc or type(exc).__name__}") from None
@@ -55,7 +64,7 @@ def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     """Read the header only: format and size known and checked, no pixel decoded yet."""
     if not data:
         raise ImageError("empty file")
-    with _naming_the_cause():
+    with _naming_the_cause(max_pixels):
         image = Image.open(io.BytesIO(data), formats=list(FORMATS))
         width, height = image.size
     if max_pixels is not None and width * height > max_pixels:
@@ -77,9 +86,17 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any mode to RGB; transparency is composited on black, as a decoder without alpha would."""
+    """Any mode of 8- or 16-bit samples to RGB; transparency is composited on black, as a decoder
+    without alpha would."""
     if image.mode == "RGB":
         return image
+    if image.mode in _SIXTEEN_BIT_GREY:
+        # The top byte, as Pillow itself reduces PNG's 16-bit RGB, RGBA and grey with alpha: a grey
+        # decodes alike in each, and 8-bit values widened (x 257) come back exactly.
+        return Image.fromarray((np.asarray(image) >> 8).astype(np.uint8)).convert("RGB")
+    if image.mode in ("I", "F"):
+        # 32-bit samples have no one scale to 8 bits (none of FORMATS decodes to them).
+        raise ImageError(f"image mode {image.mode!r} (32-bit samples) is not taken: send 8- or 16-bit images")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))

@@ -19,6 +19,7 @@ from runtime.artifacts import onnx_temperature, sha256_file
 from runtime.backend import BackendError
 from runtime.reference import ReferenceError, check, read_reference, reference_path
 from service.api import health, predict, v2
+from service.api.security import KeyBeforeUploadMiddleware
 from service.backends import create_backend
 from service.batching import DynamicBatcher
 from service.errors import ServiceError, http_error_body
@@ -178,6 +179,7 @@ def create_app(
             return JSONResponse(http_error_body(request.url.path, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
         return await http_exception_handler(request, exc)
 
+    app.add_middleware(KeyBeforeUploadMiddleware, state=state)  # innermost: counted and logged, before any read
     app.add_middleware(ClientGoneMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(HeadAsGetMiddleware)  # outside the metrics: a HEAD counts as its route's GET

@@ -6,8 +6,8 @@ import asyncio
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Header, UploadFile
-from pydantic import BaseModel
+from fastapi import APIRouter, Depends, File, Form, Header, Request, UploadFile
+from pydantic import BaseModel, WithJsonSchema
 
 from model.preprocessing import ImageError
 from service.api.security import require_api_key
@@ -23,6 +23,11 @@ TopK = Annotated[int, Form(ge=1, le=10, description="how many classes to return,
 # The request's own deadline, as v2's `timeout` parameter is for /v2 (never later than the server's).
 TimeoutMs = Annotated[float | None, Header(alias="X-Request-Timeout-Ms", gt=0,
                                            description="answer within this many milliseconds, else 504")]
+# A `file` part: multipart parsing gives one without a filename (curl -F 'file=<a.png') as text,
+# which predict_one refuses by name; declared UploadFile alone, FastAPI's 422 would echo it whole.
+# Documented as the upload it must be.
+FilePart = Annotated[UploadFile | str,
+                     WithJsonSchema({"type": "string", "contentMediaType": "application/octet-stream"})]
 
 
 class ClassProbability(BaseModel):
@@ -53,7 +58,9 @@ class BatchPrediction(BaseModel):
     backend: str
 
 
-async def predict_one(state: ServiceState, upload: UploadFile, top_k: int, deadline: float) -> Prediction:
+async def predict_one(state: ServiceState, upload: UploadFile | str, top_k: int, deadline: float) -> Prediction:
+    if isinstance(upload, str):
+        raise BadRequest("the file part has no filename: send it as a file upload (curl -F file=@image.png)")
     data = await upload.read()
     try:
         image = await state.decode(data, deadline)
@@ -67,32 +74,38 @@ async def predict_one(state: ServiceState, upload: UploadFile, top_k: int, deadl
 
 @router.post("/predict", response_model=Prediction, summary="Classify one image")
 async def predict(
+    request: Request,
     state: StateDep,
-    file: Annotated[UploadFile, File(description="JPEG, PNG, WebP, BMP or GIF (first frame)")],
+    file: Annotated[FilePart, File(description="JPEG, PNG, WebP, BMP or GIF (first frame)")],
     top_k: TopK = 5,
     timeout_ms: TimeoutMs = None,
 ) -> Prediction:
+    # `file` is the last of repeated parts; the others would go unanswered. (FastAPI has parsed the
+    # form already: request.form() returns it.)
+    if len((await request.form()).getlist("file")) > 1:
+        raise BadRequest("several `file` parts: send one file to /predict, or several to /predict/batch")
     return await predict_one(state, file, top_k, state.deadline(timeout_ms / 1000 if timeout_ms else None))
 
 
 @router.post("/predict/batch", response_model=BatchPrediction, summary="Classify several images, one result each")
 async def predict_batch(
     state: StateDep,
-    file: Annotated[list[UploadFile], File(description="several `file` parts")],
+    file: Annotated[list[FilePart], File(description="several `file` parts")],
     top_k: TopK = 5,
     timeout_ms: TimeoutMs = None,
 ) -> BatchPrediction:
     deadline = state.deadline(timeout_ms / 1000 if timeout_ms else None)
 
-    async def one(upload: UploadFile) -> BatchItem:
+    async def one(upload: UploadFile | str) -> BatchItem:
+        filename = None if isinstance(upload, str) else upload.filename
         try:
             prediction = await predict_one(state, upload, top_k, deadline)
         except ServiceError as exc:
-            return BatchItem(filename=upload.filename, error=exc.message, status=exc.status)
+            return BatchItem(filename=filename, error=exc.message, status=exc.status)
         except Exception as exc:  # a bug, not this file's fault: logged, and the other files still answered
-            log.exception("predict/batch: file %r failed", upload.filename)
-            return BatchItem(filename=upload.filename, error=f"internal error: {type(exc).__name__}", status=500)
-        return BatchItem(filename=upload.filename, prediction=prediction)
+            log.exception("predict/batch: file %r failed", filename)
+            return BatchItem(filename=filename, error=f"internal error: {type(exc).__name__}", status=500)
+        return BatchItem(filename=filename, prediction=prediction)
 
     results = await asyncio.gather(*(one(upload) for upload in file))
     return BatchPrediction(results=list(results), model=state.settings.model_name, backend=state.backend_name)

@@ -3,18 +3,36 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from model.preprocessing import IMAGE_SIZE, MEAN, STD, ImageError, decode_image, preprocess, preprocess_batch
+from model.preprocessing import IMAGE_SIZE, MEAN, STD, ImageError, decode_image, preprocess, preprocess_batch, to_rgb
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **kwargs)
     return buffer.getvalue()
+
+
+def raw_png(width: int, height: int, bit_depth: int, color_type: int, rows: bytes) -> bytes:
+    """A PNG written chunk by chunk: the 16-bit colour types Pillow cannot save, and bomb headers."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def png_16_bit(samples: np.ndarray, color_type: int) -> bytes:
+    """samples: uint16 [H, W, channels] of PNG colour type 0 (grey), 2 (RGB), 4 (grey, alpha) or 6 (RGBA)."""
+    height, width = samples.shape[:2]
+    rows = b"".join(b"\0" + row.tobytes() for row in samples.astype(">u2").reshape(height, -1))
+    return raw_png(width, height, 16, color_type, rows)
 
 
 def test_solid_color_normalizes_to_the_documented_values():
@@ -45,6 +63,40 @@ def test_any_mode_becomes_rgb(mode):
     image = Image.new("RGB", (16, 16), (90, 90, 90)).convert(mode)
     fmt = "JPEG" if mode == "CMYK" else "PNG"
     assert decode_image(encode(image, fmt)).mode == "RGB"
+
+
+def test_16_bit_grey_png_decodes_to_the_8_bit_values_it_widens():
+    """Such a PNG opens as mode I;16, which convert("RGB") clipped at 255: nearly all white."""
+    grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    decoded = decode_image(encode(Image.fromarray(grey.astype(np.uint16) * 257), "PNG"))
+    np.testing.assert_array_equal(np.asarray(decoded), np.repeat(grey[..., None], 3, axis=2))
+
+
+def test_16_bit_pngs_of_each_colour_type_decode_to_the_same_top_bytes():
+    """Pillow reduces 16-bit RGB, RGBA and grey with alpha to their top bytes itself: 16-bit grey
+    takes them too, so one grey decodes alike in each."""
+    grey = np.random.default_rng(0).integers(0, 65536, (8, 8, 1), dtype=np.uint16)
+    opaque = np.full_like(grey, 65535)
+    expected = np.repeat((grey >> 8).astype(np.uint8), 3, axis=2)
+    rgb = np.repeat(grey, 3, axis=2)
+    for color_type, samples in [(0, grey), (2, rgb), (4, np.concatenate([grey, opaque], axis=2)),
+                                (6, np.concatenate([rgb, opaque], axis=2))]:
+        decoded = decode_image(png_16_bit(samples, color_type))
+        np.testing.assert_array_equal(np.asarray(decoded), expected, err_msg=f"colour type {color_type}")
+
+
+@pytest.mark.parametrize("dtype", ["<u2", ">u2"])  # modes I;16 and I;16B
+def test_16_bit_grey_arrays_preprocess_as_their_8_bit_values(dtype):
+    grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    image = Image.fromarray((grey.astype(np.uint16) * 257).astype(dtype))
+    np.testing.assert_array_equal(preprocess(image), preprocess(Image.fromarray(grey)))
+
+
+@pytest.mark.parametrize("mode", ["I", "F"])
+def test_32_bit_modes_are_refused_by_name(mode):
+    """No one scale takes their samples to 8 bits (convert() clips at 255); no format taken decodes to them."""
+    with pytest.raises(ImageError, match=f"image mode '{mode}' \\(32-bit samples\\) is not taken"):
+        to_rgb(Image.new(mode, (4, 4), 1000))
 
 
 def test_gif_uses_the_first_frame():
@@ -99,6 +151,16 @@ def test_pixel_limit_rejects_before_decoding():
     with pytest.raises(ImageError, match="4000x4000 = 16000000 pixels, over the pixel limit of 1000000"):
         decode_image(data, max_pixels=1_000_000)
     assert decode_image(data, max_pixels=20_000_000).size == (4000, 4000)
+
+
+def test_a_bomb_past_pillows_own_limit_cites_the_callers_limit():
+    """Image.open refuses this 100000x100000 header itself (over 2 x Image.MAX_IMAGE_PIXELS), with
+    its own limit in the message: the caller's lower limit is the one to cite."""
+    bomb = raw_png(100_000, 100_000, 1, 0, b"\0" * 1024)
+    with pytest.raises(ImageError, match=r"^image is 10000000000 pixels, over the pixel limit of 1000000$"):
+        decode_image(bomb, max_pixels=1_000_000)
+    with pytest.raises(ImageError, match=r"over the pixel limit \(a decompression bomb\?\): .* exceeds limit of"):
+        decode_image(bomb)  # no limit of the caller's: Pillow's is the one
 
 
 def test_batch_stacks_in_order():

@@ -130,16 +130,56 @@ def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(client, files, da
     assert client.post("/predict", files=upload(png())).status_code == 200
 
 
+def test_16_bit_grey_png_gets_the_answer_of_its_8_bit_image(client, cifar_like_jpegs):
+    """It was decoded nearly all white (mode I;16 clipped at 255), answered with a 200."""
+    grey = np.asarray(decode_image(cifar_like_jpegs[3]).convert("L"))
+    answers = []
+    for samples in (grey, grey.astype(np.uint16) * 257):
+        buffer = io.BytesIO()
+        Image.fromarray(samples).save(buffer, format="PNG")
+        response = client.post("/predict", files=upload(buffer.getvalue(), "grey.png"), data={"top_k": "10"})
+        assert response.status_code == 200, response.text
+        answers.append(response.json())
+    assert answers[1]["top_k"] == answers[0]["top_k"]
+
+
+def test_several_file_parts_to_predict_are_refused(client):
+    """Only the last was classified; the others went unanswered."""
+    files = [("file", ("a.png", png(color=(250, 0, 0)), "image/png")), ("file", ("b.png", png(), "image/png"))]
+    response = client.post("/predict", files=files)
+    assert response.status_code == 400
+    assert response.json()["detail"] == "several `file` parts: send one file to /predict, or several to /predict/batch"
+
+
+def test_a_file_part_without_a_filename_is_refused_by_name_without_echoing_it(client):
+    """curl -F 'file=<a.png' sends the file as a plain field: FastAPI's 422 said "Expected UploadFile"
+    and echoed the whole part back."""
+    data = png(size=(64, 64))
+    message = "the file part has no filename: send it as a file upload (curl -F file=@image.png)"
+    response = client.post("/predict", files={"file": (None, data)})
+    assert response.status_code == 400 and response.json() == {"detail": message}
+    files = [("file", ("a.png", data, "image/png")), ("file", (None, data))]
+    results = client.post("/predict/batch", files=files).json()["results"]
+    assert [r["status"] for r in results] == [200, 400]
+    assert results[1] == {"filename": None, "prediction": None, "error": message, "status": 400}
+    # still documented as the file upload it must be (the docs page offers a file picker)
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    assert schemas["Body_predict_predict_post"]["properties"]["file"]["contentMediaType"] == "application/octet-stream"
+    assert "anyOf" not in schemas["Body_predict_batch_predict_batch_post"]["properties"]["file"]["items"]
+
+
 def test_pixel_limit_and_decompression_bombs(make_client):
     client = make_client(max_image_pixels=100_000)
     big = png(size=(1000, 1000), mode="L")
     response = client.post("/predict", files=upload(big))
     assert response.status_code == 400 and "1000x1000 = 1000000 pixels, over the pixel limit of 100000" in response.text
-    # A PNG header claiming 60000x60000 with almost no data is refused before decoding.
+    # A PNG header claiming 60000x60000 with almost no data is refused before decoding. Pillow itself
+    # refuses it first (over twice Image.MAX_IMAGE_PIXELS): the message still cites the configured limit.
     bomb = header_only_png(60000, 60000)
     assert len(bomb) < 1_000
     response = client.post("/predict", files=upload(bomb))
-    assert response.status_code == 400 and "over the pixel limit" in response.text
+    assert response.status_code == 400
+    assert response.json() == {"detail": "file 'image.jpg': image is 3600000000 pixels, over the pixel limit of 100000"}
 
 
 def test_upload_limit_413(make_client):
@@ -170,8 +210,24 @@ def test_api_key(make_client):
     assert client.post("/predict", files=upload(png()), headers={"X-API-Key": "wrong"}).status_code == 401
     assert client.post("/predict", files=upload(png()), headers={"X-API-Key": "s3cret"}).status_code == 200
     assert client.post("/predict", files=upload(png()), headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.post("/predict", files=upload(png()), headers={"Authorization": "bearer s3cret"}).status_code == 200
+    assert client.post("/predict", files=upload(png()), headers={"Authorization": "s3cret"}).status_code == 401
     assert client.post("/v2/models/alexnet_acmix/infer", json={}).status_code == 401
     assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+    # The key before the upload: FastAPI parses a form before dependencies run, so a broken or
+    # endless upload without a key got 400 / 408, not 401 (and the upload was read for nothing).
+    broken = client.post("/predict", content=b"--b\r\nnot a part", headers={"content-type": "multipart/form-data; boundary=b"})
+    assert broken.status_code == 401 and broken.headers["www-authenticate"] == "Bearer"
+    assert "missing or wrong API key" in broken.json()["detail"]
+
+    def endless():
+        yield b"--b\r\n"
+        raise AssertionError("the body was read")
+
+    assert client.post("/predict/batch", content=endless(),
+                       headers={"content-type": "multipart/form-data; boundary=b"}).status_code == 401
+    assert re.search(r'^http_requests_total\{method="POST",route="/predict",status="401"\} [1-9]', client.get("/metrics").text,
+                     re.M)
 
 
 def test_concurrent_requests_form_batches_visible_in_metrics(make_client, cifar_like_jpegs):
