@@ -130,6 +130,13 @@ def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(client, files, da
     assert client.post("/predict", files=upload(png())).status_code == 200
 
 
+def test_a_422_names_the_field_and_does_not_echo_what_was_sent(client):
+    secret = "a value the client sent, not to come back" * 100
+    response = client.post("/predict", files=upload(png()), data={"top_k": secret})
+    assert response.status_code == 422 and "top_k" in response.text and "valid integer" in response.text
+    assert secret not in response.text and len(response.content) < 1000
+
+
 def test_16_bit_grey_png_gets_the_answer_of_its_8_bit_image(client, cifar_like_jpegs):
     """It was decoded nearly all white (mode I;16 clipped at 255), answered with a 200."""
     grey = np.asarray(decode_image(cifar_like_jpegs[3]).convert("L"))
