@@ -10,7 +10,8 @@ from __future__ import annotations
 
 
 def import_cudart():
-    """cuda-python's CUDA runtime bindings (cuda-bindings 12.x and 13.x: `cuda.bindings.runtime`)."""
+    """cuda-python's CUDA runtime bindings (`cuda.bindings.runtime`: cuda-bindings 12.9.1 and later,
+    whose `get_cuda_native_handle` stream_handle needs; the images pin 13.x)."""
     from cuda.bindings import runtime as cudart
 
     return cudart

@@ -58,6 +58,8 @@ class TensorRTBackend(Backend):
             check_io(trt, self._engine)
             self._check_profile()
             self._context = self._engine.create_execution_context()
+            if self._context is None:  # TensorRT logs why (e.g. device memory) and returns None
+                raise BackendError(f"{self.engine_path}: TensorRT could not create an execution context (see its log)")
             self._allocate()
         except Exception:
             self._close()
