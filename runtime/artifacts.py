@@ -153,8 +153,8 @@ def onnx_staleness(onnx_path: str | Path, parent: str | Path, key: str = WEIGHTS
         recorded = metadata.get(key)
         if recorded not in (None, sha256_file(parent)):
             return f"{onnx_path} was made from another {'weights file' if key == WEIGHTS_DIGEST else 'ONNX'} than {parent}"
-        for name, value in (form or {}).items() if recorded is not None else ():
-            if metadata.get(name) != value:
+        for name, value in (form or {}).items():
+            if recorded is not None and metadata.get(name) != value:
                 return f"{onnx_path} was made by an earlier export ({name} {metadata.get(name)!r}, now {value!r})"
         if key == WEIGHTS_DIGEST and recorded is not None:
             from model.calibration import read_temperature

@@ -7,10 +7,21 @@ Nothing below the edge raises an HTTPException.
 
 from __future__ import annotations
 
+import json
+
 
 def http_error_body(path: str, message: str) -> dict:
     """An HTTP error's JSON body: KServe v2's ({"error": ...}) under /v2, FastAPI's ({"detail": ...}) elsewhere."""
     return {"error": message} if path.startswith("/v2") else {"detail": message}
+
+
+async def send_http_error(send, path: str, status: int, message: str, headers: dict[str, str]) -> None:
+    """An HTTP error answered from ASGI middleware, outside the app's handlers: the same JSON body."""
+    body = json.dumps(http_error_body(path, message)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            *((name.lower().encode(), value.encode()) for name, value in headers.items())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class ServiceError(Exception):

@@ -15,14 +15,13 @@ tritonclient cannot read as an error."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from service.errors import http_error_body
+from service.errors import send_http_error
 
 
 class BodyTooSlow(Exception):
@@ -134,11 +133,8 @@ class BodyTimeoutMiddleware:
         async def send_timeout():
             nonlocal started
             started = True
-            message = f"the request body was not received within {self.seconds:g} s"
-            body = json.dumps(http_error_body(scope["path"], message)).encode()
-            await send({"type": "http.response.start", "status": 408,
-                        "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
-            await send({"type": "http.response.body", "body": body})
+            await send_http_error(send, scope["path"], 408,
+                                  f"the request body was not received within {self.seconds:g} s", {"connection": "close"})
 
         async def send_unless_timed_out(message):
             # Once the body ran late, the client gets the 408 whatever the app answers: FastAPI's

@@ -25,7 +25,7 @@ REQUEST_ID = "x-request-id"
 MODEL_DIGEST = "x-model-digest"
 TRACEPARENT = "traceparent"
 _TOKEN = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
-_UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
+_UNPRINTABLE = re.compile(rb"[^\x21-\x7e]")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
@@ -66,9 +66,8 @@ def traceparent(given: str | None) -> str | None:
 def logged_path(scope) -> str:
     """The request's path as it was sent (percent-encoded), with any byte that is not a printable
     ASCII character escaped as %XX: decoded, a %0A in it would start a forged log line."""
-    raw = scope.get("raw_path")
-    path = raw.decode("latin-1") if raw else scope["path"]
-    return _UNPRINTABLE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), path)
+    sent = scope.get("raw_path") or scope["path"].encode()
+    return _UNPRINTABLE.sub(lambda m: b"%%%02X" % m.group()[0], sent).decode("ascii")
 
 
 def record_batch(queue_s: float, infer_s: float) -> None:

@@ -9,7 +9,6 @@ FastAPI parses a form before any dependency runs, so a bad or slow upload withou
 
 from __future__ import annotations
 
-import json
 import secrets
 from typing import Annotated
 
@@ -18,7 +17,7 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.datastructures import Headers
 
-from service.errors import Unauthenticated, http_error_body
+from service.errors import Unauthenticated, send_http_error
 
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
 bearer = HTTPBearer(auto_error=False)
@@ -57,10 +56,5 @@ class KeyBeforeUploadMiddleware:
             try:
                 check_key(self.state.settings.api_key, headers.get("x-api-key"), headers.get("authorization"))
             except Unauthenticated as exc:
-                body = json.dumps(http_error_body(scope["path"], exc.message)).encode()
-                await send({"type": "http.response.start", "status": exc.status,
-                            "headers": [(b"content-type", b"application/json"),
-                                        *((k.lower().encode(), v.encode()) for k, v in exc.headers().items())]})
-                await send({"type": "http.response.body", "body": body})
-                return
+                return await send_http_error(send, scope["path"], exc.status, exc.message, exc.headers())
         await self.app(scope, receive, send)

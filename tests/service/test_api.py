@@ -331,3 +331,11 @@ def test_confidence_and_probabilities_use_the_temperature_the_onnx_records(make_
         "name": "image", "datatype": "FP32", "shape": [1, 3, 128, 128],
         "data": preprocess(decode_image(data)).reshape(-1).tolist()}]}).json()
     np.testing.assert_allclose(v2["outputs"][0]["data"], logits, rtol=1e-4, atol=1e-4)
+
+
+def test_the_logged_route_is_the_path_as_sent_each_unprintable_byte_escaped():
+    from service.request_log import logged_path
+
+    assert logged_path({"raw_path": b"/v2/models/x%0Ay", "path": "/v2/models/x\ny"}) == "/v2/models/x%0Ay"
+    assert logged_path({"raw_path": b"/caf\xe9 x\n", "path": "unused"}) == "/caf%E9%20x%0A"  # one escape per byte
+    assert logged_path({"path": "/caf\u00e9\n"}) == "/caf%C3%A9%0A"  # no raw path: the path's UTF-8 bytes
