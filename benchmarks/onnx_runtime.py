@@ -1,7 +1,7 @@
 """ONNX Runtime CPU throughput of AlexNet-ACmix (fp32 and int8) against the plain AlexNet (fp32).
 
     python -m benchmarks.onnx_runtime [--onnx build/alexnet_acmix.onnx] [--batches 1 8 32 128] [--seconds 3]
-                                      [--rounds 4] [--threads N] [--sessions K]
+                                      [--rounds 4] [--threads N] [--sessions K] [--whole-batch]
 
 AlexNet-ACmix is the exported model the service serves (--onnx) and its int8 QDQ file beside it
 (made by export/int8.py where missing or made from another fp32 file); the plain AlexNet is exported the same way
@@ -11,7 +11,10 @@ with the service's options (denormals as zero, thread spinning off), in one proc
 alternating blocks so that machine load hits all alike. --threads: ONNX Runtime's intra-op threads
 per session; default one per core, as a single service process uses. --sessions K runs K sessions
 of each model at once and reports their total, as the service's K processes on a many-core host
-would (settings `workers`, `intra_op_threads`; e.g. 4 sessions of 4 threads on 16 cores).
+would (settings `workers`, `intra_op_threads`; e.g. 4 sessions of 4 threads on 16 cores). Sessions
+of one thread run AlexNet-ACmix's feature layers in chunks of 16 images, as the service does
+(runtime/batch_chunks.py; the plain AlexNet has no attention and runs as written); --whole-batch
+runs them on the whole batch, as before session 23.
 Prints the CPU, images/s per batch size (medians over the rounds) and the ratios: the median of
 the rounds' own ratios, with their quartiles, which show how far one run's figure can move on the
 machine (more --seconds and --rounds narrow them); writes build/bench/onnx_runtime.json.
@@ -106,6 +109,8 @@ def main(argv=None) -> int:
                         help="sessions per model running at once, as the service's processes do (figures: their total)")
     parser.add_argument("--rounds", type=positive_int, default=4,
                         help="rounds per batch size, each running every model in turn for seconds / rounds")
+    parser.add_argument("--whole-batch", action="store_true",
+                        help="with one thread, run AlexNet-ACmix's feature layers on the whole batch, not in chunks")
     parser.add_argument("--out", default="build/bench/onnx_runtime.json")
     args = parser.parse_args(argv)
     onnx_metadata(args.onnx)  # ValueError naming the file where it is missing or no ONNX
@@ -121,8 +126,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         files = {"alexnet_acmix_fp32": Path(args.onnx), "alexnet_acmix_int8": int8,
                  "alexnet_fp32": export_plain_alexnet(Path(tmp))}
-        sessions = {name: [create_session(path, args.threads, providers=["CPUExecutionProvider"])
+        sessions = {name: [create_session(path, args.threads, providers=["CPUExecutionProvider"],
+                                          batch_chunks=not args.whole_batch)
                            for _ in range(args.sessions)] for name, path in files.items()}
+        chunks = {name: group[0].batch_chunk for name, group in sessions.items()}
+        print("feature layers in chunks of the batch (runtime/batch_chunks.py): "
+              + ", ".join(f"{name} {chunk or 'no'}" for name, chunk in chunks.items()))
         rows = []
         for batch in tqdm(args.batches, desc="batch sizes"):
             rates = measure(sessions, batch, args.seconds, args.rounds)
@@ -140,7 +149,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {"cpu": cpu_info(), "session_config": SESSION_CONFIG, "sessions": args.sessions,
-               "threads": args.threads, "rounds": args.rounds, "seconds": args.seconds, "rows": rows}
+               "threads": args.threads, "batch_chunks": chunks, "rounds": args.rounds, "seconds": args.seconds, "rows": rows}
     out.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 

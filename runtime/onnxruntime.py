@@ -13,7 +13,9 @@ Every session the project creates (the service, export verification, every bench
 * `threads` intra-op threads per session (default: ONNX Runtime's, one per core), one inter-op.
 
 An int8 QDQ file runs on the CPU as runtime/int8_cpu_graph.py rewrites it (unsigned activations;
-the file on disk, which TensorRT builds from, is unchanged).
+the file on disk, which TensorRT builds from, is unchanged). A session of one thread on the CPU runs
+AlexNet-ACmix's feature layers over the batch in chunks of 16 images (runtime/batch_chunks.py), which
+keeps the ACmix layers' tensors in the cache at large batches.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 
 from model.spec import INPUT_NAME, OUTPUT_NAME
 from runtime.backend import Backend, BackendError
+from runtime.batch_chunks import CHUNK, in_batch_chunks
 from runtime.cpu import denormals_as_zero
 from runtime.int8_cpu_graph import cpu_graph
 
@@ -49,10 +52,13 @@ def session_options(threads: int | None = None):
 
 class Session:
     """An onnxruntime.InferenceSession whose `run` computes with denormals as zero in the calling
-    thread too (module docstring); everything else is the session's own."""
+    thread too (module docstring); everything else is the session's own. `batch_chunk`: the images
+    per chunk its feature layers run over (runtime/batch_chunks.py), or None where they run on the
+    whole batch."""
 
-    def __init__(self, session):
+    def __init__(self, session, batch_chunk: int | None = None):
         self.session = session
+        self.batch_chunk = batch_chunk
 
     def run(self, *args, **kwargs):
         with denormals_as_zero():
@@ -62,10 +68,12 @@ class Session:
         return getattr(self.session, name)
 
 
-def create_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+def create_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None,
+                   batch_chunks: bool = True):
     """An InferenceSession over `path` with the project's options; BackendError naming the file if
     it is missing or ONNX Runtime cannot load it. providers default to CUDA where ONNX Runtime has
-    it, then the CPU."""
+    it, then the CPU. On the CPU, the graph is cpu_graph's, and with one thread its feature layers run
+    in chunks of the batch where in_batch_chunks applies (module docstring) and `batch_chunks`."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -74,8 +82,13 @@ def create_session(path: str | Path, threads: int | None = None, providers: list
     if providers is None:
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
     try:
-        graph = cpu_graph(path) if providers[:1] == ["CPUExecutionProvider"] else str(path)
-        return Session(ort.InferenceSession(graph, session_options(threads), providers=providers))
+        graph, chunk = str(path), None
+        if providers[:1] == ["CPUExecutionProvider"]:
+            graph = cpu_graph(path)
+            chunked = in_batch_chunks(graph) if threads == 1 and batch_chunks else None
+            if chunked is not None:
+                graph, chunk = chunked, CHUNK
+        return Session(ort.InferenceSession(graph, session_options(threads), providers=providers), chunk)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise BackendError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})") from None
 
@@ -105,7 +118,8 @@ class OnnxRuntimeBackend(Backend):
             from runtime.cpu import describe
 
             threads = f"{self.threads} thread{'s' if self.threads != 1 else ''}" if self.threads else "a thread per core"
-            self.description += f" ({threads} per batch; {describe()})"
+            chunks = f", feature layers in chunks of {self.session.batch_chunk} images" if self.session.batch_chunk else ""
+            self.description += f" ({threads} per batch{chunks}; {describe()})"
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]

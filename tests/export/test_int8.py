@@ -153,6 +153,22 @@ def test_on_the_cpu_int8_activations_run_as_uint8_with_the_same_values(int8_of_t
     assert sha256_file(int8) == on_disk  # TensorRT builds from the file as written
 
 
+def test_a_one_thread_session_runs_the_int8_features_in_chunks_with_the_same_logits(int8_of_the_exported_model):
+    """runtime/batch_chunks.py over the int8 CPU graph: the same integer kernels per image, so the same
+    logits as a session that runs the whole batch at once."""
+    from runtime.batch_chunks import CHUNK
+    from runtime.onnxruntime import create_session
+    from tests.conftest import images
+
+    _, int8, _ = int8_of_the_exported_model
+    chunked = create_session(int8, threads=1, providers=["CPUExecutionProvider"])
+    whole = create_session(int8, threads=2, providers=["CPUExecutionProvider"])
+    assert (chunked.batch_chunk, whole.batch_chunk) == (CHUNK, None)
+    batch = images(2 * CHUNK + 3, seed=6)
+    got, expected = (s.run(["logits"], {"image": batch})[0] for s in (chunked, whole))
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+
+
 def test_where_int8_pairs_saturate_the_layer_reading_offset_bytes_gets_uint8_weights(int8_of_the_exported_model):
     """On x86 without VNNI the stem (its input quantized around a zero point of 128) gets uint8
     weights w + 128 with zero point 128; every other layer keeps int8; the logits are the same here,

@@ -18,8 +18,10 @@ def test_the_plan_of_the_settings_loads_on_onnx_runtime(onnx_model):
     backend = create_backend(plan, max_batch=4, threads=1)
     assert backend.name == "onnxruntime" and backend.onnx_path == Path(onnx_model)
     with backend:
-        # which kernels run: the CPU's extensions (runtime/cpu.py) and the threads, for /readyz and the log
-        assert backend.description == f"{onnx_model} on CPUExecutionProvider (1 thread per batch; {describe()})"
+        # which kernels run: the CPU's extensions (runtime/cpu.py), the threads and the graph's chunks
+        # (runtime/batch_chunks.py), for /readyz and the log
+        assert backend.description == (f"{onnx_model} on CPUExecutionProvider (1 thread per batch, feature layers "
+                                       f"in chunks of 16 images; {describe()})")
 
 
 def test_a_missing_artifact_names_how_to_make_it(tmp_path):
