@@ -20,6 +20,7 @@ keeps the ACmix layers' tensors in the cache at large batches.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -68,12 +69,30 @@ class Session:
         return getattr(self.session, name)
 
 
+def chunked_session(graph: bytes, path: Path, threads: int | None, providers: list[str]) -> Session | None:
+    """A session over `graph` with its feature layers in chunks of the batch (runtime/batch_chunks.py),
+    or None where the rewrite does not apply, or fails, or ONNX Runtime refuses its graph (logged):
+    the chunks only make a session faster, so such a graph runs as written rather than not at all."""
+    import onnxruntime as ort
+
+    try:
+        chunked = in_batch_chunks(graph)
+        if chunked is None:
+            return None
+        return Session(ort.InferenceSession(chunked, session_options(threads), providers=providers), CHUNK)
+    except Exception as exc:  # onnx's shape inference, protobuf and onnxruntime raise their own types
+        message = str(exc).splitlines()[0][:200] if str(exc) else ""
+        logging.getLogger(__name__).warning("%s: feature layers on the whole batch, not in chunks (%s: %s)",
+                                            path, type(exc).__name__, message)
+        return None
+
+
 def create_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None,
                    batch_chunks: bool = True):
     """An InferenceSession over `path` with the project's options; BackendError naming the file if
     it is missing or ONNX Runtime cannot load it. providers default to CUDA where ONNX Runtime has
-    it, then the CPU. On the CPU, the graph is cpu_graph's, and with one thread its feature layers run
-    in chunks of the batch where in_batch_chunks applies (module docstring) and `batch_chunks`."""
+    it, then the CPU. On the CPU, the graph is cpu_graph's, and with one thread (and `batch_chunks`)
+    its feature layers run in chunks of the batch where chunked_session can (module docstring)."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -82,13 +101,13 @@ def create_session(path: str | Path, threads: int | None = None, providers: list
     if providers is None:
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
     try:
-        graph, chunk = str(path), None
+        graph = str(path)
         if providers[:1] == ["CPUExecutionProvider"]:
             graph = cpu_graph(path)
-            chunked = in_batch_chunks(graph) if threads == 1 and batch_chunks else None
-            if chunked is not None:
-                graph, chunk = chunked, CHUNK
-        return Session(ort.InferenceSession(graph, session_options(threads), providers=providers), chunk)
+            session = chunked_session(graph, path, threads, providers) if threads == 1 and batch_chunks else None
+            if session is not None:
+                return session
+        return Session(ort.InferenceSession(graph, session_options(threads), providers=providers))
     except Exception as exc:  # onnxruntime raises its own exception types
         raise BackendError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})") from None
 
