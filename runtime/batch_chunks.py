@@ -78,15 +78,18 @@ def classifier_input(graph, constants: dict, readers: dict) -> str | None:
     return None
 
 
+def subgraphs(node) -> list:
+    """The graphs among `node`'s attributes (an If's branches, a Loop's or Scan's body)."""
+    return [a.g for a in node.attribute if a.HasField("g")] + [g for a in node.attribute for g in a.graphs]
+
+
 def subgraph_reads(nodes) -> set[str]:
-    """The names that the subgraphs of `nodes` (If, Loop, Scan bodies), at any depth, read."""
-    names, graphs = set(), [a.g for n in nodes for a in n.attribute if a.HasField("g")]
-    graphs += [g for n in nodes for a in n.attribute for g in a.graphs]
+    """The names that the subgraphs of `nodes`, at any depth, read."""
+    names, graphs = set(), [g for node in nodes for g in subgraphs(node)]
     while graphs:
-        graph = graphs.pop()
-        for node in graph.node:
+        for node in graphs.pop().node:
             names.update(node.input)
-            graphs += [a.g for a in node.attribute if a.HasField("g")] + [g for a in node.attribute for g in a.graphs]
+            graphs += subgraphs(node)
     return names
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.batch_chunks import CHUNK, in_batch_chunks
+from runtime.batch_chunks import CHUNK, in_batch_chunks, subgraphs
 from runtime.onnxruntime import create_session
 from tests.conftest import images, run_onnx
 
@@ -25,7 +25,7 @@ def optimized_ops(graph, tmp_path: Path, name: str) -> Counter:
     while graphs:
         for node in graphs.pop().node:
             counts[(node.domain, node.op_type)] += 1
-            graphs.extend(a.g for a in node.attribute if a.name == "body")
+            graphs.extend(subgraphs(node))
     return counts
 
 
