@@ -61,6 +61,10 @@ CALIBRATION_TABLE = paths.WEIGHTS_DIR / "int8_calibration.json"
 CALIBRATION_DIGEST = "calibration_sha256"
 CALIBRATION_SEED = 0
 OP_TYPES = ["Conv", "MatMul", "Gemm"]
+# Weights quantized along their output channel, the only per-channel axis TensorRT's explicit
+# quantization takes: a Conv's [Cout, Cin, kh, kw] axis 0, a MatMul's constant [K, N] axis 1 (ONNX
+# Runtime's defaults too, pinned here; a Gemm's follows its transB, the quantizer's own rule).
+PER_CHANNEL_AXIS = {"Conv": 0, "MatMul": 1}
 
 
 class ImageBatches:
@@ -207,7 +211,8 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, data: str | Path | 
                 per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.Percentile, calibration_cache_path=str(cache),
                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": 99.999,
-                               "DedicatedQDQPair": True, "QuantizeBias": False},
+                               "DedicatedQDQPair": True, "QuantizeBias": False,
+                               "QDQOpTypePerChannelSupportToAxis": PER_CHANNEL_AXIS},
             )
         except (ValueError, RuntimeError, KeyError) as exc:
             raise ExportError(f"{onnx_in}: quantization failed ({str(exc).splitlines()[0][:200]})") from None

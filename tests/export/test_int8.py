@@ -54,6 +54,34 @@ def test_the_int8_onnx_keeps_float_io_and_is_qdq(int8_of_the_exported_model):
     assert biases and set(biases) == {onnx.TensorProto.FLOAT}
 
 
+def test_weights_are_per_output_channel_and_activations_per_tensor_as_tensorrt_requires(int8_of_the_exported_model):
+    """TensorRT's explicit quantization: per-channel scales for weights only, along the output-channel
+    axis (a Conv's [Cout, Cin, kh, kw] axis 0; a MatMul's constant [K, N] right-hand side, 2-D, axis 1),
+    one scalar scale for every activation."""
+    _, int8, _ = int8_of_the_exported_model
+    model = onnx.load(str(int8))
+    weights = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    readers = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    axes = {}
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        scale = weights[node.input[1]]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if node.op_type == "DequantizeLinear" and node.input[0] in weights:
+            (consumer,) = readers[node.output[0]]
+            weight = weights[node.input[0]]
+            assert consumer.input[1] == node.output[0], f"{node.name}: a weight, not the right-hand operand"
+            assert scale.shape == (weight.shape[axis],) and (scale > 0).all(), node.name
+            axes.setdefault(consumer.op_type, set()).add((weight.ndim, axis))
+        else:
+            assert scale.shape == (), f"{node.name}: an activation with {scale.shape} scales"
+    assert axes == {"Conv": {(4, 0)}, "MatMul": {(2, 1)}}
+
+
 def test_on_the_cpu_the_biases_are_int32_as_the_quantizers_default_writes_them(int8_of_the_exported_model, tmp_path,
                                                                              monkeypatch):
     """ONNX Runtime runs the float-bias file as it ran the int32-bias file of before (runtime/int8_cpu_graph.py
