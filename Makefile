@@ -7,13 +7,24 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup test serve train ship evaluate export bench lint protos locks clean
 
-setup: $(STAMP)
+# TensorRT's Python bindings, one folder per major version the TensorRT code is written for (both are
+# the module tensorrt_bindings), without TensorRT's libraries (NVIDIA's own index): the code's calls are
+# checked against them without a GPU (harness/nvidia_bindings.py). 11.2.1.2 is the GPU image's TensorRT.
+TENSORRT_BINDINGS := 10.16.1.11 11.2.1.2
+BINDINGS := $(foreach v,$(TENSORRT_BINDINGS),$(VENV)/tensorrt-$(v)/.installed)
+
+setup: $(STAMP) $(BINDINGS)
 
 # Idempotent: reinstalls only when the lock file or pyproject.toml changed.
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	touch $(STAMP)
+
+$(VENV)/tensorrt-%/.installed: | $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --upgrade --target $(VENV)/tensorrt-$* \
+	  tensorrt-cu13-bindings==$*
+	touch $@
 
 # Two processes (pytest-xdist): most tests wait on servers and child processes; plain `pytest` runs serially.
 test: setup

@@ -1,7 +1,7 @@
 """CUDA and TensorRT on this host: whether they are usable, the GPU's properties, cuda-python calls.
 
 As NVIDIA's samples/python/common_runtime.py: one helper (`cuda_call`) turns cuda-python's
-status codes into exceptions. cuda-python is pinned at 13 (`cuda-bindings`), whose runtime
+status codes into exceptions (CudaError). cuda-python is pinned at 13 (`cuda-bindings`), whose runtime
 module is `cuda.bindings.runtime`. tensorrt and cuda are imported inside the functions, so that
 this module imports on a machine without either.
 """
@@ -17,11 +17,15 @@ def import_cudart():
     return cudart
 
 
+class CudaError(RuntimeError):
+    """A CUDA runtime call that failed: its error's number and name."""
+
+
 def cuda_call(result):
-    """Unpack a cuda-python result `(cudaError_t, *values)`: RuntimeError on an error, else the value(s)."""
+    """Unpack a cuda-python result `(cudaError_t, *values)`: CudaError on an error, else the value(s)."""
     err, *values = result
     if err.value != 0:  # cudaSuccess is 0 in every cuda-python version
-        raise RuntimeError(f"CUDA error {err.value} ({getattr(err, 'name', err)})")
+        raise CudaError(f"CUDA error {err.value} ({getattr(err, 'name', err)})")
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)

@@ -17,7 +17,7 @@ import numpy as np
 
 from model.spec import INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME
 from runtime.backend import Backend, BackendError
-from runtime.cuda import cuda_call, import_cudart, stream_handle
+from runtime.cuda import CudaError, cuda_call, import_cudart, stream_handle
 
 ROW_SHAPES = {INPUT_NAME: INPUT_SHAPE, OUTPUT_NAME: (NUM_CLASSES,)}
 
@@ -61,6 +61,9 @@ class TensorRTBackend(Backend):
             if self._context is None:  # TensorRT logs why (e.g. device memory) and returns None
                 raise BackendError(f"{self.engine_path}: TensorRT could not create an execution context (see its log)")
             self._allocate()
+        except CudaError as exc:  # no driver for this CUDA, no device memory: one line, not a traceback
+            self._close()
+            raise BackendError(f"{self.engine_path}: CUDA could not set up the engine's buffers ({exc})") from None
         except Exception:
             self._close()
             raise
