@@ -287,14 +287,25 @@ def read_tensor_input(header: dict, binary: bytes) -> np.ndarray:
     except ValueError:  # ragged lists
         raise BadRequest(f"input {INPUT_NAME!r} data is not a (nested) list of numbers") from None
     # JSON strings, booleans and nulls are not FP32 values (numpy would read "0.5" and true as numbers).
-    if numbers.dtype.kind not in "iuf":
+    if numbers.dtype.kind not in "iuf" or among_numbers(data, numbers):
+        kind = "b" if numbers.dtype.kind in "iuf" else numbers.dtype.kind
         raise BadRequest(f"input {INPUT_NAME!r} data must be JSON numbers; it holds "
-                         f"{NON_NUMBERS.get(numbers.dtype.kind, 'values that are not')}")
+                         f"{NON_NUMBERS.get(kind, 'values that are not')}")
     with np.errstate(over="ignore"):  # values beyond float32 become inf, refused as non-finite
         array = numbers.astype(np.float32).reshape(-1)
     if array.size != count:
         raise BadRequest(f"input {INPUT_NAME!r} {shape} needs {count} values, got {array.size}")
     return array.reshape(shape)
+
+
+def among_numbers(data, numbers: np.ndarray) -> bool:
+    """Whether JSON true or false sits among the numbers of `data` (numpy read them as 1 and 0): looked
+    for only where `numbers` holds a 0 or a 1, so that a batch of other values costs one comparison."""
+    ones_or_zeros = ((numbers == 0) | (numbers == 1)).reshape(-1)
+    if not ones_or_zeros.any():
+        return False
+    values = np.asarray(data, dtype=object).reshape(-1)[ones_or_zeros]
+    return any(isinstance(value, bool) for value in values)
 
 
 def read_image_input(header: dict, binary: bytes) -> list[bytes]:

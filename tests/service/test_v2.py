@@ -17,6 +17,10 @@ def header(**tensor) -> dict:
     return {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 128, 128], **tensor}]}
 
 
+NESTED_WITH_TRUE = np.full((1, 3, 128, 128), 0.5).tolist()
+NESTED_WITH_TRUE[0][2][127][127] = True
+
+
 @pytest.mark.parametrize("body, binary, message", [
     ({"inputs": [{"name": "image", "shape": [1, 3, 64, 64], "datatype": "FP32", "data": [0.0] * 12288}]}, b"",
      "must have shape [N, 3, 128, 128]"),
@@ -37,6 +41,8 @@ def header(**tensor) -> dict:
     # numpy would read these as numbers ("0.5" -> 0.5, true -> 1.0); Triton refuses them
     (header(data=["0.5"] * 49152), b"", "data must be JSON numbers; it holds strings"),
     (header(data=[True] * 49152), b"", "data must be JSON numbers; it holds booleans"),
+    (header(data=[1.5, False] + [0.25] * 49150), b"", "data must be JSON numbers; it holds booleans"),  # read as 0.0
+    (header(data=NESTED_WITH_TRUE), b"", "data must be JSON numbers; it holds booleans"),  # read as 1, deep inside
     (header(data=[None] + [0.0] * 49151), b"", "data must be JSON numbers; it holds nulls"),
     (header(data=[[0.0], 1.0]), b"", "data is not a \\(nested\\) list of numbers"),
     ({"inputs": []}, b"", "exactly one input"),
@@ -49,6 +55,7 @@ def test_bad_tensor_inputs_name_the_cause(body, binary, message):
 
 def test_a_good_tensor_input_in_either_form():
     batch = np.random.default_rng(0).standard_normal((2, 3, 128, 128)).astype(np.float32)
+    batch[0, 0, 0, :3] = [0.0, 1.0, 1]  # numbers that booleans would be read as stay numbers
     np.testing.assert_array_equal(read_tensor_input(header(shape=[2, 3, 128, 128], data=batch.tolist()), b""), batch)
     binary = header(shape=[2, 3, 128, 128], parameters={"binary_data_size": batch.nbytes})
     np.testing.assert_array_equal(read_tensor_input(binary, batch.tobytes()), batch)
