@@ -2,8 +2,10 @@
 figures in the message, when the artifact fails; callers only print.
 
 * `verify_onnx`: onnx.checker, then ONNX Runtime against Paddle on real images;
-* `verify_derived`: an fp16 or int8 ONNX against the fp32 one, in ONNX Runtime;
-* `verify_engine`: a TensorRT engine against the reference logits recorded at export.
+* `verify_derived`: an fp16 or int8 ONNX against the fp32 one, in ONNX Runtime, on held-out images;
+* `verify_reference`: an fp16 or int8 ONNX, in ONNX Runtime, against the reference logits recorded
+  at export (the service's check at start);
+* `verify_engine`: a TensorRT engine against the same reference logits.
 """
 
 from __future__ import annotations
@@ -63,11 +65,17 @@ def held_out_images(data: str | Path | None, count: int, split_file: str | None,
     return [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(count)], "generated noise images"
 
 
-def verification_images(data: str | Path | None, count: int, split_file: str | None, seed: int = 0) -> np.ndarray:
-    """A preprocessed float32 batch of held_out_images."""
+def verification_set(data: str | Path | None, count: int, split_file: str | None, seed: int = 0) -> tuple[np.ndarray, str]:
+    """(a preprocessed float32 batch of held_out_images, where they came from)."""
     from model.preprocessing import preprocess_batch
 
-    return preprocess_batch(held_out_images(data, count, split_file, seed)[0])
+    images, where = held_out_images(data, count, split_file, seed)
+    return preprocess_batch(images), where
+
+
+def verification_images(data: str | Path | None, count: int, split_file: str | None, seed: int = 0) -> np.ndarray:
+    """A preprocessed float32 batch of held_out_images."""
+    return verification_set(data, count, split_file, seed)[0]
 
 
 def verify_onnx(onnx_path, weights, batch: np.ndarray, arch: str = "alexnet_acmix") -> dict:
@@ -77,6 +85,8 @@ def verify_onnx(onnx_path, weights, batch: np.ndarray, arch: str = "alexnet_acmi
     from model.predict import load_weights
     from model.runtime import import_paddle
 
+    if not Path(onnx_path).is_file():
+        raise ExportError(f"{onnx_path}: no such ONNX file")
     try:
         onnx.checker.check_model(str(onnx_path), full_check=True)
     except Exception as exc:  # the checker raises several types
@@ -105,6 +115,25 @@ def verify_derived(onnx_path, derived_path, precision: str, batch: np.ndarray) -
         raise ExportError(f"{derived_path}: top-1 agreement with {onnx_path} {result['top1_agreement']:.2%} "
                           f"is below {minimum:.1%}")
     return result
+
+
+def verify_reference(derived_path, onnx_path, precision: str) -> dict | None:
+    """A derived ONNX in ONNX Runtime against the reference logits recorded beside the fp32 `onnx_path`
+    (runtime/reference.py: what the service checks at start); its figures with the images' source,
+    or None where there is no reference file."""
+    from runtime.backend import BackendError
+    from runtime.onnxruntime import OnnxRuntimeBackend
+    from runtime.reference import ReferenceError, check, read_reference, reference_path
+
+    path = reference_path(onnx_path)
+    if not path.is_file():
+        return None
+    try:
+        reference = read_reference(path)
+        with OnnxRuntimeBackend(derived_path, max_batch=len(reference.images)) as backend:
+            return {**check(backend, reference, precision), "source": reference.source}
+    except (BackendError, ReferenceError) as exc:
+        raise ExportError(f"{derived_path}: {exc}") from None
 
 
 def verify_engine(engine_path, onnx_path, precision: str) -> dict:

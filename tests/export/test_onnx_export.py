@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
 from export.__main__ import main
+from export.errors import ExportError
 from export.onnx_export import graph_report
 from export.verify import compare, onnx_session, run_onnx, verification_images, verify_onnx
 from harness.hidden_cpu_features import unavailable
@@ -101,7 +103,7 @@ def test_compare_reports_disagreement():
 
 def test_cli_onnx_writes_and_verifies(weights, tmp_path, capsys):
     out = tmp_path / "cli.onnx"
-    code = main(["onnx", "--weights", str(weights), "--out", str(out), "--data", str(tmp_path / "absent"),
+    code = main(["onnx", "--weights", str(weights), "--out", str(out), "--data", "",
                  "--count", "8"])
     assert code == 0 and out.is_file()
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -133,11 +135,16 @@ def test_cli_onnx_if_stale_keeps_a_current_file_and_exports_one_of_other_weights
     [
         (["onnx", "--weights", "{tmp}/missing.pdparams"], "missing.pdparams: no such weights file"),
         (["onnx", "--weights", "{tmp}/corrupt.pdparams"], "corrupt.pdparams: not a Paddle .pdparams file"),
-        (["verify", "--onnx", "{tmp}/missing.onnx", "--weights", "{weights}", "--data", "{tmp}/none"],
-         "missing.onnx"),
-        (["verify", "--onnx", "{tmp}/corrupt.onnx", "--weights", "{weights}", "--data", "{tmp}/none"],
+        (["verify", "--onnx", "{tmp}/missing.onnx", "--weights", "{weights}", "--data", ""],
+         "missing.onnx: no such ONNX file"),
+        (["verify", "--onnx", "{tmp}/corrupt.onnx", "--weights", "{weights}", "--data", ""],
          "corrupt.onnx: onnx.checker failed"),
         (["engine", "--onnx", "{tmp}/missing.onnx"], "cannot build a TensorRT engine here"),
+        # a --data that is not there is a typo, not a request for generated images ('' is)
+        (["verify", "--onnx", "{tmp}/missing.onnx", "--weights", "{weights}", "--data", "{tmp}/typo.tar.gz"],
+         "typo.tar.gz: no such data set (--data '' verifies on generated images)"),
+        (["onnx", "--precision", "int8", "--from-onnx", "{tmp}/x.onnx", "--data", "{tmp}/typo.tar.gz"],
+         "typo.tar.gz: no such data set"),
         (["onnx", "--precision", "fp16", "--from-onnx", "{tmp}/corrupt.onnx", "--out", "{tmp}/x.onnx"],
          "corrupt.onnx: not an ONNX file (DecodeError)"),
         (["onnx", "--precision", "int8", "--from-onnx", "{tmp}/corrupt.onnx", "--out", "{tmp}/x.onnx"],
@@ -173,7 +180,7 @@ def test_an_fp16_or_int8_file_is_not_taken_as_the_fp32_source(onnx_model, tmp_pa
 
 def test_all_stops_after_onnx_without_tensorrt(weights, tmp_path, capsys):
     out = tmp_path / "all.onnx"
-    assert main(["all", "--weights", str(weights), "--out", str(out), "--data", str(tmp_path / "x"),
+    assert main(["all", "--weights", str(weights), "--out", str(out), "--data", "",
                  "--count", "4"]) == 0
     captured = capsys.readouterr()
     assert "stopping before the engine:" in captured.err
@@ -198,14 +205,50 @@ def test_cli_onnx_fp16_derives_records_its_source_and_verifies(onnx_model, tmp_p
 
     from runtime.artifacts import SOURCE_DIGEST, onnx_metadata, onnx_staleness, sha256_file
 
+    from runtime.reference import reference_path
+
     source = shutil.copyfile(onnx_model, tmp_path / "m.onnx")
-    assert main(["onnx", "--precision", "fp16", "--from-onnx", str(source), "--data", str(tmp_path / "none"),
+    shutil.copyfile(reference_path(onnx_model), reference_path(source))
+    assert main(["onnx", "--precision", "fp16", "--from-onnx", str(source), "--data", "",
                  "--count", "16"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     half = tmp_path / "m.fp16.onnx"
-    assert result["onnx"] == str(half) and result["verify"]["top1_agreement"] >= 0.995
+    # Without a data set, the check is the service's reference check (generated images make no
+    # top-1 agreement check: their two best logits are often close).
+    assert result["onnx"] == str(half) and "verify" not in result
+    assert result["reference_check"]["n"] == 16 and result["reference_check"]["source"] == "generated noise images"
     assert onnx_metadata(half)[SOURCE_DIGEST] == sha256_file(source)
     assert onnx_staleness(half, source, SOURCE_DIGEST) is None
+
+
+def test_a_derived_file_that_fails_its_check_is_not_left_and_the_one_before_stays(onnx_model, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """A fake reference check that fails (the unit's logic: where the file goes, not why it failed)."""
+    import shutil
+
+    import export.verify
+
+    def fails(derived, onnx_path, precision):
+        assert Path(derived).is_file() and Path(derived) != tmp_path / "m.fp16.onnx"
+        raise ExportError(f"{derived}: reference check failed: |logit diff| 3 on reference image 2")
+
+    monkeypatch.setattr(export.verify, "verify_reference", fails)
+    source = shutil.copyfile(onnx_model, tmp_path / "m.onnx")
+    before = tmp_path / "m.fp16.onnx"
+    before.write_bytes(b"the file of before")
+    assert main(["onnx", "--precision", "fp16", "--from-onnx", str(source), "--data", ""]) == 2
+    assert "reference check failed" in capsys.readouterr().err
+    assert before.read_bytes() == b"the file of before"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fp16.onnx", "m.onnx"]  # nothing unverified left
+
+
+def test_a_derived_file_without_data_nor_reference_says_it_is_not_verified(onnx_model, tmp_path, capsys):
+    import shutil
+
+    source = shutil.copyfile(onnx_model, tmp_path / "m.onnx")
+    assert main(["onnx", "--precision", "fp16", "--from-onnx", str(source), "--data", ""]) == 0
+    assert f"{tmp_path / 'm.fp16.onnx'}: not verified: no data set and no reference file beside {source}" in \
+        capsys.readouterr().err
 
 
 def test_subnormal_weights_are_flushed_and_the_logits_stay(paddle, weights, tmp_path):
