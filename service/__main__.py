@@ -42,10 +42,11 @@ class DrainingServer(uvicorn.Server):
 
 
 class OneLineLoadFailure:
-    """The app as uvicorn runs it. When the backend does not load, the lifespan has logged one line
-    naming the cause (service/main.py, open_service) and re-raised; Starlette then hands uvicorn the
-    traceback as the startup failure's message, which uvicorn would log too. This drops that message
-    for a load failure only: any other exception at startup keeps its traceback."""
+    """The app as uvicorn runs it. When the backend does not load, or the gRPC port cannot be listened
+    on, the lifespan has logged one line naming the cause (service/main.py) and re-raised; Starlette
+    then hands uvicorn the traceback as the startup failure's message, which uvicorn would log too.
+    This drops that message for those failures only: any other exception at startup keeps its
+    traceback."""
 
     def __init__(self, app, state):
         self.app, self.state = app, state
@@ -55,7 +56,7 @@ class OneLineLoadFailure:
             return await self.app(scope, receive, send)
 
         async def send_without_traceback(message):
-            if message["type"] == "lifespan.startup.failed" and self.state.load_error:
+            if message["type"] == "lifespan.startup.failed" and self.state.startup_error:
                 message = {**message, "message": ""}
             await send(message)
 
@@ -93,6 +94,13 @@ def main(argv=None) -> int:
 
         die_with_supervisor()
         return serve(settings, reuse_port=True)
+    if not args.provision_only:
+        from service.workers import port_problem
+
+        for port in filter(None, (settings.port, settings.grpc_port)):
+            if problem := port_problem(settings.host, port):
+                print(f"error: {problem}", file=sys.stderr)
+                return 2
     plan = settings.plan(backend)
     if args.provision_only or args.force_engine:  # asked for by name, whatever ACMIX_REBUILD says
         plan = dataclasses.replace(plan, rebuild=True)
@@ -135,18 +143,24 @@ def serve(settings: Settings, reuse_port: bool = False) -> int:
     server = DrainingServer(config, app.state.service)
     try:
         if reuse_port:
-            from service.workers import reuse_port_socket
+            from service.workers import STARTUP_REFUSED, reuse_port_socket
 
-            server.run(sockets=[reuse_port_socket(settings.host, settings.port)])
+            try:  # the supervisor checked the port; another program may have taken it since
+                sock = reuse_port_socket(settings.host, settings.port)
+            except OSError as exc:
+                print(f"error: cannot listen on {settings.host}:{settings.port} ({exc.strerror or exc})",
+                      file=sys.stderr)
+                return STARTUP_REFUSED
+            server.run(sockets=[sock])
         else:
             server.run()
     except SystemExit:  # uvicorn's own exit at a failed startup (status 3)
-        if not app.state.service.load_error:
+        if not app.state.service.startup_error:
             raise
-    if app.state.service.load_error:  # logged in one line; a supervisor does not start it again
-        from service.workers import BACKEND_REFUSED
+    if app.state.service.startup_error:  # logged in one line; a supervisor does not start it again
+        from service.workers import STARTUP_REFUSED
 
-        return BACKEND_REFUSED
+        return STARTUP_REFUSED
     return 0 if server.started else 1
 
 

@@ -88,7 +88,7 @@ def open_service(state: ServiceState, backend=None, reason: str = "given", batch
     try:
         load(state, backend, reason)
     except BackendError as exc:
-        state.load_error = str(exc)
+        state.startup_error = str(exc)
         log.error("the backend did not load: %s", exc)
         raise
     state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
@@ -146,7 +146,13 @@ def create_app(
             yield
             return
         open_service(state, backend, backend_reason)
-        grpc = await grpc_server.start(state) if settings.grpc_port else None
+        try:
+            grpc = await grpc_server.start(state) if settings.grpc_port else None
+        except OSError as exc:  # the port taken since `python -m service` checked it, say
+            state.startup_error = str(exc)
+            log.error("%s", exc)
+            await close_service(state)
+            raise
         if not state.draining:  # a SIGTERM during startup: never marked ready, not even once
             state.peers.mark_ready()
         yield

@@ -38,7 +38,7 @@ class ServiceState(BatchObserver):
     decode_pool: ThreadPoolExecutor | None = None
     ready: bool = False
     draining: bool = False
-    load_error: str | None = None
+    startup_error: str | None = None
     started: float = field(default_factory=time.time)
     # Of the served artifact: the calibration temperature its ONNX records, and its sha256.
     temperature: float = 1.0
@@ -64,8 +64,8 @@ class ServiceState(BatchObserver):
     def not_ready_reason(self) -> str | None:
         if self.failing:
             return f"{self.consecutive_failures} batches failed in a row (last: {self.last_failure})"
-        if self.load_error or self.draining or not self.ready:
-            return self.load_error or ("draining" if self.draining else "loading")
+        if self.startup_error or self.draining or not self.ready:
+            return self.startup_error or ("draining" if self.draining else "loading")
         if not self.peers.all_ready():
             return f"waiting for the other server processes ({self.peers.count} in all) to be ready"
         return None

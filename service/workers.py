@@ -8,8 +8,8 @@ divided so that processes x threads never exceeds the cores: Settings.threads_pe
 
 The supervisor (this module's `supervise`, the process `python -m service` started) provisions
 the artifacts once, before any worker starts; workers only load them. It restarts a worker that
-dies, unless its backend refused to load (status BACKEND_REFUSED: a cause every worker shares, such
-as a precision the backend cannot run) or it failed to start STARTUP_FAILURES times in a row; on
+dies, unless it could not start for a cause every worker shares (status STARTUP_REFUSED: a
+precision the backend cannot run, a port another program holds) or it failed to start STARTUP_FAILURES times in a row; on
 SIGTERM it passes the signal to every worker, each of which drains as one process does, then exits
 when they have. They share a folder: `metrics/` for prometheus_client's multiprocess
 mode (every worker's /metrics counts all of them), and `ready/<index>` where each worker writes its
@@ -40,10 +40,11 @@ FOLDER_ENV = "ACMIX_WORKER_FOLDER"
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own
 # A worker that exits this many times in a row before it ever became ready stops the supervisor.
 STARTUP_FAILURES = 3
-# A worker's exit status when its backend refused to load (a BackendError: an unsupported precision,
-# a missing or foreign artifact, a failed reference check). Every worker would meet the same cause,
-# so the supervisor stops at the first instead of retrying. sysexits.h's EX_CONFIG.
-BACKEND_REFUSED = 78
+# A worker's exit status when it cannot start for a cause every worker shares: its backend refused to
+# load (a BackendError: an unsupported precision, a missing or foreign artifact, a failed reference
+# check), or a port it cannot listen on. The supervisor stops at the first instead of retrying.
+# sysexits.h's EX_CONFIG.
+STARTUP_REFUSED = 78
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def supervise(count: int, argv: list[str], drain_s: float) -> int:
                 if not was_ready[index]:  # a worker that had served died: not a failure to start
                     failures[index] += 1
                 reap(peers, process.pid, index)
-                if process.returncode == BACKEND_REFUSED and not was_ready[index]:
+                if process.returncode == STARTUP_REFUSED and not was_ready[index]:
                     log.error("worker %d: the backend refused to load (the cause is above); every worker would: "
                               "stopping", index)
                     stopping, code = True, 1
@@ -216,6 +217,16 @@ def reap(peers: Peers, pid: int, index: int) -> None:
 
     peers.ready_file(index).unlink(missing_ok=True)
     multiprocess.mark_process_dead(pid, str(peers.folder / "metrics"))
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why this process could not listen on host:port (another program holds it, the host is not an
+    address of this machine), or None; checked before the minutes provisioning may take."""
+    try:
+        reuse_port_socket(host, port).close()
+    except OSError as exc:  # socket.gaierror for a host that does not resolve
+        return f"cannot listen on {host}:{port} ({exc.strerror or exc})"
+    return None
 
 
 def reuse_port_socket(host: str, port: int):

@@ -373,8 +373,13 @@ async def start(state: ServiceState) -> grpc.aio.Server:
     handlers["ModelStreamInfer"] = stream_handler(state, servicer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     address = f"{settings.host}:{settings.grpc_port}"
-    if server.add_insecure_port(address) == 0:
-        raise OSError(f"cannot listen for gRPC on {address}")
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio 1.85 raises where earlier versions returned 0
+        bound = 0
+    if bound == 0:
+        raise OSError(f"cannot listen for gRPC on {address} (another program holds the port, or the host is "
+                      "not an address of this machine)")
     await server.start()
     log.info("gRPC (KServe v2) on %s", address)
     return server

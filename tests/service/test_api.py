@@ -301,7 +301,7 @@ def test_a_backend_that_fails_to_load_stops_startup(onnx_model, tmp_path):
     app = create_app(service_settings(onnx_model, onnx_path=str(tmp_path / "missing.onnx")))
     with pytest.raises(BackendError, match="missing.onnx is missing; `python -m service` makes it"), TestClient(app):
         pass
-    assert app.state.service.load_error.startswith(f"{tmp_path / 'missing.onnx'} is missing")
+    assert app.state.service.startup_error.startswith(f"{tmp_path / 'missing.onnx'} is missing")
     assert app.state.service.decode_pool is None  # nothing started for a backend that never loaded
 
 

@@ -468,3 +468,28 @@ def test_fp32_values_in_another_typed_field_get_an_error_naming_both_fields(grpc
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details() == ("input 'image' is FP32, which takes contents.fp32_contents (or "
                                       f"raw_input_contents), not contents.{field}")
+
+
+def test_a_grpc_port_taken_after_the_check_is_one_logged_line_and_the_backend_is_released(onnx_model, caplog):
+    """`python -m service` checks its ports before it starts (service/workers.py, port_problem); one
+    taken in between fails the start here, named, with the service closed (grpcio 1.85 raises where
+    earlier versions returned 0, which this once missed: a traceback)."""
+    import socket
+
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+    from tests.service.conftest import service_settings
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        app = create_app(service_settings(onnx_model, grpc_port=port))
+        with caplog.at_level(logging.ERROR), pytest.raises(OSError, match=f"cannot listen for gRPC on 127.0.0.1:{port} "
+                                                           r"\(another program holds the port"):
+            TestClient(app).__enter__()
+    state = app.state.service
+    assert state.startup_error.startswith(f"cannot listen for gRPC on 127.0.0.1:{port}")
+    assert not state.ready and state.backend.loaded is False
+    assert [r.getMessage() for r in caplog.records if r.name == "service"][-1] == state.startup_error

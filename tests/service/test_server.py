@@ -199,7 +199,7 @@ def test_sigterm_drains_grpc_requests_in_flight_too(onnx_model, cifar_like_jpegs
 
 def test_a_backend_that_fails_its_check_stops_the_server_in_one_line(onnx_model, tmp_path):
     """The cause once, no traceback (service/__main__.py, OneLineLoadFailure), and the status that
-    tells a supervisor not to start it again (BACKEND_REFUSED)."""
+    tells a supervisor not to start it again (STARTUP_REFUSED)."""
     import json
     import shutil
 
@@ -209,13 +209,40 @@ def test_a_backend_that_fails_its_check_stops_the_server_in_one_line(onnx_model,
     record = json.loads(reference_path(onnx_model).read_text())
     record["logits"][0][0] += 3.0  # as if the artifact or the preprocessing were wrong
     reference_path(onnx).write_text(json.dumps(record))
-    from service.workers import BACKEND_REFUSED
+    from service.workers import STARTUP_REFUSED
 
-    with pytest.raises(RuntimeError, match=f"exited with status {BACKEND_REFUSED}:") as failure:
+    with pytest.raises(RuntimeError, match=f"exited with status {STARTUP_REFUSED}:") as failure:
         start_server(onnx, timeout=60)
     output = str(failure.value)
     assert "ERROR service: the backend did not load: " in output and "reference check failed" in output
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_port_another_program_holds_stops_the_server_in_one_line_before_it_loads(onnx_model, workers):
+    """Checked before provisioning and loading (service/workers.py, port_problem): one line, status 2.
+    It was a traceback from the gRPC server (one process), and six from the workers (two)."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(RuntimeError, match="exited with status 2: ") as failure:
+            start_server(onnx_model, timeout=60, grpc_port=port, workers=workers, host="127.0.0.1")
+    assert str(failure.value).split("status 2: ", 1)[1].strip() == \
+        f"error: cannot listen on 127.0.0.1:{port} (Address already in use)"
+
+
+def test_a_worker_whose_port_was_taken_after_the_check_says_so_in_one_line(capsys):
+    from service.__main__ import serve
+    from service.settings import Settings
+    from service.workers import STARTUP_REFUSED
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert serve(Settings(host="127.0.0.1", port=port, grpc_port=0), reuse_port=True) == STARTUP_REFUSED
+    assert capsys.readouterr().err == f"error: cannot listen on 127.0.0.1:{port} (Address already in use)\n"
 
 
 def test_a_client_gone_mid_body_is_logged_as_499_without_a_traceback_and_paths_are_logged_escaped(onnx_model):

@@ -285,7 +285,7 @@ def test_a_lock_file_removed_by_its_holder_between_open_and_lock_is_not_taken(mo
 
 def test_a_backend_that_refuses_to_load_stops_the_supervisor_without_retries(tiny_onnx):
     """fp16 on ONNX Runtime's CPU provider: every worker would refuse it, so the supervisor stops at
-    the first refusal (status BACKEND_REFUSED) instead of starting each worker STARTUP_FAILURES
+    the first refusal (status STARTUP_REFUSED) instead of starting each worker STARTUP_FAILURES
     times; one line per worker that tried, no traceback."""
     with pytest.raises(RuntimeError, match="exited with status 1:") as failure:
         launch.start_server(tiny_onnx, workers=2, precision="fp16", timeout=120)
