@@ -204,7 +204,6 @@ def test_cli_onnx_fp16_derives_records_its_source_and_verifies(onnx_model, tmp_p
     import shutil
 
     from runtime.artifacts import SOURCE_DIGEST, onnx_metadata, onnx_staleness, sha256_file
-
     from runtime.reference import reference_path
 
     source = shutil.copyfile(onnx_model, tmp_path / "m.onnx")
