@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import sys
 
 
@@ -18,7 +19,8 @@ def _number(kind, text: str, lowest, inclusive: bool, what: str):
         value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-    if value < lowest or (value == lowest and not inclusive):
+    # nan passes no comparison and inf every one: neither is a length of time, a count or a rate.
+    if not math.isfinite(value) or value < lowest or (value == lowest and not inclusive):
         raise argparse.ArgumentTypeError(f"{text} is not {what}")
     return value
 

@@ -118,7 +118,9 @@ class TrainConfig:
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema decay {self.ema} is not in [0, 1)")
         for name, (valid, text) in RANGES.items():
-            if not valid(getattr(self, name)):
+            value = getattr(self, name)
+            # inf passes "at least 0" and nan fails every comparison quietly: neither is a recipe's number
+            if (isinstance(value, float) and not math.isfinite(value)) or not valid(value):
                 raise ValueError(f"{name} {getattr(self, name)} is out of range (--{name.replace('_', '-')}: {text})")
 
     def augmentation(self):

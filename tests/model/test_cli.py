@@ -18,6 +18,10 @@ from model.files import replacing
     (positive_float, "many", "'many' is not a number"),
     (probability, "1", "1 is not below 1"),
     (probability, "-0.1", "-0.1 is not a non-negative number"),
+    # inf passed "positive" (a benchmark of --seconds inf never ended) and nan every range test
+    (positive_float, "inf", "inf is not a positive number"),
+    (positive_float, "nan", "nan is not a positive number"),
+    (probability, "nan", "nan is not a non-negative number"),
 ])
 def test_argument_types_refuse_out_of_range_numbers_by_value(kind, text, message):
     with pytest.raises(argparse.ArgumentTypeError, match=f"^{message}$".replace("(", r"\(").replace(")", r"\)")):

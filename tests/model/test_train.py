@@ -155,6 +155,8 @@ def test_cli_reports_a_missing_data_set_in_one_line(capsys, tmp_path):
     (["--max-steps-per-epoch", "0"], "max_steps_per_epoch 0 is out of range"),
     (["--lr", "0"], "lr 0.0 is out of range (--lr: above 0)"),
     (["--dropout", "1"], "dropout 1.0 is out of range (--dropout: in [0, 1))"),
+    (["--weight-decay", "inf"], "weight_decay inf is out of range (--weight-decay: at least 0)"),  # trained to nan
+    (["--momentum", "nan"], "momentum nan is out of range"),
     (["--weight-decay", "-1"], "weight_decay -1.0 is out of range"),
     (["--cutmix", "1.5"], "cutmix 1.5 is out of range (--cutmix: in [0, 1])"),
     (["--train-per-class", "0"], "train_per_class 0 is out of range (--train-per-class: at least 1)"),
