@@ -34,6 +34,7 @@ import numpy as np
 from export.errors import ExportError
 from model.cli import one_line_errors, positive_int
 from model.data import DataError
+from model.files import writable
 from runtime.backend import BackendError
 from runtime.cpu import describe
 from runtime.onnx_graph import read_onnx
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="build/bench/int8_avx2_emulation.json")
     args = parser.parse_args(argv)
     read_onnx(args.int8)  # ValueError naming the file where it is missing or no ONNX
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before the measurement, not after it
+    writable(args.out)  # before the measurement, not after it
     report = emulate(Path(args.int8), args.images, args.layer_images, args.data)
     print(report["text"])
     out = Path(args.out)

@@ -36,6 +36,7 @@ from export.errors import ExportError
 from model import paths
 from model.cli import one_line_errors, positive_float, positive_int
 from model.data import DataError
+from model.files import writable
 from model.spec import INPUT_NAME, OUTPUT_NAME
 from runtime.artifacts import onnx_metadata
 from runtime.backend import BackendError
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="build/bench/onnx_runtime.json")
     args = parser.parse_args(argv)
     onnx_metadata(args.onnx)  # ValueError naming the file where it is missing or no ONNX
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before the measurement, not after it
+    writable(args.out)  # before the measurement, not after it
 
     from runtime.onnxruntime import SESSION_CONFIG, create_session
 

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from export.errors import ExportError
 from model.cli import one_line_errors, positive_int
 from model.data import DataError
+from model.files import writable
 from runtime.backend import BackendError
 from runtime.cpu import cpu_info, describe
 
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="build/bench/paddle_acmix.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # task:variant, measured in this process
     args = parser.parse_args(argv)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before the measurement, not after it
+    writable(args.out)  # before the measurement, not after it
     if args.child:
         task, variant = args.child.split(":")
         print(json.dumps(measure(task, variant, args.batch, args.steps)))
@@ -140,7 +141,6 @@ def main(argv=None) -> int:
                         "samples": {n: len(times[(task, n)]) for n in (base, new)}}
         print(f"{task:<11} batch {args.batch}: {base} {old_s:6.2f} s ({args.batch / old_s:6.1f} img/s)  "
               f"{new} {new_s:6.2f} s ({args.batch / new_s:6.1f} img/s)  speed-up {old_s / new_s:5.2f}x")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

@@ -24,6 +24,7 @@ from export.errors import ExportError
 from model import paths
 from model.cli import one_line_errors
 from model.data import DataError
+from model.files import writable
 from runtime.backend import BackendError
 
 CHUNK = 250  # images preprocessed and run at a time: 5,000 at once would hold ~1 GB of float input
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
 
     copies = present_copies(args.data, args.jpeg_data)
     files = served_files(Path(args.onnx), args.weights)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before the measurement, not after it
+    writable(args.out)  # before the measurement, not after it
     print(f"CPU: {describe()}")
     rows = compare_precisions(files, copies, args.split_file or None)
     print(f"{'images':<9} {'precision':<9} {'top-1':>7} {'points from fp32':>17} {'agreement with fp32':>20}")

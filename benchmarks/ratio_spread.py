@@ -28,6 +28,7 @@ from export.errors import ExportError
 from model import paths
 from model.cli import one_line_errors, positive_float, positive_int
 from model.data import DataError
+from model.files import writable
 from runtime.artifacts import onnx_metadata
 from runtime.backend import BackendError
 from runtime.cpu import cpu_info
@@ -98,8 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="build/bench/ratio_spread.json")
     args = parser.parse_args(argv)
     onnx_metadata(args.onnx)  # ValueError naming the file where it is missing or no ONNX
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = writable(args.out)  # before the runs, not after them
 
     from benchmarks import onnx_runtime
 

@@ -26,6 +26,7 @@ from harness.server import free_port, start_server, stop, wait_ready
 from model import paths
 from model.cli import one_line_errors, positive_float, positive_int
 from model.data import DataError
+from model.files import writable
 from runtime.backend import BackendError
 from runtime.cpu import cpu_info
 
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
     parser.add_argument("--replicas", type=positive_int, default=2)
     parser.add_argument("--out", default="build/bench/ray_vs_fastapi.json")
     args = parser.parse_args(argv)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before the measurement, not after it
+    writable(args.out)  # before the measurement, not after it
     onnx = Path(args.onnx)
     preflight(onnx)
     results = {}
@@ -101,7 +102,6 @@ def main(argv=None) -> int:
     print(f"{'server':>16} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6}")
     for name, r in results.items():
         print(f"{name:>16} {r['throughput_rps']:>7.0f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['errors']:>6}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"cpu": cpu_info(), **results}, indent=2) + "\n")
     return 0
 

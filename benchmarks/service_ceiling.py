@@ -34,6 +34,7 @@ from harness.tiny_model import write_tiny_model
 from model import paths
 from model.cli import one_line_errors, positive_float, positive_int
 from model.data import DataError
+from model.files import writable
 from runtime.backend import BackendError
 from runtime.cpu import cpu_info, describe
 
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=positive_int, default=2)
     parser.add_argument("--out", default="build/bench/service_ceiling.json")
     args = parser.parse_args(argv)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before the measurement, not after it
+    writable(args.out)  # before the measurement, not after it
     preflight(Path(args.onnx))
     print(f"CPU: {describe()}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,7 +154,6 @@ def main(argv=None) -> int:
         print(f"{r['model']:<8} {r['kind']:<10} {r['workers']:>9} {r['throughput_rps']:>8.0f} {r['rps_per_process']:>8.0f} "
               f"{r['images_per_s']:>8.0f} {r['p99_ms']:>7.1f} {r['cpu_ms_per_request']:>10.2f} {r['errors']:>6} "
               f"{r['throughput_rps'] / one:>6.2f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"cpu": cpu_info(), "rows": rows}, indent=2) + "\n")
     return 0
 

@@ -38,6 +38,7 @@ from harness.server import start_server, stop
 from model import paths
 from model.cli import non_negative_float, one_line_errors, positive_float, positive_int
 from model.data import DataError
+from model.files import writable
 from runtime.artifacts import onnx_metadata
 from runtime.backend import BackendError
 from runtime.cpu import cpu_info
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
     parser.add_argument("--queue-delay-ms", type=non_negative_float, default=5.0)
     parser.add_argument("--out", default="build/bench/service_load.json")
     args = parser.parse_args(argv)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before the measurement, not after it
+    writable(args.out)  # before the measurement, not after it
 
     onnx = Path(args.onnx)
     preflight(onnx)

@@ -22,6 +22,7 @@ from export.errors import ExportError
 from model import paths
 from model.cli import one_line_errors, positive_float, positive_int
 from model.data import DataError
+from model.files import writable
 from runtime.backend import BackendError
 
 
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=positive_float, default=2.0)
     parser.add_argument("--out", default="build/bench/tensorrt.json")
     args = parser.parse_args(argv)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before the measurement, not after it
+    writable(args.out)  # before the measurement, not after it
 
     from export.provision import provision
     from runtime.artifacts import ArtifactPlan, EngineSpec
@@ -67,7 +68,6 @@ def main(argv=None) -> int:
             print(f"TensorRT {precision} batch {batch}: {series[-1]['img_s']:.0f} img/s")
         backend.close()
         engines[precision] = series
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"engines": engines}, indent=2) + "\n")
     return 0
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from export.errors import ExportError
 from model import paths
 from model.cli import fail, positive_int
+from model.files import writable
 from runtime.artifacts import PRECISIONS, EngineSpec, derived_onnx_path
 
 DEFAULT_ONNX = paths.ONNX
@@ -67,6 +68,7 @@ def run_onnx(args) -> dict:
             print(f"{args.out} is current (exported from {args.weights}); kept", file=sys.stderr)
             return {"onnx": str(args.out), "kept": True}
         print(f"{why}: exporting it", file=sys.stderr)
+    writable(args.out)  # before the export, not after it
     path = export_onnx(args.weights, args.out, arch=args.arch, data=data_set(args), split_file=split_file(args))
     print(f"wrote {path}", file=sys.stderr)
     result = {"onnx": str(path)}
@@ -95,7 +97,7 @@ def run_derived(args) -> dict:
     source = Path(args.from_onnx)
     out = Path(args.out) if args.out != DEFAULT_ONNX else derived_onnx_path(source, args.precision)
     data = data_set(args)
-    staged = out.with_name(f".{out.name}.unverified")
+    staged = writable(out).with_name(f".{out.name}.unverified")
     try:
         if args.precision == "fp16":
             from export.fp16 import convert_fp16

@@ -18,6 +18,7 @@ import numpy as np
 from model import paths
 from model.cli import fail, positive_int
 from model.data import CLASSES, SPLITS, DataError, open_dataset
+from model.files import writable
 from model.runtime import DEVICES, import_paddle, resolve_device
 
 DEFAULT_WEIGHTS = paths.WEIGHTS
@@ -65,7 +66,7 @@ def plot_confusion(matrix: np.ndarray, path: Path, title: str) -> None:
             ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7, color=color)
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")  # at `path` itself: without a suffix matplotlib adds ".png"
     plt.close(fig)
 
 
@@ -76,6 +77,7 @@ def evaluate(weights: str, data: str, split: str, split_file: str, confusion: Pa
     ValueError name what is wrong with the inputs."""
     if not Path(weights).is_file():
         raise DataError(f"{weights}: no such weights file")
+    confusion = writable(confusion)  # before the evaluation, not after it
     images = open_dataset(data, split=split, val_split=split_file)
     import_paddle(device=device)  # threads for every core, before the model runs
     from model.predict import load_weights, predict_logits
@@ -84,7 +86,6 @@ def evaluate(weights: str, data: str, split: str, split_file: str, confusion: Pa
     logits = predict_logits(model, images.images, batch_size, progress="evaluating")
     result = summarize(images.labels, logits.argmax(axis=1))
     result.update({"weights": str(weights), "data": str(data), "split": split})
-    confusion.parent.mkdir(parents=True, exist_ok=True)
     plot_confusion(
         np.array(result["confusion_matrix"]), confusion,
         f"{Path(weights).name} on {Path(data).name} [{split}]: top-1 {result['accuracy']:.4f}",
@@ -112,9 +113,8 @@ def main(argv=None) -> int:
 
     split = args.split
     if split is None:
-        split = "val" if args.data in (paths.DATA, paths.JPEG_DATA) else "all"
+        split = "val" if paths.shared_archive(args.data) else "all"
     try:
-        Path(args.confusion).parent.mkdir(parents=True, exist_ok=True)  # before the evaluation, not after it
         device, reason = resolve_device(args.device)
         result = evaluate(args.weights, args.data, split, args.split_file, Path(args.confusion), args.arch,
                           args.batch_size, device)

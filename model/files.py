@@ -18,17 +18,38 @@ import tempfile
 from pathlib import Path
 
 
-@contextlib.contextmanager
-def replacing(path: str | Path):
-    """Yields a temporary path to write; renamed over `path` when the block ends without error."""
+def writable(path: str | Path) -> Path:
+    """`path`, where a file can be written (its folder made); else OSError naming it (a folder, a
+    folder that cannot be made, no permission). Outputs written after a long step are checked so
+    before it, so that the step is not lost to a typo."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(21, "a folder, not a file", str(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:  # mkdir says "File exists"
+            raise NotADirectoryError(20, f"cannot write here ({blocking} is a file, not a folder)", str(path)) from None
+        raise cannot_write(exc, path) from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(13, "cannot write here (Permission denied)", str(path))
+    return path
+
+
+def cannot_write(exc: OSError, path: Path) -> OSError:
+    """`exc` named as the file asked for (not a temporary one or a folder above it)."""
+    return type(exc)(exc.errno, f"cannot write here ({exc.strerror})", str(path))
+
+
+@contextlib.contextmanager
+def replacing(path: str | Path):
+    """Yields a temporary path to write; renamed over `path` when the block ends without error."""
+    path = writable(path)
+    try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:  # named as the file asked for, not the temporary one
-        raise type(exc)(exc.errno, f"cannot write here ({exc.strerror})", str(path)) from None
+    except OSError as exc:
+        raise cannot_write(exc, path) from None
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600: give it the mode a plain open() would
     try:

@@ -9,9 +9,15 @@ import pytest
     ("onnx_runtime", ["--onnx", "{tmp}/missing.onnx"], "error: {tmp}/missing.onnx: no such ONNX file"),
     ("onnx_runtime", ["--onnx", "{tmp}/text.onnx"], "error: {tmp}/text.onnx: not an ONNX file ONNX Runtime loads"),
     ("int8_avx2_emulation", ["--int8", "{tmp}/text.onnx"], "error: {tmp}/text.onnx: not an ONNX file (DecodeError)"),
-    ("onnx_runtime", ["--onnx", "{onnx}", "--out", "{tmp}/text.onnx/out.json"], "error: {tmp}/text.onnx:"),
+    ("onnx_runtime", ["--onnx", "{onnx}", "--out", "{tmp}/text.onnx/out.json"],
+     "error: {tmp}/text.onnx/out.json: cannot write here ({tmp}/text.onnx is a file, not a folder)"),
     ("precision_accuracy", ["--data", "{tmp}/missing.tar.gz"], "error: {tmp}/missing.tar.gz: no such data set"),
     ("ratio_spread", ["--onnx", "{tmp}/missing.onnx"], "error: {tmp}/missing.onnx: no such ONNX file"),
+    # an output that cannot be written, named before the runs (they measured first, then failed to write)
+    ("ratio_spread", ["--onnx", "{onnx}", "--out", "{tmp}"], "error: {tmp}: a folder, not a file"),
+    ("onnx_runtime", ["--onnx", "{onnx}", "--out", "{tmp}"], "error: {tmp}: a folder, not a file"),
+    ("service_load", ["--onnx", "{onnx}", "--out", "/proc/acmix/out.json"],
+     "error: /proc/acmix/out.json: cannot write here (No such file or directory)"),
 ])
 def test_a_wrong_input_is_one_line_and_exit_2_before_measuring(module, argv, message, tmp_path, tiny_onnx, capsys):
     import importlib

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,7 +51,23 @@ def test_summary_counts_per_class():
     assert summary["per_class"]["cat"] is None
 
 
-@pytest.mark.parametrize("case", ["missing-weights", "bad-weights", "wrong-arch", "missing-data"])
+def test_the_confusion_matrix_goes_where_asked_even_without_a_suffix(paddle, weights, folder_dataset, tmp_path,
+                                                                     capsys):
+    root, _ = folder_dataset
+    assert main(["--weights", str(weights), "--data", str(root), "--confusion", str(tmp_path / "cm")]) == 0
+    assert (tmp_path / "cm").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (tmp_path / "cm.png").exists()
+    assert f"confusion matrix: {tmp_path / 'cm'}" in capsys.readouterr().out
+
+
+def test_the_shared_archive_is_known_however_its_path_is_spelled(tmp_path):
+    from model import paths
+
+    assert paths.shared_archive(paths.DATA) and paths.shared_archive(Path(paths.JPEG_DATA).resolve())
+    assert paths.shared_archive(f"./{paths.DATA}")
+    assert not paths.shared_archive(tmp_path / "cifar10-train-png.tar.gz")
+
+
+@pytest.mark.parametrize("case", ["missing-weights", "bad-weights", "wrong-arch", "missing-data", "folder-out"])
 def test_errors_exit_2_with_one_line(paddle, weights, folder_dataset, tmp_path, capsys, case):
     root, _ = folder_dataset
     args = {"--weights": str(weights), "--data": str(root), "--confusion": str(tmp_path / "cm.png")}
@@ -66,9 +83,12 @@ def test_errors_exit_2_with_one_line(paddle, weights, folder_dataset, tmp_path, 
     elif case == "wrong-arch":
         args["--arch"] = "alexnet"
         expected = "not alexnet weights"
-    else:
+    elif case == "missing-data":
         args["--data"] = str(tmp_path / "nowhere")
         expected = "nowhere: no such file or directory"
+    else:  # named before the evaluation (it wrote <folder>.png after it, and said it wrote the folder)
+        args["--confusion"] = str(tmp_path)
+        expected = f"{tmp_path}: a folder, not a file"
     assert main([item for pair in args.items() for item in pair]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0]
