@@ -125,7 +125,8 @@ class OnnxRuntimeBackend(Backend):
         self.session = None
 
     def _load(self) -> None:
-        self.session = create_session(self.onnx_path, self.threads, self.providers)
+        # Batches of CHUNK images or fewer would run the loop once: its cost without its gain.
+        self.session = create_session(self.onnx_path, self.threads, self.providers, batch_chunks=self.max_batch > CHUNK)
         inputs = {i.name: i.type for i in self.session.get_inputs()}
         outputs = {o.name for o in self.session.get_outputs()}
         if inputs != {INPUT_NAME: "tensor(float)"} or OUTPUT_NAME not in outputs:

@@ -13,15 +13,17 @@ from service.backends import create_backend
 from service.settings import Settings
 
 
-def test_the_plan_of_the_settings_loads_on_onnx_runtime(onnx_model):
+@pytest.mark.parametrize("max_batch, chunks", [(32, ", feature layers in chunks of 16 images"), (16, "")])
+def test_the_plan_of_the_settings_loads_on_onnx_runtime(onnx_model, max_batch, chunks):
     plan = Settings(backend="onnxruntime", onnx_path=str(onnx_model)).plan()
-    backend = create_backend(plan, max_batch=4, threads=1)
+    backend = create_backend(plan, max_batch=max_batch, threads=1)
     assert backend.name == "onnxruntime" and backend.onnx_path == Path(onnx_model)
     with backend:
         # which kernels run: the CPU's extensions (runtime/cpu.py), the threads and the graph's chunks
-        # (runtime/batch_chunks.py), for /readyz and the log
-        assert backend.description == (f"{onnx_model} on CPUExecutionProvider (1 thread per batch, feature layers "
-                                       f"in chunks of 16 images; {describe()})")
+        # (runtime/batch_chunks.py), for /readyz and the log; no chunks where no batch can hold two
+        assert backend.description == (f"{onnx_model} on CPUExecutionProvider (1 thread per batch{chunks}; "
+                                       f"{describe()})")
+        assert backend.session.batch_chunk == (16 if chunks else None)
 
 
 def test_a_missing_artifact_names_how_to_make_it(tmp_path):
