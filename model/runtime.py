@@ -99,6 +99,10 @@ def _paddle():
         warnings.simplefilter("ignore")
         import paddle
     logging.getLogger("paddle").setLevel(logging.ERROR)
+    # Paddle's C++ handlers print a stack dump on SIGTERM, SIGINT and crashes, and can deadlock doing
+    # so (seen: `timeout` on model.evaluate hung in the handler's malloc for 10 minutes): a stop
+    # should stop.
+    paddle.disable_signal_handler()
     return paddle
 
 

@@ -121,3 +121,17 @@ def test_available_cores_are_at_most_the_quota_rounded_up(tmp_path, monkeypatch)
     assert available_cores(str(tmp_path)) == 2
     (tmp_path / "cpu.max").write_text("max 100000\n")
     assert available_cores(str(tmp_path)) == 64
+
+
+def test_after_import_paddle_sigterm_stops_the_process_without_paddles_handler():
+    """Paddle's C++ handler dumped a stack on SIGTERM and once deadlocked in it (malloc, from inside
+    the signal): `timeout` on model.evaluate hung 10 minutes. The default action instead."""
+    import signal
+    import subprocess
+    import sys
+
+    child = ("import os, signal, time\nfrom model.runtime import import_paddle\nimport_paddle()\n"
+             "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(30)\n")
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGTERM
+    assert "SIGTERM" not in done.stderr and "FatalError" not in done.stderr
