@@ -139,7 +139,7 @@ def served_sessions() -> list[str]:
 
 @one_line_errors(BackendError, DataError, ExportError)
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["paddle", "onnx_runtime", "accuracy", "service", "ray", "ceiling", "tensorrt"])
     parser.add_argument("--onnx", default=paths.ONNX, help="the model the service benchmark serves")

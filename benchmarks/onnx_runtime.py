@@ -100,7 +100,7 @@ def spread(median: float, quartiles) -> str:
 
 @one_line_errors(BackendError, DataError, ExportError)
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.onnx_runtime", description=__doc__.split("\n\n")[0])
     parser.add_argument("--onnx", default=paths.ONNX, help="AlexNet-ACmix, fp32")
     parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--seconds", type=positive_float, default=3.0, help="per model and batch size")

@@ -114,7 +114,7 @@ def in_child(task: str, variant: str, batch: int, steps: int) -> list[float]:
 
 @one_line_errors(BackendError, DataError, ExportError)
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.paddle_acmix", description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=positive_int, default=128)
     parser.add_argument("--rounds", type=positive_int, default=3, help="processes per variant, alternating")
     parser.add_argument("--steps", type=positive_int, default=5, help="timed steps (calls) per process")

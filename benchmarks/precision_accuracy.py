@@ -96,7 +96,7 @@ def present_copies(data: str, jpeg_data: str | None) -> dict[str, str]:
 
 @one_line_errors(BackendError, DataError, ExportError)
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.precision_accuracy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--onnx", default=paths.ONNX, help="the fp32 ONNX that is served; int8 beside it")
     parser.add_argument("--data", default=paths.DATA, help="the lossless images")
     parser.add_argument("--jpeg-data", default=paths.JPEG_DATA, help="their JPEG q75 copy (skipped when absent)")

@@ -91,7 +91,7 @@ def plot(summary: dict, cpu: dict, runs: int, path: Path) -> None:
 
 @one_line_errors(BackendError, DataError, ExportError)
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ratio_spread", description=__doc__.split("\n\n")[0])
     parser.add_argument("--onnx", default=paths.ONNX, help="AlexNet-ACmix, fp32")
     parser.add_argument("--runs", type=positive_int, default=10)
     parser.add_argument("--batches", type=positive_int, nargs="+", default=[32, 128])

@@ -72,7 +72,7 @@ def stop_ray(process: subprocess.Popen, grace_s: float = 60, cleanup: list[str] 
 
 @one_line_errors(BackendError, DataError, ExportError)
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ray_vs_fastapi", description=__doc__.split("\n\n")[0])
     parser.add_argument("--onnx", default=paths.ONNX)
     parser.add_argument("--concurrency", type=positive_int, default=64)
     parser.add_argument("--seconds", type=positive_float, default=15)

@@ -107,7 +107,7 @@ def measure(process, url: str, kind: dict, connections: int, seconds: float, scr
 
 @one_line_errors(BackendError, DataError, ExportError)
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.service_ceiling", description=__doc__.split("\n\n")[0])
     parser.add_argument("--onnx", default=paths.ONNX, help="the real model, for its own rows")
     parser.add_argument("--connections", type=positive_int, default=64)
     parser.add_argument("--seconds", type=positive_float, default=10)

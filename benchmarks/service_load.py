@@ -155,7 +155,7 @@ def summarize(rounds: list[dict], concurrency: int) -> dict:
 
 @one_line_errors(BackendError, DataError, ExportError)
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.service_load", description=__doc__.split("\n\n")[0])
     parser.add_argument("--onnx", default=paths.ONNX, help="the fp32 ONNX")
     parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
                         help="what the service serves (ACMIX_PRECISION); int8: the file beside --onnx")

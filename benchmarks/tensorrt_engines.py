@@ -28,7 +28,7 @@ from runtime.backend import BackendError
 
 @one_line_errors(BackendError, DataError, ExportError)
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tensorrt_engines", description=__doc__.split("\n\n")[0])
     parser.add_argument("--onnx", default=paths.ONNX)
     parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8, 32, 128, 256])
     parser.add_argument("--seconds", type=positive_float, default=2.0)

@@ -86,7 +86,7 @@ def environment(profile: str, base: dict | None = None) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m harness.hidden_cpu_features", description=__doc__.split("\n\n")[0])
     parser.add_argument("profile", choices=PROFILES, help="avx2: no AVX-512, AVX-VNNI, AMX; avx512: no VNNI")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
     args = parser.parse_args(argv)

@@ -373,7 +373,7 @@ def child(sources: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m harness.nvidia_bindings", description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="*", type=Path, help="default: every .venv/tensorrt-<version>/")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -192,7 +192,7 @@ def parse_json(text: bytes):
     except ValueError as exc:  # invalid JSON or UTF-8, or an integer over Python's 4,300 digits
         if "int_max_str_digits" in str(exc):
             raise BadRequest("the request holds an integer of more than 4,300 digits") from None
-        raise BadRequest(f"the request header is not JSON: {exc}") from None
+        raise BadRequest(f"the request is not valid JSON: {exc}") from None
     except RecursionError:
         raise BadRequest("the request nests arrays or objects too deeply to be a v2 request") from None
 

@@ -67,7 +67,7 @@ def test_a_good_tensor_input_in_either_form():
     (b"[1, 2]", None, "must be a JSON object"),
     (b'{"a": NaN}', None, "NaN: JSON numbers must be finite"),
     (b'{"a": -Infinity}', None, "-Infinity"),
-    (b"\xff\xfe", None, "is not JSON"),
+    (b"\xff\xfe", None, "is not valid JSON"),
     (b"[" * 50_000 + b"]" * 50_000, None, "too deeply"),
     (b'{"id": ' + b"1" * 5000 + b"}", None, "an integer of more than 4,300 digits"),  # Python's limit
     (b"", None, "the request body is empty"),
