@@ -22,7 +22,7 @@ from pathlib import Path
 from export.errors import ExportError
 from model import paths
 from model.cli import fail, positive_int
-from model.files import writable
+from model.files import staged, writable
 from runtime.artifacts import PRECISIONS, EngineSpec, derived_onnx_path
 
 DEFAULT_ONNX = paths.ONNX
@@ -92,36 +92,46 @@ def run_derived(args) -> dict:
     set, the top-1 agreement with fp32 on held-out images. Generated noise images make no agreement
     check (their two best logits are often close: int8 agreed on 89% of them, on 98.4% of validation
     images), so without a data set the reference check is the check."""
+    import export.int8
     from export.verify import verification_set, verify_derived, verify_reference
 
     source = Path(args.from_onnx)
     out = Path(args.out) if args.out != DEFAULT_ONNX else derived_onnx_path(source, args.precision)
     data = data_set(args)
-    staged = writable(out).with_name(f".{out.name}.unverified")
+    made = staged(writable(out))
+    # A calibration made on the way waits with the file: a table whose file failed is not reused later.
+    table = Path(export.int8.CALIBRATION_TABLE)
+    new_table = staged(table)
     try:
         if args.precision == "fp16":
             from export.fp16 import convert_fp16
 
-            convert_fp16(source, staged)
+            convert_fp16(source, made)
         else:
-            from export.int8 import quantize_int8
-
-            quantize_int8(source, staged, data=data, split_file=args.split_file, count=args.calibration_images)
+            export.int8.quantize_int8(source, made, data=data, split_file=args.split_file,
+                                      count=args.calibration_images, table_out=new_table)
         result = {"onnx": str(out), "precision": args.precision}
         if not args.no_verify:
             if data is not None:
                 batch, where = verification_set(data, args.count or DERIVED_VERIFY_COUNT, split_file(args))
-                result["verify"] = verify_derived(source, staged, args.precision, batch)
+                result["verify"] = verify_derived(source, made, args.precision, batch)
                 report(f"{out}: ONNX Runtime {args.precision} vs fp32, {where},", result["verify"])
-            result["reference_check"] = verify_reference(staged, source, args.precision)
-            check = result["reference_check"]
-            print(f"verify {out}: reference check passed on {check['n']} reference images ({check['source']}): "
-                  f"max |logit diff| {check['max_abs_diff']:.2e}" if check else
-                  f"{out}: not verified: no data set and no reference file beside {source}", file=sys.stderr)
+            result["reference_check"] = check = verify_reference(made, source, args.precision)
+            if check:
+                print(f"verify {out}: reference check passed on {check['n']} reference images ({check['source']}): "
+                      f"max |logit diff| {check['max_abs_diff']:.2e}", file=sys.stderr)
+            else:  # an fp32 ONNX brought without the reference file the export writes
+                print(f"{out}: no reference check (no reference file beside {source}); "
+                      + ("checked by the top-1 agreement only" if data else "NOT VERIFIED: no data set either"),
+                      file=sys.stderr)
     except BaseException:
-        staged.unlink(missing_ok=True)
+        made.unlink(missing_ok=True)
+        new_table.unlink(missing_ok=True)
         raise
-    os.replace(staged, out)
+    if new_table.exists():
+        os.replace(new_table, table)
+        print(f"wrote {table}", file=sys.stderr)
+    os.replace(made, out)
     print(f"wrote {out}", file=sys.stderr)
     return result
 

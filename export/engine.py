@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from export.errors import ExportError
-from model.files import write_bytes
+from model.files import staged, write_bytes
 from model.spec import INPUT_NAME, INPUT_SHAPE
 from runtime.artifacts import EngineSpec, engine_metadata_path, sha256_file, write_metadata
 from runtime.cuda import host_info, tensorrt_status
@@ -107,7 +107,7 @@ def make_engine(onnx_path: str | Path, engine_path: str | Path, spec: EngineSpec
     only then put it in place with its metadata, verified. A failed build or check leaves the
     previous engine as it was and nothing else behind."""
     engine_path = Path(engine_path)
-    unverified = engine_path.with_name(f".{engine_path.name}.unverified")
+    unverified = staged(engine_path)
     try:
         metadata = build_engine(onnx_path, unverified, spec, timing_cache, progress)
         metadata["verification"] = check(unverified)

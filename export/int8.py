@@ -168,12 +168,13 @@ def int8_beside(onnx_path: str | Path) -> Path:
 
 def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, data: str | Path | None = paths.DATA,
                   split_file: str | None = paths.SPLIT_FILE, count: int = 512,
-                  table_path: str | Path | None = None) -> Path:
+                  table_path: str | Path | None = None, table_out: str | Path | None = None) -> Path:
     """Write the int8 QDQ version of the fp32 `onnx_in` to `onnx_out`; returns the path.
 
     Uses the calibration table (default CALIBRATION_TABLE) when it belongs to the weights `onnx_in`
     was exported from and to the graph quantized, else calibrates on `count` images of `data` and
-    writes the table.
+    writes the table (to `table_out` where given: run_derived stages it until the file passed its
+    checks).
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -200,8 +201,9 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, data: str | Path | 
             if data is None or not Path(data).exists():
                 why = ("there is none" if table is None else "it is for other weights"
                        if table["weights_sha256"] != weights_digest else "it is for another graph")
-                raise ExportError(f"{table_path}: cannot reuse the calibration ({why}) and the calibration images "
-                                  f"are not here ({data}); run where the data set is")
+                images = "there is no data set" if data is None else f"the calibration images are not here ({data})"
+                raise ExportError(f"{table_path}: cannot reuse the calibration ({why}) and {images}; "
+                                  "run where the data set is")
             images, described = calibration_images(data, split_file, count)
             reader = ImageBatches(images)
         quantized = Path(tmp) / "int8.onnx"
@@ -221,7 +223,7 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, data: str | Path | 
     quantize_after_relu(model)
     if not reuse:
         table = {"weights_sha256": weights_digest, "graph_sha256": structure, "images": described, "ranges": ranges}
-        write_bytes(table_path, (json.dumps(table, indent=1, sort_keys=True) + "\n").encode())
+        write_bytes(table_out or table_path, (json.dumps(table, indent=1, sort_keys=True) + "\n").encode())
     del model.metadata_props[:]
     model.metadata_props.extend(folded.metadata_props)
     set_source(model, onnx_in)

@@ -14,7 +14,9 @@ A child process with the stubs on LD_LIBRARY_PATH reads the sources in RECEIVERS
 use they make of `tensorrt` and of cuda-python: each attribute exists, a property assigned has a
 setter, each call binds to one of the documented signatures (its positional count and keyword
 names), each `from cuda... import` resolves, and each name RECEIVERS declares is used (so the
-declaration cannot go stale). It also runs what can run there: export/engine.py's
+declaration cannot go stale). Only expressions whose object it knows are checked (RECEIVERS, the
+imports, and what their documented methods return): a call through a local alias, such as
+runtime/tensorrt.py's `free(handle)` over cudaFree and cudaFreeHost, is not. It also runs what can run there: export/engine.py's
 `strongly_typed_flags` on the real enum, and its progress monitor made over the real
 IProgressMonitor and called as TensorRT calls it. What cannot be checked this way: what TensorRT
 does with the calls (the gpu-marked tests).
@@ -77,9 +79,17 @@ def compiler() -> str | None:
     return shutil.which("cc") or shutil.which("gcc")
 
 
+def pinned_versions(makefile: Path = ROOT / "Makefile") -> list[str]:
+    """The TensorRT versions whose bindings `make setup` installs (the Makefile's TENSORRT_BINDINGS)."""
+    match = re.search(r"^TENSORRT_BINDINGS :=(.*)$", makefile.read_text(), re.M)
+    return match.group(1).split() if match else []
+
+
 def bindings_folders(venv: Path = VENV) -> list[Path]:
-    """The folders `make setup` installs TensorRT's bindings into, one per version."""
-    return sorted(p.parent for p in venv.glob("tensorrt-*/tensorrt_bindings"))
+    """The folders `make setup` installed TensorRT's bindings into, one per pinned version (a folder
+    of a version no longer pinned is not checked)."""
+    folders = [venv / f"tensorrt-{version}" for version in pinned_versions()]
+    return [folder for folder in folders if (folder / "tensorrt_bindings").is_dir()]
 
 
 def stub_libraries(major: str, build: Path = BUILD) -> Path:
@@ -139,35 +149,48 @@ def split_top(text: str) -> tuple[list[str], str]:
 
 
 def documented(function, name: str) -> list[tuple[inspect.Signature, str]]:
-    """(signature, return annotation) of each overload pybind11 wrote at the head of the docstring."""
+    """(signature, return annotation) of each overload pybind11 wrote at the head of the docstring;
+    an overload Python cannot express (a parameter named `in`, a default before a required one) is
+    left out, so that a call to it reads as undocumented, never as checked."""
     found = []
     for line in (function.__doc__ or "").splitlines():
         match = re.match(rf"^(?:\d+\. )?{re.escape(name)}\((.*)$", line.strip())
         if not match or match.group(1).startswith("*args, **kwargs)"):
             continue
-        params, tail = split_top(match.group(1))
-        parameters = []
-        for param in params:
-            pname = param.split(":")[0].split("=")[0].strip()
-            if pname.startswith("**"):
-                parameters.append(inspect.Parameter(pname[2:], inspect.Parameter.VAR_KEYWORD))
-            elif pname.startswith("*"):
-                parameters.append(inspect.Parameter(pname[1:], inspect.Parameter.VAR_POSITIONAL))
-            else:
-                default = None if "=" in param else inspect.Parameter.empty
-                parameters.append(inspect.Parameter(pname, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default))
-        found.append((inspect.Signature(parameters), tail.strip().removeprefix("->").strip()))
+        try:
+            params, tail = split_top(match.group(1))
+            parameters = []
+            for param in params:
+                pname = param.split(":")[0].split("=")[0].strip()
+                if pname in ("/", "*"):  # positional-only and keyword-only markers
+                    continue
+                if pname.startswith("**"):
+                    parameters.append(inspect.Parameter(pname[2:], inspect.Parameter.VAR_KEYWORD))
+                elif pname.startswith("*"):
+                    parameters.append(inspect.Parameter(pname[1:], inspect.Parameter.VAR_POSITIONAL))
+                else:
+                    default = None if "=" in param else inspect.Parameter.empty
+                    parameters.append(inspect.Parameter(pname, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                        default=default))
+            found.append((inspect.Signature(parameters), tail.strip().removeprefix("->").strip()))
+        except ValueError:
+            continue
     return found
 
 
 def signatures(function, name: str, bound: bool) -> list[tuple[inspect.Signature, str]]:
-    """The signatures a call of `function` can bind to (without `self` where `bound`), and what each returns."""
+    """The signatures a call of `function` can bind to (without `self` where `bound`), and what each
+    returns: Python's own where it says more than (*args, **kwargs), else pybind11's docstring."""
+    found = []
     try:
-        return [(inspect.signature(function), "")]  # Python and Cython functions
+        signature = inspect.signature(function)  # Python and Cython functions
+        kinds = {p.kind for p in signature.parameters.values()}
+        if not kinds or not kinds <= {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}:
+            found = [(signature, "")]
     except (TypeError, ValueError):
         pass
-    found = documented(function, name)
-    if bound:
+    found = found or documented(function, name)
+    if bound:  # a method read off its class: its first parameter is the instance
         found = [(s.replace(parameters=list(s.parameters.values())[1:]), r) for s, r in found
                  if list(s.parameters)[:1] == ["self"]]
     return found

@@ -20,7 +20,7 @@ def _number(kind, text: str, lowest, inclusive: bool, what: str):
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
     # nan passes no comparison and inf every one: neither is a length of time, a count or a rate.
-    if not math.isfinite(value) or value < lowest or (value == lowest and not inclusive):
+    if (kind is float and not math.isfinite(value)) or value < lowest or (value == lowest and not inclusive):
         raise argparse.ArgumentTypeError(f"{text} is not {what}")
     return value
 

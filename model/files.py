@@ -32,7 +32,7 @@ def writable(path: str | Path) -> Path:
         if blocking is not None:  # mkdir says "File exists"
             raise NotADirectoryError(20, f"cannot write here ({blocking} is a file, not a folder)", str(path)) from None
         raise cannot_write(exc, path) from None
-    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    if not os.access(path.parent, os.W_OK):  # the file itself is replaced by a rename: its folder decides
         raise PermissionError(13, "cannot write here (Permission denied)", str(path))
     return path
 
@@ -64,12 +64,22 @@ def replacing(path: str | Path):
     _fsync_dir(path.parent)
 
 
-def remove_leftovers(path: str | Path) -> list[Path]:
-    """Remove the temporary files `replacing` left beside `path` (and beside files named after it)
-    when its process was killed mid-write; returns them. Call it only while holding the lock of
-    whoever writes there (`exclusive`): a live writer's temporary file looks the same."""
+def staged(path: str | Path) -> Path:
+    """Where an artifact is made and checked before it goes to `path` (os.replace), so that a file
+    that failed its check is never the current one: `.<name>.unverified` beside it."""
     path = Path(path)
-    left = sorted(path.parent.glob(f".{path.name}*.tmp"))
+    return path.with_name(f".{path.name}.unverified")
+
+
+def remove_leftovers(path: str | Path) -> list[Path]:
+    """Remove what a process killed mid-write (docker stop, OOM, provisioning's SIGKILL) left beside
+    `path`: the temporary files `replacing` writes (beside `path` and files named after it) and the
+    `staged` file with its own; returns them. Call it only while holding the lock of whoever writes
+    there (`exclusive`): a live writer's files look the same."""
+    path = Path(path)
+    unverified = staged(path)
+    left = sorted({*path.parent.glob(f".{path.name}*.tmp"), *path.parent.glob(f".{unverified.name}*.tmp"),
+                   *([unverified] if unverified.exists() else [])})
     for tmp in left:
         tmp.unlink(missing_ok=True)
     return left

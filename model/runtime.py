@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import warnings
 from pathlib import Path
 
@@ -95,14 +96,18 @@ def use_fast_mkl_kernels_on_amd() -> None:
 
 def _paddle():
     use_fast_mkl_kernels_on_amd()  # before MKL first runs
+    python_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM,)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import paddle
     logging.getLogger("paddle").setLevel(logging.ERROR)
-    # Paddle's C++ handlers print a stack dump on SIGTERM, SIGINT and crashes, and can deadlock doing
-    # so (seen: `timeout` on model.evaluate hung in the handler's malloc for 10 minutes): a stop
-    # should stop.
+    # Paddle's C++ handlers print a stack dump on SIGTERM and on crashes, and can deadlock doing so
+    # (seen: `timeout` on model.evaluate hung in the handler's malloc for 10 minutes): a stop should
+    # stop. Disabling them leaves the default action, so a Python handler set before is set again.
     paddle.disable_signal_handler()
+    for sig, handler in python_handlers.items():
+        if callable(handler):
+            signal.signal(sig, handler)
     return paddle
 
 

@@ -184,8 +184,8 @@ def supervise(count: int, argv: list[str], drain_s: float) -> int:
                     failures[index] += 1
                 reap(peers, process.pid, index)
                 if process.returncode == STARTUP_REFUSED and not was_ready[index]:
-                    log.error("worker %d: the backend refused to load (the cause is above); every worker would: "
-                              "stopping", index)
+                    log.error("worker %d could not start (the cause is above: its backend or its port); every "
+                              "worker would: stopping", index)
                     stopping, code = True, 1
                     break
                 if failures[index] >= STARTUP_FAILURES:
@@ -221,9 +221,15 @@ def reap(peers: Peers, pid: int, index: int) -> None:
 
 def port_problem(host: str, port: int) -> str | None:
     """Why this process could not listen on host:port (another program holds it, the host is not an
-    address of this machine), or None; checked before the minutes provisioning may take."""
+    address of this machine), or None; checked before the minutes provisioning may take. Without
+    SO_REUSEPORT: a port that another service's workers share (SO_REUSEPORT) is taken too, or a
+    second service would join the first's gRPC port and the kernel split the calls between them."""
+    import socket
+
     try:
-        reuse_port_socket(host, port).close()
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
     except OSError as exc:  # socket.gaierror for a host that does not resolve
         return f"cannot listen on {host}:{port} ({exc.strerror or exc})"
     return None

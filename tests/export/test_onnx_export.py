@@ -246,8 +246,53 @@ def test_a_derived_file_without_data_nor_reference_says_it_is_not_verified(onnx_
 
     source = shutil.copyfile(onnx_model, tmp_path / "m.onnx")
     assert main(["onnx", "--precision", "fp16", "--from-onnx", str(source), "--data", ""]) == 0
-    assert f"{tmp_path / 'm.fp16.onnx'}: not verified: no data set and no reference file beside {source}" in \
-        capsys.readouterr().err
+    assert (f"{tmp_path / 'm.fp16.onnx'}: no reference check (no reference file beside {source}); NOT VERIFIED: "
+            "no data set either") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("passes", [True, False])
+def test_a_calibration_made_on_the_way_is_kept_only_with_a_file_that_passed(onnx_model, tmp_path, monkeypatch,
+                                                                           passes):
+    """Fakes of the quantizer (it calibrates: a new table) and of the check (the unit's logic: which
+    files go where). A table whose file failed would be reused by the next export without data."""
+    import shutil
+
+    import export.int8
+    import export.verify
+
+    table = tmp_path / "int8_calibration.json"
+    table.write_text("the table of before")
+    monkeypatch.setattr(export.int8, "CALIBRATION_TABLE", table)
+
+    def quantize(source, out, data, split_file, count, table_out):
+        shutil.copyfile(source, out)
+        Path(table_out).write_text("a new calibration")
+
+    def check(derived, onnx_path, precision):
+        if not passes:
+            raise ExportError(f"{derived}: reference check failed")
+        return {"n": 16, "max_abs_diff": 0.5, "source": "generated noise images"}
+
+    monkeypatch.setattr(export.int8, "quantize_int8", quantize)
+    monkeypatch.setattr(export.verify, "verify_reference", check)
+    source = shutil.copyfile(onnx_model, tmp_path / "m.onnx")
+    assert main(["onnx", "--precision", "int8", "--from-onnx", str(source), "--data", ""]) == (0 if passes else 2)
+    assert table.read_text() == ("a new calibration" if passes else "the table of before")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.onnx", table.name, *(["m.int8.onnx"] * passes)])
+
+
+def test_what_a_killed_export_left_is_removed_by_the_next_provisioning(tmp_path):
+    """Provisioning kills its child export (SIGKILL) on SIGTERM: no cleanup of its own runs. What is
+    left is found by name beside the artifact (model/files.py), under provisioning's lock."""
+    from model.files import remove_leftovers, staged
+
+    artifact = tmp_path / "m.int8.onnx"
+    artifact.write_bytes(b"the current file")
+    left = [staged(artifact), tmp_path / f".{staged(artifact).name}.abc123.tmp", tmp_path / ".m.int8.onnx.x1.tmp"]
+    for path in left:
+        path.write_bytes(b"half")
+    assert remove_leftovers(artifact) == sorted(left)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.onnx"]
 
 
 def test_subnormal_weights_are_flushed_and_the_logits_stay(paddle, weights, tmp_path):

@@ -29,6 +29,7 @@ def test_argument_types_refuse_out_of_range_numbers_by_value(kind, text, message
 
 
 def test_argument_types_take_what_is_in_range():
+    assert positive_int("1" + "0" * 400) == 10**400  # an integer is finite (math.isfinite overflowed on it)
     assert positive_int("3") == 3 and positive_float("0.5") == 0.5 and probability("0") == 0.0
 
 

@@ -135,3 +135,15 @@ def test_after_import_paddle_sigterm_stops_the_process_without_paddles_handler()
     done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
     assert done.returncode == -signal.SIGTERM
     assert "SIGTERM" not in done.stderr and "FatalError" not in done.stderr
+
+
+def test_a_python_sigterm_handler_set_before_paddle_is_kept():
+    import subprocess
+    import sys
+
+    child = ("import os, signal, sys, time\n"
+             "signal.signal(signal.SIGTERM, lambda *a: (print('handled', flush=True), sys.exit(7)))\n"
+             "from model.runtime import import_paddle\nimport_paddle()\n"
+             "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(30)\n")
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (7, "handled\n")

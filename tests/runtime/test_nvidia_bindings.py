@@ -18,11 +18,14 @@ from runtime.cuda import CudaError, cuda_call, stream_handle, tensorrt_status
 FOLDERS = bindings_folders()
 WHY = unavailable() or (None if FOLDERS else "no TensorRT bindings in .venv/tensorrt-*/ (make setup installs them)")
 needs_bindings = pytest.mark.skipif(WHY is not None, reason=f"cannot load TensorRT's bindings here: {WHY}")
-cudart = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed (make setup installs it)")
-
-
-def no_driver() -> bool:
-    return cudart.cudaGetDeviceCount()[0].value != 0
+try:
+    from cuda.bindings import runtime as cudart
+except ImportError:
+    cudart = None
+# cuda-python's real answers without a driver (this machine); where one is, its calls succeed.
+CUDA_WHY = ("cuda-python is not installed (make setup installs it)" if cudart is None else
+            "a CUDA driver is here: its calls succeed" if cudart.cudaGetDeviceCount()[0].value == 0 else None)
+without_a_driver = pytest.mark.skipif(CUDA_WHY is not None, reason=str(CUDA_WHY))
 
 
 @needs_bindings
@@ -104,21 +107,21 @@ def test_the_receivers_name_every_file_that_imports_tensorrt_or_cuda_python():
     assert calling == set(RECEIVERS)
 
 
-@pytest.mark.skipif(not no_driver(), reason="a CUDA driver is here: its calls succeed")
+@without_a_driver
 def test_a_real_cuda_error_is_a_cuda_error_naming_it():
     with pytest.raises(CudaError, match=r"CUDA error 35 \(cudaErrorInsufficientDriver\)"):
         cuda_call(cudart.cudaGetDeviceCount())
     assert stream_handle(cudart.cudaStream_t(0)) == 0 and stream_handle(cudart.cudaStream_t(4096)) == 4096
 
 
-@pytest.mark.skipif(not no_driver(), reason="a CUDA driver is here: its calls succeed")
+@without_a_driver
 def test_tensorrt_without_a_cuda_driver_is_unavailable_saying_why(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="11.2.1.2-fake"))
     ok, reason = tensorrt_status()
     assert not ok and reason == "no CUDA GPU is visible (CUDA error 35 (cudaErrorInsufficientDriver))"
 
 
-@pytest.mark.skipif(not no_driver(), reason="a CUDA driver is here: its calls succeed")
+@without_a_driver
 def test_buffers_cuda_cannot_make_are_one_backend_error_and_nothing_is_kept(tmp_path, monkeypatch):
     """A fake of tensorrt (its engine loads and makes a context) over the real cuda-python, whose
     first call, the stream, fails without a driver."""
@@ -139,3 +142,28 @@ def test_buffers_cuda_cannot_make_are_one_backend_error_and_nothing_is_kept(tmp_
         backend.load()
     assert backend._context is None and backend._engine is None and backend._stream is None
     assert not backend.loaded
+
+
+def test_pybind11_signatures_are_read_from_docstrings_and_what_python_cannot_express_is_left_out():
+    """Docstrings as pybind11 writes them (fakes: the parsing alone)."""
+    from harness.nvidia_bindings import signatures
+
+    def method():
+        """set_shape(*args, **kwargs)
+        Overloaded function.
+
+        1. set_shape(self: tensorrt.IOptimizationProfile, input: str, /, min: tensorrt.Dims, opt: tensorrt.Dims = <Dims: (1)>) -> None
+
+        2. set_shape(self: tensorrt.IOptimizationProfile, in: str) -> tensorrt.tensorrt.ITensor
+        """
+
+    import inspect
+
+    # what Python sees of a pybind11 overload set: (*args, **kwargs), which says nothing
+    method.__signature__ = inspect.Signature([inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
+                                              inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
+    (signature, returns), = signatures(method, "set_shape", bound=True)
+    assert str(signature) == "(input, min, opt=None)" and returns == "None"
+    signature.bind(None, None)
+    with pytest.raises(TypeError):
+        signature.bind(None, None, None, None)

@@ -232,6 +232,19 @@ def test_a_port_another_program_holds_stops_the_server_in_one_line_before_it_loa
         f"error: cannot listen on 127.0.0.1:{port} (Address already in use)"
 
 
+def test_a_port_another_services_workers_share_is_taken_too():
+    """Workers share their ports with SO_REUSEPORT; a second service's check must not join them (the
+    kernel would split the first's gRPC calls with it)."""
+    from service.workers import port_problem, reuse_port_socket
+
+    with reuse_port_socket("127.0.0.1", 0) as shared:
+        shared.listen()
+        port = shared.getsockname()[1]
+        assert port_problem("127.0.0.1", port) == f"cannot listen on 127.0.0.1:{port} (Address already in use)"
+    assert port_problem("127.0.0.1", port) is None
+    assert port_problem("999.1.1.1", port).startswith("cannot listen on 999.1.1.1:")
+
+
 def test_a_worker_whose_port_was_taken_after_the_check_says_so_in_one_line(capsys):
     from service.__main__ import serve
     from service.settings import Settings
