@@ -136,11 +136,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="build/bench/int8_avx2_emulation.json")
     args = parser.parse_args(argv)
     read_onnx(args.int8)  # ValueError naming the file where it is missing or no ONNX
-    writable(args.out)  # before the measurement, not after it
+    out = writable(args.out)  # before the measurement, not after it
     report = emulate(Path(args.int8), args.images, args.layer_images, args.data)
     print(report["text"])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({k: v for k, v in report.items() if k != "text"}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

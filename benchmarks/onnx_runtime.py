@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="build/bench/onnx_runtime.json")
     args = parser.parse_args(argv)
     onnx_metadata(args.onnx)  # ValueError naming the file where it is missing or no ONNX
-    writable(args.out)  # before the measurement, not after it
+    out = writable(args.out)  # before the measurement, not after it
 
     from runtime.onnxruntime import SESSION_CONFIG, create_session
 
@@ -147,8 +147,6 @@ def main(argv=None) -> int:
         print(f"{row['batch']:>5} {row['alexnet_acmix_fp32_img_s']:>11.0f} {row['alexnet_acmix_int8_img_s']:>11.0f} "
               f"{row['alexnet_fp32_img_s']:>13.0f} {spread(row['ratio'], row['ratio_quartiles']):>20} "
               f"{spread(row['int8_speedup'], row['int8_speedup_quartiles']):>20}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     results = {"cpu": cpu_info(), "session_config": SESSION_CONFIG, "sessions": args.sessions,
                "threads": args.threads, "batch_chunks": chunks, "rounds": args.rounds, "seconds": args.seconds, "rows": rows}
     out.write_text(json.dumps(results, indent=2) + "\n")

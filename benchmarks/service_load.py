@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     parser.add_argument("--queue-delay-ms", type=non_negative_float, default=5.0)
     parser.add_argument("--out", default="build/bench/service_load.json")
     args = parser.parse_args(argv)
-    writable(args.out)  # before the measurement, not after it
+    out = writable(args.out)  # before the measurement, not after it
 
     onnx = Path(args.onnx)
     preflight(onnx)
@@ -206,8 +206,6 @@ def main(argv=None) -> int:
     for r in results:
         print(f"{r['concurrency']:>11} {r['throughput_rps']:>8.0f} {r['ratio_to_raw']:>6.2f} {r['p50_ms']:>7.1f} "
               f"{r['p95_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['worst_p99_ms']:>9.1f} {r['errors']:>6}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"cpu": cpu_info(), "precision": args.precision, "served": str(served),
                                "raw_backend_img_s": raw, "raw_rounds": raws, "batch": args.batch,
                                "runs": results, "rounds": rounds}, indent=2) + "\n")

@@ -201,8 +201,8 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, data: str | Path | 
             if data is None or not Path(data).exists():
                 why = ("there is none" if table is None else "it is for other weights"
                        if table["weights_sha256"] != weights_digest else "it is for another graph")
-                images = "there is no data set" if data is None else f"the calibration images are not here ({data})"
-                raise ExportError(f"{table_path}: cannot reuse the calibration ({why}) and {images}; "
+                missing = "there is no data set" if data is None else f"the calibration images are not here ({data})"
+                raise ExportError(f"{table_path}: cannot reuse the calibration ({why}) and {missing}; "
                                   "run where the data set is")
             images, described = calibration_images(data, split_file, count)
             reader = ImageBatches(images)

@@ -73,11 +73,6 @@ def verification_set(data: str | Path | None, count: int, split_file: str | None
     return preprocess_batch(images), where
 
 
-def verification_images(data: str | Path | None, count: int, split_file: str | None, seed: int = 0) -> np.ndarray:
-    """A preprocessed float32 batch of held_out_images."""
-    return verification_set(data, count, split_file, seed)[0]
-
-
 def verify_onnx(onnx_path, weights, batch: np.ndarray, arch: str = "alexnet_acmix") -> dict:
     """onnx.checker, then ONNX Runtime against Paddle on `batch`: within MAX_LOGIT_DIFF, same top-1."""
     import onnx
@@ -117,35 +112,39 @@ def verify_derived(onnx_path, derived_path, precision: str, batch: np.ndarray) -
     return result
 
 
-def verify_reference(derived_path, onnx_path, precision: str) -> dict | None:
-    """A derived ONNX in ONNX Runtime against the reference logits recorded beside the fp32 `onnx_path`
-    (runtime/reference.py: what the service checks at start); its figures with the images' source,
-    or None where there is no reference file."""
-    from runtime.backend import BackendError
-    from runtime.onnxruntime import OnnxRuntimeBackend
-    from runtime.reference import ReferenceError, check, read_reference, reference_path
-
-    path = reference_path(onnx_path)
-    if not path.is_file():
-        return None
-    try:
-        reference = read_reference(path)
-        with OnnxRuntimeBackend(derived_path, max_batch=len(reference.images)) as backend:
-            return {**check(backend, reference, precision), "source": reference.source}
-    except (BackendError, ReferenceError) as exc:
-        raise ExportError(f"{derived_path}: {exc}") from None
-
-
-def verify_engine(engine_path, onnx_path, precision: str) -> dict:
-    """A TensorRT engine (loaded with its own batch profile) against the reference logits recorded
-    beside the fp32 `onnx_path` (runtime/reference.py)."""
+def against_reference(artifact, onnx_path, precision: str, make_backend) -> tuple[dict, str]:
+    """Run the reference images recorded beside the fp32 `onnx_path` through `make_backend(reference)`
+    (a backend over `artifact`, not yet loaded) and compare them (runtime/reference.py: what the
+    service checks at start); (the figures, where the images came from), or ExportError naming
+    `artifact`."""
     from runtime.backend import BackendError
     from runtime.reference import ReferenceError, check, read_reference, reference_path
-    from runtime.tensorrt import TensorRTBackend
 
     try:
         reference = read_reference(reference_path(onnx_path))
-        with TensorRTBackend(engine_path) as engine:
-            return check(engine, reference, precision)
+        with make_backend(reference) as backend:
+            return check(backend, reference, precision), reference.source
     except (BackendError, ReferenceError) as exc:
-        raise ExportError(f"{engine_path}: {exc}") from None
+        raise ExportError(f"{artifact}: {exc}") from None
+
+
+def verify_reference(derived_path, onnx_path, precision: str) -> dict | None:
+    """A derived ONNX in ONNX Runtime against the reference logits (against_reference), or None where
+    the fp32 `onnx_path` has no reference file beside it."""
+    from runtime.onnxruntime import OnnxRuntimeBackend
+    from runtime.reference import reference_path
+
+    if not reference_path(onnx_path).is_file():
+        return None
+    result, source = against_reference(
+        derived_path, onnx_path, precision,
+        lambda reference: OnnxRuntimeBackend(derived_path, max_batch=len(reference.images)))
+    return {**result, "source": source}
+
+
+def verify_engine(engine_path, onnx_path, precision: str) -> dict:
+    """A TensorRT engine, loaded with its own batch profile, against the reference logits
+    (against_reference)."""
+    from runtime.tensorrt import TensorRTBackend
+
+    return against_reference(engine_path, onnx_path, precision, lambda reference: TensorRTBackend(engine_path))[0]

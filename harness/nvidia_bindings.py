@@ -252,11 +252,9 @@ class Checker:
             return next((key for key, module in self.modules.items() if module is obj), obj.__name__)
         return obj.__name__
 
-    def member(self, owner, attr: str):
-        if owner is None:
-            return None
-        kind, obj = owner
-        return getattr(obj, attr, None)
+    @staticmethod
+    def member(owner, attr: str):
+        return None if owner is None else getattr(owner[1], attr, None)
 
     def callable(self, func):
         """("class" | "method" | "function", the callable, its owner's name) for a call's target, or None."""
@@ -270,7 +268,7 @@ class Checker:
             return ("method" if owner[0] == "instance" else "function"), member, self.name(owner)
         if isinstance(func, ast.Name) and func.id in self.known:
             self.used.add(func.id)
-            kind, obj = self.known[func.id]
+            obj = self.known[func.id][1]
             return ("class" if isinstance(obj, type) else "function"), obj, ""
         return None
 

@@ -14,7 +14,6 @@ DATA = "../shared/data/cifar10-train-png.tar.gz"
 JPEG_DATA = "../shared/data/cifar10-train-jpeg.tar.gz"
 
 
-
 def shared_archive(data: str | Path) -> bool:
     """Whether `data` is one of the shared archives, however the path is spelled: their held-out
     validation split (SPLIT_FILE) applies to them."""

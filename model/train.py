@@ -121,7 +121,7 @@ class TrainConfig:
             value = getattr(self, name)
             # inf passes "at least 0" and nan fails every comparison quietly: neither is a recipe's number
             if (isinstance(value, float) and not math.isfinite(value)) or not valid(value):
-                raise ValueError(f"{name} {getattr(self, name)} is out of range (--{name.replace('_', '-')}: {text})")
+                raise ValueError(f"{name} {value} is out of range (--{name.replace('_', '-')}: {text})")
 
     def augmentation(self):
         if self.augment == "translate":

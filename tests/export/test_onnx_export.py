@@ -13,7 +13,7 @@ import pytest
 from export.__main__ import main
 from export.errors import ExportError
 from export.onnx_export import graph_report
-from export.verify import compare, onnx_session, run_onnx, verification_images, verify_onnx
+from export.verify import compare, onnx_session, run_onnx, verification_set, verify_onnx
 from harness.hidden_cpu_features import unavailable
 from runtime.cpu import cpu_info
 
@@ -78,13 +78,13 @@ def test_intermediate_shapes_are_static_but_batch(exported):
 
 
 def test_onnx_runtime_equals_paddle_on_generated_images(exported, weights):
-    batch = verification_images(None, 16, None)
+    batch = verification_set(None, 16, None)[0]
     result = verify_onnx(exported, weights, batch)
     assert result["top1_agreement"] == 1.0 and result["max_abs_diff"] <= 1e-4
 
 
 def test_onnx_runtime_equals_paddle_on_real_images(exported, weights, shared_data):
-    batch = verification_images(shared_data, 16, "model/weights/val_split.json")
+    batch = verification_set(shared_data, 16, "model/weights/val_split.json")[0]
     assert batch.shape == (16, 3, 128, 128)
     assert verify_onnx(exported, weights, batch)["top1_agreement"] == 1.0
 
@@ -194,7 +194,7 @@ def test_fp16_model_runs_in_onnx_runtime_and_agrees(exported, tmp_path):
     report = graph_report(onnx.load(str(half)))
     assert report["inputs"] == {"image": ("FLOAT", ["batch", 3, 128, 128])}  # I/O stay float32
     assert report["outputs"] == {"logits": ("FLOAT", ["batch", 10])}
-    batch = verification_images(None, 32, None)
+    batch = verification_set(None, 32, None)[0]
     full, reduced = run_onnx(onnx_session(exported), batch), run_onnx(onnx_session(half), batch)
     result = compare(full, reduced)
     assert result["max_abs_diff"] < 0.1 and result["top1_agreement"] >= 0.95
@@ -310,7 +310,7 @@ def test_subnormal_weights_are_flushed_and_the_logits_stay(paddle, weights, tmp_
     out = export_onnx(dirty, tmp_path / "clean.onnx")
     model = onnx.load(str(out))
     assert sum(count_subnormals(onnx.numpy_helper.to_array(init)) for init in model.graph.initializer) == 0
-    batch = verification_images(None, 8, None)
+    batch = verification_set(None, 8, None)[0]
     assert verify_onnx(out, dirty, batch)["max_abs_diff"] <= 1e-4  # Paddle (with them) and ONNX (without) agree
 
 
