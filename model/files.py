@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -66,9 +67,12 @@ def replacing(path: str | Path):
 
 def staged(path: str | Path) -> Path:
     """Where an artifact is made and checked before it goes to `path` (os.replace), so that a file
-    that failed its check is never the current one: `.<name>.unverified` beside it."""
+    that failed its check is never the current one: `.<name>.<random>.unverified` beside it, a name
+    of its own per call, so that two processes making the same artifact at once (a manual export
+    while a service provisions: only provisioning takes the lock) never write into one file and put
+    in place the other's half-written one. Not created here: the maker writes it."""
     path = Path(path)
-    return path.with_name(f".{path.name}.unverified")
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}.unverified")
 
 
 def remove_leftovers(path: str | Path) -> list[Path]:
@@ -77,9 +81,9 @@ def remove_leftovers(path: str | Path) -> list[Path]:
     `staged` file with its own; returns them. Call it only while holding the lock of whoever writes
     there (`exclusive`): a live writer's files look the same."""
     path = Path(path)
-    unverified = staged(path)
-    left = sorted({*path.parent.glob(f".{path.name}*.tmp"), *path.parent.glob(f".{unverified.name}*.tmp"),
-                   *([unverified] if unverified.exists() else [])})
+    unverified = f".{path.name}.*.unverified"
+    left = sorted({*path.parent.glob(f".{path.name}*.tmp"), *path.parent.glob(unverified),
+                   *path.parent.glob(f".{unverified}*.tmp")})
     for tmp in left:
         tmp.unlink(missing_ok=True)
     return left

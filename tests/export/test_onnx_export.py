@@ -295,6 +295,23 @@ def test_what_a_killed_export_left_is_removed_by_the_next_provisioning(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.onnx"]
 
 
+def test_two_writers_of_one_artifact_stage_it_under_names_of_their_own(tmp_path):
+    """A manual export takes no lock: were its staged file the same as a provisioning's making the
+    same artifact, each would write into the other's and one could put in place a half-written file."""
+    from model.files import remove_leftovers, staged
+
+    artifact = tmp_path / "m.int8.onnx"
+    first, second = staged(artifact), staged(artifact)
+    assert first != second and first.parent == second.parent == tmp_path
+    first.write_bytes(b"one writer")
+    second.write_bytes(b"another")
+    assert first.read_bytes() == b"one writer"
+    other = tmp_path / ".m.onnx.0123456789ab.unverified"  # another artifact's, not this one's
+    other.write_bytes(b"the fp32 file being made")
+    assert remove_leftovers(artifact) == sorted([first, second])
+    assert other.exists()
+
+
 def test_subnormal_weights_are_flushed_and_the_logits_stay(paddle, weights, tmp_path):
     from export.onnx_export import export_onnx
     from model.subnormals import count_subnormals
