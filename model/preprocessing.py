@@ -86,18 +86,25 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any mode of 8- or 16-bit samples to RGB; transparency is composited on black, as a decoder
+    """Any mode of 8- or 16-bit samples to RGB; transparency, by an alpha channel or by a colour key
+    (PNG's tRNS in grey, RGB and palette images; GIF's), is composited on black, as a decoder
     without alpha would."""
-    if image.mode == "RGB":
+    key = image.info.get("transparency")
+    if image.mode == "RGB" and key is None:
         return image
     if image.mode in _SIXTEEN_BIT_GREY:
         # The top byte, as Pillow itself reduces PNG's 16-bit RGB, RGBA and grey with alpha: a grey
-        # decodes alike in each, and 8-bit values widened (x 257) come back exactly.
-        return Image.fromarray((np.asarray(image) >> 8).astype(np.uint8)).convert("RGB")
+        # decodes alike in each, and 8-bit values widened (x 257) come back exactly. The key is a
+        # 16-bit value: matched before the reduction, which would make 255 others match it too.
+        samples = np.asarray(image)
+        grey = (samples >> 8).astype(np.uint8)
+        if isinstance(key, int):
+            grey[samples == key] = 0
+        return Image.fromarray(grey).convert("RGB")
     if image.mode in ("I", "F"):
         # 32-bit samples have no one scale to 8 bits (none of FORMATS decodes to them).
         raise ImageError(f"image mode {image.mode!r} (32-bit samples) is not taken: send 8- or 16-bit images")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("RGBA", "LA", "PA") or key is not None:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")

@@ -85,6 +85,34 @@ def test_16_bit_pngs_of_each_colour_type_decode_to_the_same_top_bytes():
         np.testing.assert_array_equal(np.asarray(decoded), expected, err_msg=f"colour type {color_type}")
 
 
+@pytest.mark.parametrize("mode,key,other", [
+    ("RGBA", None, None), ("LA", None, None), ("P", 1, None),  # an alpha channel, a palette entry
+    ("L", 200, 90), ("RGB", (200, 10, 10), (90, 90, 90)),  # a colour key (PNG's tRNS)
+])
+def test_transparent_pixels_are_composited_on_black_whether_by_alpha_or_by_a_colour_key(mode, key, other):
+    """A colour key was ignored in grey and RGB PNGs: the keyed colour reached the model as it is
+    stored, where the same picture with an alpha channel gave black."""
+    if key is None or mode == "P":
+        rgba = np.full((4, 4, 4), (90, 90, 90, 255), np.uint8)
+        rgba[0, 0] = (200, 10, 10, 0)  # one transparent pixel
+        image = Image.fromarray(rgba).convert(mode) if mode != "P" else Image.fromarray(rgba[..., :3]).quantize(2)
+        if mode == "P":
+            key = int(np.asarray(image)[0, 0])
+    else:
+        image = Image.new(mode, (4, 4), other)
+        image.putpixel((0, 0), key)
+    decoded = np.asarray(decode_image(encode(image, "PNG", **({"transparency": key} if key is not None else {}))))
+    assert tuple(decoded[0, 0]) == (0, 0, 0)
+    assert tuple(decoded[1, 1]) == (90, 90, 90)
+
+
+def test_a_16_bit_grey_colour_key_makes_only_its_own_value_transparent():
+    """The key is a 16-bit value: matched on the top bytes, 255 other values would go black with it."""
+    samples = np.array([[51400, 51401]], dtype=np.uint16)
+    decoded = np.asarray(decode_image(encode(Image.fromarray(samples), "PNG", transparency=51400)))
+    np.testing.assert_array_equal(decoded[0], [[0, 0, 0], [200, 200, 200]])
+
+
 @pytest.mark.parametrize("dtype", ["<u2", ">u2"])  # modes I;16 and I;16B
 def test_16_bit_grey_arrays_preprocess_as_their_8_bit_values(dtype):
     grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
