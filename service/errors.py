@@ -61,9 +61,10 @@ class TooLarge(ServiceError):
 
 
 class Overloaded(ServiceError):
-    """The queue is full; retry later."""
+    """The queue is full; retry later. On gRPC UNAVAILABLE, as Triton answers a full queue: the code
+    gRPC's retry policies and tritonclient users retry on (RESOURCE_EXHAUSTED reads as a quota)."""
 
-    status, grpc_code = 429, "RESOURCE_EXHAUSTED"
+    status, grpc_code = 429, "UNAVAILABLE"
 
 
 class Unavailable(ServiceError):

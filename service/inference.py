@@ -88,6 +88,21 @@ UNSUPPORTED = {
 }
 
 
+# The parameters by which an input or output of Triton's shared-memory extensions names its region.
+SHARED_MEMORY_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+
+def check_no_shared_memory(owner: str, parameters, region: str | None) -> None:
+    """BadRequest where an input or output (`owner`) names a shared-memory region (`region`, the
+    shared_memory_region parameter's value), which this server does not offer (both protocols;
+    Triton answers a region it does not know with INVALID_ARGUMENT). Ignored, such an output would
+    come back in the response where the client reads its region, and such an input be empty."""
+    named = [name for name in SHARED_MEMORY_PARAMETERS if name in parameters]
+    if named:
+        what = f"shared memory region {region!r}" if region is not None else f"shared memory ({named[0]})"
+        raise BadRequest(f"{owner} names {what}: {UNSUPPORTED['shared_memory']}")
+
+
 def platform_name(state: ServiceState) -> str:
     return "tensorrt_plan" if state.backend_name == "tensorrt" else "onnxruntime_onnx"
 
@@ -127,8 +142,10 @@ def model_config(state: ServiceState, model: str) -> dict:
         "platform": platform_name(state),
         "backend": "tensorrt" if state.backend_name == "tensorrt" else "onnxruntime",
         "max_batch_size": settings.max_batch_size,
-        "input": [{"name": INPUT_NAME, "data_type": "TYPE_STRING" if image else "TYPE_FP32",
-                   "dims": [1] if image else list(INPUT_SHAPE)}],
+        # One encoded file per image: in Triton's terms an element of dims [1] reshaped to a scalar,
+        # so that [N] (the metadata's shape) and [N, 1] (what the dims alone say) are both taken.
+        "input": [{"name": INPUT_NAME, "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}} if image
+                  else {"name": INPUT_NAME, "data_type": "TYPE_FP32", "dims": list(INPUT_SHAPE)}],
         "output": [{"name": OUTPUT_NAME, "data_type": "TYPE_FP32", "dims": [NUM_CLASSES]}],
         "dynamic_batching": {"preferred_batch_size": [settings.max_batch_size],
                              "max_queue_delay_microseconds": int(settings.max_queue_delay_ms * 1000)},
@@ -149,8 +166,8 @@ def check_tensor_input(name: str, datatype: str, shape: list, image: bool) -> in
         raise BadRequest(f"input {INPUT_NAME!r} has no valid shape: {shape!r}")
     shape = list(shape)
     if image:
-        if len(shape) != 1 or shape[0] < 1:
-            raise BadRequest(f"input {INPUT_NAME!r} must have shape [N] with N >= 1, got {shape}")
+        if len(shape) not in (1, 2) or shape[1:] not in ([], [1]) or shape[0] < 1:
+            raise BadRequest(f"input {INPUT_NAME!r} must have shape [N] or [N, 1] with N >= 1, got {shape}")
         return shape[0]
     if len(shape) != 4 or tuple(shape[1:]) != INPUT_SHAPE or shape[0] < 1:
         raise BadRequest(f"input {INPUT_NAME!r} must have shape [N, 3, 128, 128] with N >= 1, got {shape}")

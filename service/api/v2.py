@@ -246,6 +246,7 @@ def binary_size(tensor: dict) -> int | None:
     parameters = tensor.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise BadRequest(f"input {INPUT_NAME!r}: parameters must be a JSON object")
+    inference.check_no_shared_memory(f"input {INPUT_NAME!r}", parameters, parameters.get("shared_memory_region"))
     size = parameters.get("binary_data_size")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
         raise BadRequest(f"input {INPUT_NAME!r}: binary_data_size must be a non-negative integer, got {size!r}")
@@ -348,6 +349,7 @@ def requested_outputs(header: dict) -> list[tuple[int, bool]]:
         params = spec.get("parameters") or {}
         if not isinstance(params, dict):
             raise BadRequest(f"output {OUTPUT_NAME!r}: parameters must be a JSON object")
+        inference.check_no_shared_memory(f"output {OUTPUT_NAME!r}", params, params.get("shared_memory_region"))
         outputs.append((inference.classification_count(params.get("classification", 0)),
                         flag(params, "binary_data", f"output {OUTPUT_NAME!r}", binary_default)))
     inference.check_requested_once(len(outputs))

@@ -44,6 +44,7 @@ from service.state import ServiceState
 
 SERVICE = "inference.GRPCInferenceService"  # the protocol's name: the gRPC method paths use it
 IMAGE_ELEMENTS = int(np.prod(INPUT_SHAPE))
+FINAL_RESPONSE_ASKED, FINAL_RESPONSE = "triton_enable_empty_final_response", "triton_final_response"
 
 
 class Servicer:
@@ -91,7 +92,9 @@ class Servicer:
         message = pb.ModelConfig(
             name=config["name"], platform=config["platform"], backend=config["backend"],
             max_batch_size=config["max_batch_size"],
-            input=[pb.ModelInput(name=t["name"], data_type=t["data_type"], dims=t["dims"]) for t in config["input"]],
+            input=[pb.ModelInput(name=t["name"], data_type=t["data_type"], dims=t["dims"],
+                                 reshape=pb.ModelTensorReshape(**t["reshape"]) if "reshape" in t else None)
+                   for t in config["input"]],
             output=[pb.ModelOutput(name=t["name"], data_type=t["data_type"], dims=t["dims"]) for t in config["output"]],
             instance_group=[pb.ModelInstanceGroup(**g) for g in config["instance_group"]],
             dynamic_batching=pb.ModelDynamicBatching(**config["dynamic_batching"]),
@@ -109,6 +112,7 @@ class Servicer:
             raise BadRequest(f"expected exactly one input, {INPUT_NAME!r}")
         tensor = request.inputs[0]
         count = inference.check_tensor_input(tensor.name, tensor.datatype, list(tensor.shape), image)
+        inference.check_no_shared_memory(f"input {INPUT_NAME!r}", tensor.parameters, region_of(tensor.parameters))
         raw = list(request.raw_input_contents)
         if len(raw) > 1:
             raise BadRequest(f"raw_input_contents holds {len(raw)} tensors; the model takes one")
@@ -167,6 +171,11 @@ def timeout_parameter(parameters, metadata) -> float | None:
     return value / 1e6
 
 
+def region_of(parameters) -> str | None:
+    """The shared_memory_region parameter's string, where one is given."""
+    return parameters["shared_memory_region"].string_param if "shared_memory_region" in parameters else None
+
+
 def requested_outputs(request) -> list[int]:
     """The classification count of each requested output; BadRequest before any inference."""
     requested = list(request.outputs) or [pb.ModelInferRequest.InferRequestedOutputTensor(name=OUTPUT_NAME)]
@@ -174,6 +183,7 @@ def requested_outputs(request) -> list[int]:
     for spec in requested:
         if spec.name != OUTPUT_NAME:
             raise BadRequest(f"unknown output {spec.name!r}; the model gives {OUTPUT_NAME!r}")
+        inference.check_no_shared_memory(f"output {OUTPUT_NAME!r}", spec.parameters, region_of(spec.parameters))
         k = 0
         if "classification" in spec.parameters:
             parameter = spec.parameters["classification"]
@@ -304,8 +314,8 @@ def stream_handler(state: ServiceState, servicer: Servicer):
             if response is None:
                 failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
                                                id=request.id)
-                return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
-            return pb.ModelStreamInferResponse(infer_response=response)
+                return pb.ModelStreamInferResponse(error_message=message, infer_response=marked_final(request, failed))
+            return pb.ModelStreamInferResponse(infer_response=marked_final(request, response))
 
         async def read():
             try:
@@ -326,6 +336,17 @@ def stream_handler(state: ServiceState, servicer: Servicer):
                 task.cancel()
 
     return grpc.stream_stream_rpc_method_handler(call, response_serializer=pb.ModelStreamInferResponse.SerializeToString)
+
+
+def marked_final(request, response):
+    """`response` with Triton's `triton_final_response` flag where the request asked for it
+    (`triton_enable_empty_final_response`, tritonclient's enable_empty_final_response): a client that
+    asks reads responses until one has the flag, and the one response to a request of a model that is
+    not decoupled is its final one, as Triton marks it."""
+    asked = request.parameters.get(FINAL_RESPONSE_ASKED)
+    if asked is not None and asked.bool_param:
+        response.parameters[FINAL_RESPONSE].bool_param = True
+    return response
 
 
 def unsupported(extension: str):

@@ -191,7 +191,7 @@ def test_messages_over_the_upload_limit_are_resource_exhausted(grpc_client):
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_full_queue_is_resource_exhausted_and_a_passed_deadline_deadline_exceeded(grpc_client):
+def test_full_queue_is_unavailable_as_triton_answers_it_and_a_passed_deadline_deadline_exceeded(grpc_client):
     # A fake backend (not the model): slow, to fill the queue and to outlast deadlines.
     _, client, _ = grpc_client(backend=SlowBackend(delay=0.5), max_queue_size=2, max_batch_size=1)
     batch = np.zeros((1, 3, 128, 128), np.float32)
@@ -201,11 +201,13 @@ def test_full_queue_is_resource_exhausted_and_a_passed_deadline_deadline_exceede
             client.infer("alexnet_acmix", [tensor_input(batch)], client_timeout=20)
             return grpc.StatusCode.OK
         except triton.InferenceServerException as exc:
-            return code_named(exc.status())
+            return code_named(exc.status()), exc.message()
 
     with ThreadPoolExecutor(8) as pool:
-        codes = list(pool.map(infer, range(8)))
-    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
+        answers = list(pool.map(infer, range(8)))
+    codes = [a[0] if isinstance(a, tuple) else a for a in answers]
+    assert set(codes) == {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.OK}
+    assert all("too many requests waiting" in a[1] for a in answers if isinstance(a, tuple))
     time.sleep(1.5)  # the queue empties
     # tritonclient's `timeout` is the request's v2 timeout parameter, in microseconds (as Triton's).
     code, message = status_of(lambda: client.infer("alexnet_acmix", [tensor_input(batch)], timeout=100_000))
@@ -285,6 +287,52 @@ def test_stream_infer_answers_each_request_once_with_its_result_or_its_error(grp
         np.testing.assert_allclose(results[f"r{i}"][0], expected[i], rtol=1e-4, atol=1e-4)
     assert len(errors) == 2
     assert any("not a preprocessed image" in e for e in errors) and any("unknown model 'resnet'" in e for e in errors)
+
+
+def test_stream_responses_carry_tritons_final_flag_when_the_request_asks_for_it(grpc_client):
+    """A client that sets enable_empty_final_response reads responses until one is flagged final:
+    without the flag it waited for ever."""
+    import queue
+
+    _, client, _ = grpc_client()
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    batch = np.zeros((1, 3, 128, 128), np.float32)
+    client.async_stream_infer("alexnet_acmix", [tensor_input(batch)], request_id="asks",
+                              enable_empty_final_response=True)
+    client.async_stream_infer("alexnet_acmix", [tensor_input(batch)], request_id="does-not")
+    got = [answers.get(timeout=30) for _ in range(2)]
+    client.stop_stream()
+    flags = {}
+    for result, error in got:
+        assert error is None
+        response = result.get_response()
+        final = response.parameters.get("triton_final_response")
+        flags[response.id] = final.bool_param if final is not None else None
+        assert result.as_numpy("logits").shape == (1, 10)
+    assert flags == {"asks": True, "does-not": None}
+
+
+def test_shared_memory_in_an_infer_request_is_refused_by_name_and_the_image_config_says_n_1(grpc_client,
+                                                                                           cifar_like_jpegs):
+    _, client, _ = grpc_client()
+    batch = np.zeros((1, 3, 128, 128), np.float32)
+    output = triton.InferRequestedOutput("logits")
+    output.set_shared_memory("out", 40)  # ignored, the logits came back in the response
+    code, message = status_of(lambda: client.infer("alexnet_acmix", [tensor_input(batch)], outputs=[output]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "output 'logits' names shared memory region 'out': the shared-memory extensions are not supported" in message
+    given = triton.InferInput("image", [1, 3, 128, 128], "FP32")
+    given.set_shared_memory("in", batch.nbytes)
+    code, message = status_of(lambda: client.infer("alexnet_acmix", [given]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "input 'image' names shared memory region 'in'" in message
+    config = client.get_model_config("alexnet_acmix_image").config
+    assert list(config.input[0].dims) == [1] and list(config.input[0].reshape.shape) == []
+    assert config.input[0].HasField("reshape")
+    files = cifar_like_jpegs[:2]
+    tensor = triton.InferInput("image", [2, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array(files, dtype=object).reshape(2, 1))
+    assert client.infer("alexnet_acmix_image", [tensor]).as_numpy("logits").shape == (2, 10)
 
 
 def test_stream_infer_needs_the_api_key(grpc_client):

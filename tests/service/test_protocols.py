@@ -43,6 +43,30 @@ def test_the_image_model_takes_base64_files_in_json_and_names_a_bad_element(clie
     assert "element 1: not valid base64" in client.post(INFER_IMAGE, json=body).json()["error"]
 
 
+def test_the_image_model_takes_shape_n_1_as_its_config_describes_it_and_refuses_shared_memory_inputs(
+        client, onnx_model, cifar_like_jpegs):
+    """Its config says dims [1] reshaped to [] (Triton's form for one element per image): a client
+    reading the config sends [N, 1], one reading the metadata [N]; both are taken."""
+    config = client.get("/v2/models/alexnet_acmix_image/config").json()
+    assert config["input"][0]["dims"] == [1] and config["input"][0]["reshape"] == {"shape": []}
+    files = cifar_like_jpegs[:2]
+    data = [base64.b64encode(f).decode() for f in files]
+    expected = run_onnx(onnx_model, np.stack([preprocess(decode_image(f)) for f in files]))
+    for shape in ([2], [2, 1]):
+        body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": shape, "data": data}]}
+        response = client.post(INFER_IMAGE, json=body)
+        assert response.status_code == 200, response.text
+        np.testing.assert_allclose(np.array(response.json()["outputs"][0]["data"]).reshape(2, 10), expected,
+                                   rtol=1e-4, atol=1e-4)
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2, 2], "data": data * 2}]}
+    assert "must have shape [N] or [N, 1]" in client.post(INFER_IMAGE, json=body).json()["error"]
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2],
+                        "parameters": {"shared_memory_region": "in", "shared_memory_byte_size": 100}}]}
+    response = client.post(INFER_IMAGE, json=body)
+    assert response.status_code == 400
+    assert "input 'image' names shared memory region 'in'" in response.json()["error"]
+
+
 def test_the_preprocessing_contract_is_published_in_metadata_and_config(client):
     metadata = client.get("/v2/models/alexnet_acmix").json()
     assert metadata["parameters"]["preprocessing_std"] == "0.229,0.224,0.225"
@@ -98,6 +122,9 @@ def test_malformed_bodies_are_400_and_the_server_keeps_serving(client, body, mes
     ([{"name": "logits", "parameters": {"classification": 11}}], {}, "classification must be an integer in 0..10"),
     ([{"name": "logits", "parameters": {"binary_data": "false"}}], {}, "parameter binary_data must be true or false"),
     (None, {"binary_data_output": "false"}, "parameter binary_data_output must be true or false"),
+    # Triton's shared-memory extensions are not offered: ignored, the logits came back in the body
+    ([{"name": "logits", "parameters": {"shared_memory_region": "out", "shared_memory_byte_size": 40}}], {},
+     "output 'logits' names shared memory region 'out': the shared-memory extensions are not supported"),
 ])
 def test_a_bad_output_request_is_refused_before_inference(make_client, outputs, parameters, message):
     # A fake backend (not the model), to count what reaches it.
