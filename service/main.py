@@ -52,8 +52,11 @@ def load(state: ServiceState, backend=None, reason: str = "") -> None:
             backend.infer(np.zeros((size, *INPUT_SHAPE), np.float32))
         if plan is not None:
             self_check(backend, plan)
-            state.temperature = onnx_temperature(plan.onnx)
-            state.model_digest = sha256_file(plan.served)
+            try:
+                state.temperature = onnx_temperature(plan.onnx)
+                state.model_digest = sha256_file(plan.served)
+            except (ValueError, OSError) as exc:  # a bad temperature recorded, a file gone since: the file's fault
+                raise BackendError(str(exc)) from None
     except Exception:
         backend.close()
         raise
@@ -107,12 +110,17 @@ def open_service(state: ServiceState, backend=None, reason: str = "given", batch
 
 
 async def close_service(state: ServiceState) -> None:
-    """Readiness false, finish what is queued, release the backend."""
+    """Readiness false, finish what is queued, release the backend; each released even where a step
+    before it fails (its exception goes on)."""
     state.ready = False
     state.draining = True
-    await state.batcher.close()
-    state.backend.close()
-    state.decode_pool.shutdown(wait=True)
+    try:
+        await state.batcher.close()
+    finally:
+        try:
+            state.backend.close()
+        finally:
+            state.decode_pool.shutdown(wait=True)
     log.info("drained and closed")
 
 
@@ -158,10 +166,12 @@ def create_app(
         yield
         state.draining = True
         state.peers.mark_not_ready()
-        if grpc is not None:
-            # New calls are refused since SIGTERM (draining); those in flight end by their deadline.
-            await grpc_server.stop(grpc, settings.request_timeout_s + 1)
-        await close_service(state)
+        try:
+            if grpc is not None:
+                # New calls are refused since SIGTERM (draining); those in flight end by their deadline.
+                await grpc_server.stop(grpc, settings.request_timeout_s + 1)
+        finally:
+            await close_service(state)
 
     app = FastAPI(
         title="AlexNet-ACmix CIFAR-10 service",

@@ -305,6 +305,32 @@ def test_a_backend_that_fails_to_load_stops_startup(onnx_model, tmp_path):
     assert app.state.service.decode_pool is None  # nothing started for a backend that never loaded
 
 
+def test_an_onnx_recording_a_temperature_that_is_not_a_positive_number_stops_startup_in_one_line(
+        onnx_model, tmp_path):
+    """It raised ValueError, which the lifespan did not take for a refusal: a traceback, and several
+    workers each started again."""
+    import shutil
+
+    import onnx
+    from fastapi.testclient import TestClient
+
+    from runtime.backend import BackendError
+    from runtime.reference import reference_path
+    from service.main import create_app
+    from tests.service.conftest import service_settings
+
+    model = onnx.load(str(onnx_model))
+    model.metadata_props.add(key="temperature", value="-1")
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, str(bad))
+    shutil.copyfile(reference_path(onnx_model), reference_path(bad))
+    app = create_app(service_settings(onnx_model, onnx_path=str(bad)))
+    with pytest.raises(BackendError, match="temperature '-1' in its metadata is not a positive number"), TestClient(app):
+        pass
+    assert app.state.service.startup_error.startswith(f"{bad}: temperature '-1'")
+    assert app.state.service.decode_pool is None
+
+
 def test_confidence_and_probabilities_use_the_temperature_the_onnx_records(make_client, onnx_model, tmp_path,
                                                                             cifar_like_jpegs):
     import shutil
@@ -339,3 +365,33 @@ def test_the_logged_route_is_the_path_as_sent_each_unprintable_byte_escaped():
     assert logged_path({"raw_path": b"/v2/models/x%0Ay", "path": "/v2/models/x\ny"}) == "/v2/models/x%0Ay"
     assert logged_path({"raw_path": b"/caf\xe9 x\n", "path": "unused"}) == "/caf%E9%20x%0A"  # one escape per byte
     assert logged_path({"path": "/caf\u00e9\n"}) == "/caf%C3%A9%0A"  # no raw path: the path's UTF-8 bytes
+
+
+def test_closing_releases_the_backend_and_the_decode_pool_even_when_the_batcher_fails_to_close(onnx_model):
+    """Fakes (not the service's parts): a batcher whose close raises, as a crashed batching task
+    re-raises in it, and a backend that records its close."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.main import close_service
+    from service.metrics import Metrics
+    from service.state import ServiceState
+    from tests.service.conftest import service_settings
+
+    class FailingBatcher:
+        async def close(self):
+            raise RuntimeError("the batching task crashed")
+
+    class Backend:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    state = ServiceState(settings=service_settings(onnx_model), metrics=Metrics())
+    state.batcher, state.backend = FailingBatcher(), Backend()
+    state.decode_pool = ThreadPoolExecutor(1)
+    with pytest.raises(RuntimeError, match="the batching task crashed"):
+        asyncio.run(close_service(state))
+    assert state.backend.closed and state.decode_pool._shutdown
+    assert state.draining and not state.ready
