@@ -96,6 +96,8 @@ class TensorRTBackend(Backend):
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         cudart, n = self._cudart, len(batch)
         with self._lock:
+            if self._context is None:  # closed while this batch waited for the lock
+                raise BackendError("the TensorRT backend was closed")
             host_in, host_out = self._host[INPUT_NAME], self._host[OUTPUT_NAME]
             host_in[:n] = batch
             if not self._context.set_input_shape(INPUT_NAME, batch.shape):
@@ -111,7 +113,13 @@ class TensorRTBackend(Backend):
             return host_out[:n].copy()  # the pinned buffer is reused by the next batch
 
     def _close(self) -> None:
-        """Free every buffer and the stream (even after a failure), then drop context, engine, runtime."""
+        """Once the batch in flight is done (the lock: Ray Serve may close a replica's backend while its
+        executor still computes one), free every buffer and the stream (even after a failure), then
+        drop context, engine, runtime."""
+        with self._lock:
+            self._free()
+
+    def _free(self) -> None:
         cudart, errors = self._cudart, []
         if self._stream is not None:  # a failed batch may have left copies or a kernel queued
             try:

@@ -59,3 +59,55 @@ def test_an_execution_context_tensorrt_cannot_make_is_a_backend_error_and_nothin
     with pytest.raises(BackendError, match="could not create an execution context"):
         backend.load()
     assert backend._engine is None and backend._runtime is None and backend._stream is None
+
+
+def test_closing_waits_for_the_batch_in_flight_and_a_batch_that_waited_for_it_is_refused():
+    """Fakes of the CUDA runtime and the execution context (the unit's logic: the order of computing
+    and freeing). Ray Serve closes a replica's backend while its executor may still compute a batch:
+    the buffers were freed under it."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from runtime.tensorrt import TensorRTBackend
+
+    events, ok = [], (types.SimpleNamespace(value=0),)
+    computing, finish = threading.Event(), threading.Event()
+
+    class Context:
+        def set_input_shape(self, name, shape):
+            return True
+
+        def execute_async_v3(self, stream):
+            computing.set()
+            finish.wait(5)
+            events.append("computed")
+            return True
+
+    def freed(what):
+        return lambda handle: events.append(f"{what} {handle}") or ok
+
+    backend = TensorRTBackend("unused.plan", max_batch=2)
+    backend._cudart = types.SimpleNamespace(
+        cudaMemcpyKind=types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2),
+        cudaMemcpyAsync=lambda *args: ok, cudaStreamSynchronize=lambda stream: ok,
+        cudaFree=freed("cudaFree"), cudaFreeHost=freed("cudaFreeHost"), cudaStreamDestroy=freed("cudaStreamDestroy"))
+    backend._context, backend._stream, backend._device = Context(), "stream", {INPUT_NAME: 1, OUTPUT_NAME: 2}
+    backend._host = {INPUT_NAME: np.zeros((2, *INPUT_SHAPE), np.float32), OUTPUT_NAME: np.ones((2, NUM_CLASSES), np.float32)}
+    backend.loaded = True
+    results = []
+    batch = threading.Thread(target=lambda: results.append(backend.infer(np.zeros((1, *INPUT_SHAPE), np.float32))))
+    batch.start()
+    assert computing.wait(5)
+    closing = threading.Thread(target=backend.close)
+    closing.start()
+    time.sleep(0.2)
+    assert events == []  # nothing freed under the batch
+    finish.set()
+    batch.join(5)
+    closing.join(5)
+    assert events == ["computed", "cudaFree 1", "cudaFree 2", "cudaStreamDestroy stream"]
+    assert results[0].shape == (1, NUM_CLASSES)
+    with pytest.raises(BackendError, match="the TensorRT backend was closed"):  # passed `loaded` before the close
+        backend._infer(np.zeros((1, *INPUT_SHAPE), np.float32))
