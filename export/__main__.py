@@ -26,7 +26,6 @@ from model.files import staged, writable
 from runtime.artifacts import PRECISIONS, EngineSpec, derived_onnx_path
 
 DEFAULT_ONNX = paths.ONNX
-DERIVED = tuple(p for p in PRECISIONS if p != "fp32")
 
 
 def default_engine_path(onnx: str, precision: str) -> str:

@@ -129,7 +129,7 @@ def name_io(model):
 
 
 def graph_report(model) -> dict:
-    """Properties the export promises, as data for tests and `verify`."""
+    """Properties the export promises, as data (what the tests check of every exported file)."""
     import onnx
 
     graph = model.graph

@@ -29,10 +29,6 @@ def positive_int(text: str) -> int:
     return _number(int, text, 1, True, "a positive integer")
 
 
-def non_negative_int(text: str) -> int:
-    return _number(int, text, 0, True, "a non-negative integer")
-
-
 def positive_float(text: str) -> float:
     return _number(float, text, 0.0, False, "a positive number")
 

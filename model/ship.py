@@ -36,7 +36,6 @@ from model.train import (
 
 WEIGHTS_DIR = paths.WEIGHTS_DIR
 TARGET_ACCURACY = 0.85
-FLOOR_ACCURACY = 0.82
 RECIPE_SEARCH = "recipe_search.json"
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
 

@@ -122,11 +122,22 @@ class DynamicBatcher:
         except TimeoutError:
             raise TimeoutError("no result before the request deadline") from None
         finally:
-            for request in requests:  # cancelled futures are skipped when their batch is cut
+            for request in requests:
                 request.future.cancel()
+            if any(request.future.cancelled() for request in requests):
+                self._forget_cancelled()  # now, not when a batch is cut: the queue's limit and Retry-After count them
         for request in requests:
             record_batch(request.queue_s, request.infer_s)
         return rows
+
+    def _forget_cancelled(self) -> None:
+        """Drop from the queue the requests whose caller gave up (deadline passed, client gone, a
+        sibling failed); at most max_queue to look at."""
+        live = [request for request in self._queue if not request.future.cancelled()]
+        if len(live) != len(self._queue):
+            self._queue.clear()
+            self._queue.extend(live)
+            self.observer.queue_length(len(self._queue))
 
     async def close(self) -> None:
         """Take no new requests, finish the queued ones, stop the workers."""

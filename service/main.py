@@ -84,8 +84,9 @@ def self_check(backend, plan) -> None:
 def open_service(state: ServiceState, backend=None, reason: str = "given", batcher=None) -> None:
     """Load, warm and check the backend and start batching; the service is then ready.
 
-    `batcher` replaces the DynamicBatcher (Ray Serve passes one over @serve.batch); anything with
-    `async infer(image, deadline) -> logits` and `async close()`.
+    `batcher` replaces the DynamicBatcher (Ray Serve passes one over @serve.batch: ServeBatcher in
+    service/ray_app.py); what the service uses of it: `async infer_many(images, deadline, tag)`,
+    `retry_after()`, `executions` and `async close()`.
     """
     settings = state.settings
     try:

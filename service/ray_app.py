@@ -43,9 +43,6 @@ class ServeBatcher:
     def __init__(self, batch_method):
         self.batch_method = batch_method
 
-    def __len__(self) -> int:
-        return 0  # Ray keeps the queue
-
     def retry_after(self) -> float:
         return 1.0  # Ray answers overload itself (max_ongoing_requests)
 

@@ -6,8 +6,9 @@ below what a GPU engine computes, so on a GPU host N processes share the HTTP an
 (on a GPU, its own TensorRT execution context on the same GPU; on a CPU host, ONNX Runtime threads
 divided so that processes x threads never exceeds the cores: Settings.threads_per_batch).
 
-The supervisor (this module's `supervise`, the process `python -m service` started) provisions
-the artifacts once, before any worker starts; workers only load them. It restarts a worker that
+The process `python -m service` started provisions the artifacts once, before any worker starts
+(service/__main__.py), then supervises them (this module's `supervise`); workers only load the
+artifacts. The supervisor restarts a worker that
 dies, unless it could not start for a cause every worker shares (status STARTUP_REFUSED: a
 precision the backend cannot run, a port another program holds) or it failed to start STARTUP_FAILURES times in a row; on
 SIGTERM it passes the signal to every worker, each of which drains as one process does, then exits

@@ -126,6 +126,32 @@ def test_deadline_passes_while_queued():
     assert run(main()).calls == [1]  # the expired request was never computed
 
 
+def test_requests_given_up_leave_the_queue_at_once_and_their_room_is_taken():
+    """They stayed until a batch was cut, counted against the queue's limit: while the backend was
+    busy, a timed-out client's images turned the next clients away with 429s."""
+    async def main():
+        backend = SlowBackend(max_batch=1, delay=0.4)
+        batcher = await started(backend, max_batch=1, max_queue=3)
+        busy = asyncio.ensure_future(batcher.infer(image(0), time.perf_counter() + 5))
+        await asyncio.sleep(0.05)  # in the backend
+        with pytest.raises(TimeoutError):
+            await batcher.infer_many([image(i) for i in (1, 2, 3)], time.perf_counter() + 0.1)
+        assert len(batcher) == 0
+        gone = asyncio.ensure_future(batcher.infer(image(4), time.perf_counter() + 5))
+        await asyncio.sleep(0)
+        gone.cancel()  # the client went away
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert len(batcher) == 0
+        rows = await batcher.infer_many([image(i) for i in (5, 6, 7)], time.perf_counter() + 5)  # room for all
+        await busy
+        await batcher.close()
+        return backend, rows
+
+    backend, rows = run(main())
+    assert [float(r[0]) for r in rows] == [5.0, 6.0, 7.0] and backend.calls == [1, 1, 1, 1]
+
+
 def test_backend_failure_fails_that_batch_only():
     async def main():
         backend = SlowBackend(fail=True)
