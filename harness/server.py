@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,13 +34,25 @@ def start_server(onnx_path, timeout: float = 90, **settings) -> tuple[subprocess
            "ACMIX_WEIGHTS_PATH": "unused.pdparams", "ACMIX_LOG_LEVEL": "warning", "ACMIX_GRPC_PORT": "0",
            "ACMIX_WORKERS": "1"}
     env.update({f"ACMIX_{name.upper()}": str(value) for name, value in settings.items()})
+    # Its output goes to a file, read by output(): a pipe that nobody reads while the server runs
+    # fills (64 KiB: a few hundred log lines) and blocks it. Appending, so that reading never moves
+    # where the server writes.
+    log = tempfile.TemporaryFile("a+")
     process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port)], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=log, stderr=subprocess.STDOUT, text=True)
+    process.log = log
     url = f"http://127.0.0.1:{port}"
     if not wait_ready(url, process, timeout):
         process.kill()
-        raise RuntimeError(f"the server did not become ready in {timeout:g} s")
+        process.wait()
+        raise RuntimeError(f"the server did not become ready in {timeout:g} s: {output(process)[-2000:]}")
     return process, url
+
+
+def output(process: subprocess.Popen) -> str:
+    """What a server of start_server has written so far, stdout and stderr."""
+    process.log.seek(0)
+    return process.log.read()
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float, interval: float = 0.2) -> bool:
@@ -48,8 +61,8 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float, interval: fl
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
-            output = process.stdout.read() if process.stdout else ""
-            raise RuntimeError(f"the server exited with status {process.returncode}: {output}")
+            written = output(process) if hasattr(process, "log") else process.stdout.read() if process.stdout else ""
+            raise RuntimeError(f"the server exited with status {process.returncode}: {written}")
         try:
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                 return True

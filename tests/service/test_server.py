@@ -170,7 +170,7 @@ def test_sigterm_finishes_requests_in_flight_then_exits(onnx_model, cifar_like_j
     assert statuses == [200] * 8
     # uvicorn re-raises the signal once shut down, so a clean exit reads as "terminated by SIGTERM".
     assert process.wait(timeout=30) in (0, -signal.SIGTERM)
-    assert "drained and closed" in process.stdout.read()
+    assert "drained and closed" in launch.output(process)
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{url}/healthz", timeout=1)
 
@@ -289,10 +289,24 @@ def test_a_client_gone_mid_body_is_logged_as_499_without_a_traceback_and_paths_a
         assert httpx.get(f"{url}/readyz").status_code == 200
     finally:
         stop(process)
-    log = process.stdout.read()
+    log = launch.output(process)
     assert "Traceback" not in log and "status=500" not in log, log[-3000:]
     for route in ("POST /v2/models/alexnet_acmix/infer", "POST /v2/repository/index", "POST /predict"):
         assert f"route={route} status=499" in log, log[-3000:]
     assert "id=FORGED" in log and not any(line.startswith("2026-12-04 00:00:00") for line in log.splitlines())
     assert "route=GET /v2/models/x%0A2026-12-04%2000:00:00,000%20INFO" in log
     assert "route=HEAD /healthz status=200" not in log  # health checks stay out of the log, HEAD too
+
+
+def test_a_server_that_logs_more_than_a_pipe_holds_keeps_answering(onnx_model):
+    """start_server's output went to a pipe that nobody read while the server ran: past 64 KiB of log
+    lines the server blocked on its next line, and every request after it timed out."""
+    process, url = start_server(onnx_model, log_level="info")
+    name = "x" * 400  # each 404 is logged with its path: 200 of them are ~100 KB
+    try:
+        with httpx.Client(timeout=10) as client:
+            codes = {client.get(f"{url}/v2/models/{name}{i}").status_code for i in range(200)}
+        assert codes == {404}
+    finally:
+        stop(process)
+    assert launch.output(process).count(f"/v2/models/{name}") >= 200

@@ -95,7 +95,7 @@ def test_sigterm_drains_both_workers_with_requests_in_flight(tiny_onnx, cifar_li
     assert [r.status_code for r in responses] == [200] * len(responses)
     assert {r.headers["x-worker"] for r in responses} == {"0", "1"}
     assert process.wait(timeout=60) == 0
-    assert "all workers stopped" in process.stdout.read()
+    assert "all workers stopped" in launch.output(process)
 
 
 def test_peers_are_ready_only_together(tmp_path):
