@@ -19,7 +19,7 @@ from tqdm import tqdm
 from export.errors import ExportError
 from model.calibration import read_temperature
 from model.files import replacing
-from model.spec import INPUT_NAME, OUTPUT_NAME
+from model.spec import INPUT_NAME, INPUT_SHAPE, OUTPUT_NAME
 from model.subnormals import count_subnormals, flush_subnormals
 from runtime.artifacts import TEMPERATURE, WEIGHTS_DIGEST, sha256_file
 
@@ -53,7 +53,7 @@ def export_onnx(weights: str | Path, out: str | Path, arch: str = "alexnet_acmix
         with tempfile.TemporaryDirectory() as tmp:
             steps.set_postfix_str("paddle.jit.save")
             prefix = str(Path(tmp) / arch)
-            spec = [paddle.static.InputSpec([None, 3, 128, 128], "float32", INPUT_NAME)]
+            spec = [paddle.static.InputSpec([None, *INPUT_SHAPE], "float32", INPUT_NAME)]
             paddle.jit.save(model, prefix, input_spec=spec)
             steps.update()
             steps.set_postfix_str("paddle2onnx")

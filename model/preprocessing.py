@@ -14,11 +14,26 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_SIZE = 128
+from model.spec import INPUT_SHAPE
+
+IMAGE_SIZE = INPUT_SHAPE[1]
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 # Resampling for every resize to the network's size, here and in training.
 RESAMPLE = Image.Resampling.BILINEAR
+# What a client must do to send a tensor the model takes, as the service publishes it (the tensor
+# model's metadata and config `parameters`), made from the values above.
+CONTRACT = {
+    "input_size": f"{IMAGE_SIZE}x{IMAGE_SIZE}",
+    "resampling": f"{RESAMPLE.name.lower()} (Pillow's Image.Resampling.{RESAMPLE.name}), from the RGB image to "
+                  f"{IMAGE_SIZE}x{IMAGE_SIZE}",
+    "channel_order": "RGB",
+    "layout": "NCHW",
+    "scale": "1/255 (8-bit values to [0, 1])",
+    "mean": ",".join(f"{v:g}" for v in MEAN),
+    "std": ",".join(f"{v:g}" for v in STD),
+    "formula": "(value / 255 - mean) / std, per channel",
+}
 # The image formats this model takes (Pillow's names) and their file suffixes, for uploads and for
 # data sets alike. Pillow opens many more (SPIDER, DDS, PSD, ...), whose decoders fail in ways of
 # their own; they are refused by name instead.

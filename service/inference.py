@@ -29,16 +29,7 @@ VERSION = "1"
 SERVER = {"name": "alexnet-acmix-service", "version": "0.1.0", "extensions": ["binary_tensor_data", "classification"]}
 
 # The preprocessing the tensor model expects, published in its metadata and config `parameters`.
-PREPROCESSING = {
-    "input_size": f"{INPUT_SHAPE[1]}x{INPUT_SHAPE[2]}",
-    "resampling": "bilinear (Pillow's Image.Resampling.BILINEAR), from the RGB image to 128x128",
-    "channel_order": "RGB",
-    "layout": "NCHW",
-    "scale": "1/255 (8-bit values to [0, 1])",
-    "mean": ",".join(f"{v:g}" for v in preprocessing.MEAN),
-    "std": ",".join(f"{v:g}" for v in preprocessing.STD),
-    "formula": "(value / 255 - mean) / std, per channel",
-}
+PREPROCESSING = preprocessing.CONTRACT
 # Preprocessed values lie in [(0 - 0.485) / 0.229, (1 - 0.406) / 0.225] = [-2.12, 2.64]; a tensor
 # reaching beyond +-LIMIT is not preprocessed (raw 0-255 values reach 255). Resampling other
 # than bilinear may overshoot the range a little, hence the margin.

@@ -78,6 +78,25 @@ def test_the_preprocessing_contract_is_published_in_metadata_and_config(client):
     assert image["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
 
 
+def test_a_client_following_the_published_contract_alone_makes_the_tensor_the_service_makes(client,
+                                                                                          cifar_like_jpegs):
+    """The contract is written from the preprocessing's own values: a client that reads only the
+    metadata (size, resampling, scale, mean, std, layout) reproduces model/preprocessing.py."""
+    from PIL import Image
+
+    published = {key.removeprefix("preprocessing_"): value
+                 for key, value in client.get("/v2/models/alexnet_acmix").json()["parameters"].items()
+                 if key.startswith("preprocessing_")}
+    width, height = (int(v) for v in published["input_size"].split("x"))
+    resample = Image.Resampling[published["resampling"].split()[0].upper()]
+    mean, std = (np.array([float(v) for v in published[k].split(",")], np.float32) for k in ("mean", "std"))
+    assert published["channel_order"] == "RGB" and published["layout"] == "NCHW"
+    for data in cifar_like_jpegs[:3]:
+        rgb = decode_image(data).resize((width, height), resample)
+        mine = ((np.asarray(rgb, np.float32) / 255 - mean) / std).transpose(2, 0, 1)
+        np.testing.assert_allclose(mine, preprocess(decode_image(data)), atol=1e-5)
+
+
 def test_raw_pixels_are_refused_with_how_to_preprocess(client, cifar_like_jpegs):
     raw = np.asarray(decode_image(cifar_like_jpegs[0]).resize((128, 128)), np.float32).transpose(2, 0, 1)[None]
     response = client.post(INFER, json=tensor_body(raw))
