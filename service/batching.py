@@ -44,11 +44,14 @@ class _Request:
 
 
 class BatchObserver:
-    """Hooks for metrics; the default does nothing."""
+    """Hooks for metrics and statistics; the default does nothing."""
 
     def queue_length(self, length: int) -> None: ...
 
     def batch_done(self, size: int, seconds: float, queue_waits: list[float]) -> None: ...
+
+    def batch_tags(self, images: dict[str, int], seconds: float) -> None:
+        """A computed batch's images by their requests' tag (those with one), and its backend time."""
 
     def batch_failed(self, size: int, error: Exception) -> None: ...
 
@@ -75,7 +78,6 @@ class DynamicBatcher:
         self._tasks: list[asyncio.Task] = []
         self._closing = False
         self._drain_rate = 0.0  # images per second the workers finish while busy (moving average)
-        self.executions: Counter[str] = Counter()  # batches computed that held any request of each tag
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -173,8 +175,10 @@ class DynamicBatcher:
                 continue
             seconds = time.perf_counter() - started
             self._note_drained(len(batch), seconds)
-            self.executions.update({r.tag for r in batch if r.tag is not None})
             self.observer.batch_done(len(batch), seconds, waits)
+            tags = Counter(r.tag for r in batch if r.tag is not None)
+            if tags:
+                self.observer.batch_tags(tags, seconds)
             for request, row, wait in zip(batch, logits, waits, strict=True):
                 if not request.future.done():
                     request.queue_s, request.infer_s = wait, seconds

@@ -65,8 +65,7 @@ def statistics(state: ServiceState, model: str | None = None, version: str | Non
         raise NotFound("a version needs a model")
     if model is not None:
         check_model(state, model, version)
-    executions = state.batcher.executions if state.batcher is not None else {}
-    return state.statistics.as_json([model] if model else list(model_names(state)), VERSION, executions)
+    return state.statistics.as_json([model] if model else list(model_names(state)), VERSION)
 
 
 # Triton extensions this server does not offer, and what to use instead; the HTTP routes and gRPC

@@ -2,7 +2,8 @@
 
 With several server processes (service/workers.py), prometheus_client's multiprocess mode
 (PROMETHEUS_MULTIPROC_DIR, set by the supervisor) counts every process: /metrics of any of them
-reads all their values; the queue length is summed over the live processes.
+reads all their values; the queue length is summed over the live processes. The registry also
+holds Triton's statistics (service/statistics.py, the model_* metrics), read back the same way.
 """
 
 from __future__ import annotations
@@ -56,10 +57,16 @@ class Metrics(BatchObserver):
 
     def response(self) -> Response:
         registry = self.registry
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if shared_folder():
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def shared_folder() -> str | None:
+    """The folder where prometheus_client's multiprocess mode keeps every server process's values
+    (PROMETHEUS_MULTIPROC_DIR, set by the supervisor), or None: this process's registry holds them."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
 def route_template(scope) -> str:

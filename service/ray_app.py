@@ -46,10 +46,6 @@ class ServeBatcher:
     def retry_after(self) -> float:
         return 1.0  # Ray answers overload itself (max_ongoing_requests)
 
-    @property
-    def executions(self) -> dict[str, int]:
-        return {}  # Ray batches across requests out of sight: statistics count no executions
-
     async def infer_many(self, images: list[np.ndarray], deadline: float, tag: str | None = None) -> list[np.ndarray]:
         remaining = max(deadline - time.perf_counter(), 0)
         async with asyncio.timeout(remaining):

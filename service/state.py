@@ -31,7 +31,7 @@ log = logging.getLogger("service")
 class ServiceState(BatchObserver):
     settings: Settings
     metrics: Metrics
-    statistics: Statistics = field(init=False)  # per model, Triton's statistics extension
+    statistics: Statistics = field(init=False)  # per model, Triton's statistics extension (in metrics' registry)
     backend: Backend | None = None
     backend_reason: str = ""
     batcher: DynamicBatcher | None = None
@@ -51,7 +51,7 @@ class ServiceState(BatchObserver):
     peers: Peers = field(default_factory=Peers.from_env)
 
     def __post_init__(self):
-        self.statistics = Statistics(self.settings.model_names())
+        self.statistics = Statistics(self.metrics.registry)
 
     @property
     def failing(self) -> bool:
@@ -70,13 +70,17 @@ class ServiceState(BatchObserver):
             return f"waiting for the other server processes ({self.peers.count} in all) to be ready"
         return None
 
-    # BatchObserver: metrics, and the failure count
+    # BatchObserver: metrics, statistics, and the failure count
     def queue_length(self, length: int) -> None:
         self.metrics.queue_length(length)
 
     def batch_done(self, size: int, seconds: float, queue_waits: list[float]) -> None:
         self.consecutive_failures = 0
         self.metrics.batch_done(size, seconds, queue_waits)
+
+    def batch_tags(self, images: dict[str, int], seconds: float) -> None:
+        for model, count in images.items():
+            self.statistics.executed(model, count, seconds)
 
     def batch_failed(self, size: int, error: Exception) -> None:
         self.consecutive_failures += 1

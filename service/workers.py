@@ -13,10 +13,11 @@ dies, unless it could not start for a cause every worker shares (status STARTUP_
 precision the backend cannot run, a port another program holds) or it failed to start STARTUP_FAILURES times in a row; on
 SIGTERM it passes the signal to every worker, each of which drains as one process does, then exits
 when they have. They share a folder: `metrics/` for prometheus_client's multiprocess
-mode (every worker's /metrics counts all of them), and `ready/<index>` where each worker writes its
-pid once it is loaded, warmed up and checked: a worker's readiness is true only while every
-index's file is there with a live process (`Peers`), so readiness waits for all of them and dips
-while one is being replaced.
+mode (every worker's /metrics and Triton's statistics, service/statistics.py, count all of them,
+those that exited included), and `ready/<index>` where each worker writes its pid once it is
+loaded, warmed up and checked: a worker's readiness is true only while every index's file is there
+with a live process (`Peers`), so readiness waits for all of them and dips while one is being
+replaced.
 """
 
 from __future__ import annotations
@@ -213,7 +214,8 @@ def supervise(count: int, argv: list[str], drain_s: float) -> int:
 
 
 def reap(peers: Peers, pid: int, index: int) -> None:
-    """Forget a dead worker: its readiness mark, and its live gauges in the shared metrics."""
+    """Forget a dead worker: its readiness mark, and its live gauges in the shared metrics (its
+    counters stay: they are the server's, service/statistics.py)."""
     from prometheus_client import multiprocess
 
     peers.ready_file(index).unlink(missing_ok=True)

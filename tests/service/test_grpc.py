@@ -368,6 +368,42 @@ def test_statistics_count_each_models_requests_their_images_and_batches(grpc_cli
     assert code == grpc.StatusCode.NOT_FOUND
 
 
+
+def test_statistics_have_triton_batch_and_cache_figures_on_both_protocols(grpc_client, cifar_like_jpegs):
+    """batch_stats: per model, one entry per batch size executed (the model's images in the batch),
+    their counts adding up to execution_count; cache_hit and cache_miss zero (no cache), as Triton
+    always sends them (perf_analyzer's HTTP reader reads inference_stats.cache_hit.count). Both used
+    to be missing or empty."""
+    from google.protobuf import json_format
+    from tritonclient.grpc import service_pb2
+
+    # A full batch (5) is cut at once; less waits the 5 s delay: the first two requests, sent
+    # together, make one batch of 2 + 3 images, the third a batch of its own.
+    http, client, _ = grpc_client(max_batch_size=5, max_queue_delay_ms=5000)
+    with ThreadPoolExecutor(2) as pool:
+        tensor = pool.submit(client.infer, "alexnet_acmix", [tensor_input(np.zeros((2, 3, 128, 128), np.float32))])
+        image = pool.submit(client.infer, "alexnet_acmix_image", [bytes_input(cifar_like_jpegs[:3])])
+        tensor.result(), image.result()
+    client.infer("alexnet_acmix", [tensor_input(np.zeros((5, 3, 128, 128), np.float32))])
+    answer = http.get("/v2/models/stats").json()
+    assert json_format.ParseDict(answer, service_pb2.ModelStatisticsResponse()) == client.get_inference_statistics()
+    tensor, image = answer["model_stats"]
+    for model, sizes in ((tensor, [2, 5]), (image, [3])):
+        stats = model["inference_stats"]
+        assert list(stats) == ["success", "fail", "queue", "compute_input", "compute_infer", "compute_output",
+                               "cache_hit", "cache_miss"]
+        assert stats["cache_hit"] == stats["cache_miss"] == {"count": 0, "ns": 0}
+        assert [entry["batch_size"] for entry in model["batch_stats"]] == sizes
+        for entry in model["batch_stats"]:
+            assert list(entry) == ["batch_size", "compute_input", "compute_infer", "compute_output"]
+            assert entry["compute_input"] == entry["compute_output"] == {"count": 1, "ns": 0}  # not measured
+            assert entry["compute_infer"]["count"] == 1 and entry["compute_infer"]["ns"] > 0
+        assert model["execution_count"] == len(sizes) == sum(e["compute_infer"]["count"] for e in model["batch_stats"])
+        assert model["inference_count"] == sum(sizes)
+    # The batch of 2 + 3 images: one backend call, the same time in both models' entries.
+    assert tensor["batch_stats"][0]["compute_infer"]["ns"] == image["batch_stats"][0]["compute_infer"]["ns"]
+
+
 def raw_request(batch: np.ndarray, id: str = "") -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name="alexnet_acmix", id=id)
     request.inputs.add(name="image", datatype="FP32", shape=list(batch.shape))

@@ -62,3 +62,16 @@ def test_two_replicas_answer_predict_correctly_and_share_the_load(ray_service, o
         replicas.add(response.headers["x-served-by"])
     assert len(replicas) == 2
     assert httpx.get(f"{ray_service}/readyz").json()["ready"]
+
+
+def test_a_replica_answers_triton_statistics(ray_service):
+    """Each replica answers for itself (no folder shared between replicas), in Triton's form; Ray
+    batches out of the service's sight, so no executions."""
+    body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 128, 128], "data": [0.0] * 49152}]}
+    assert httpx.post(f"{ray_service}/v2/models/alexnet_acmix/infer", json=body, timeout=60).status_code == 200
+    response = httpx.get(f"{ray_service}/v2/models/stats", timeout=30)
+    assert response.status_code == 200
+    tensor, image = response.json()["model_stats"]
+    assert (tensor["name"], image["name"]) == ("alexnet_acmix", "alexnet_acmix_image")
+    assert tensor["inference_stats"]["cache_hit"] == {"count": 0, "ns": 0}
+    assert tensor["execution_count"] == 0 and tensor["batch_stats"] == []

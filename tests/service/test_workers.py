@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from harness import server as launch
@@ -96,6 +98,179 @@ def test_sigterm_drains_both_workers_with_requests_in_flight(tiny_onnx, cifar_li
     assert {r.headers["x-worker"] for r in responses} == {"0", "1"}
     assert process.wait(timeout=60) == 0
     assert "all workers stopped" in launch.output(process)
+
+
+
+def infer_image_http(url: str, data: bytes) -> str:
+    """One image to the image model over KServe v2 HTTP, on a new connection; the worker that answered."""
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(data).decode()]}]}
+    response = httpx.post(f"{url}/v2/models/alexnet_acmix_image/infer", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.headers["x-worker"]
+
+
+def infer_tensor_grpc(address: str, images: int) -> None:
+    """`images` images to the tensor model over gRPC, on a new channel."""
+    import tritonclient.grpc as triton_grpc
+
+    client = triton_grpc.InferenceServerClient(address)
+    try:
+        tensor = triton_grpc.InferInput("image", [images, 3, 128, 128], "FP32")
+        tensor.set_data_from_numpy(np.zeros((images, 3, 128, 128), np.float32))
+        client.infer("alexnet_acmix", [tensor])
+    finally:
+        client.close()
+
+
+def statistics_http(url: str) -> tuple[dict, str]:
+    """GET /v2/models/stats on a new connection: (the answer, the worker that gave it)."""
+    response = httpx.get(f"{url}/v2/models/stats", timeout=10)
+    assert response.status_code == 200
+    return response.json(), response.headers["x-worker"]
+
+
+def statistics_grpc(address: str) -> dict:
+    """tritonclient.grpc's get_inference_statistics on a new channel, in the HTTP answer's JSON form."""
+    import tritonclient.grpc as triton_grpc
+    from google.protobuf import json_format
+
+    client = triton_grpc.InferenceServerClient(address)
+    try:
+        message = client.get_inference_statistics()
+    finally:
+        client.close()
+    answer = json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                       always_print_fields_with_no_presence=True)
+    for model in answer["model_stats"]:  # Triton's, that this server does not fill
+        assert model.pop("memory_usage") == [] and model.pop("response_stats") == {}
+    return numbers(answer)
+
+
+UINT64 = ("last_inference", "inference_count", "execution_count", "batch_size", "count", "ns")
+
+
+def numbers(value):
+    """protobuf's JSON writes uint64 as strings and leaves zeros out: as the HTTP answer has them."""
+    if isinstance(value, dict):
+        if set(value) <= {"count", "ns"}:  # a StatisticDuration
+            return {"count": int(value.get("count", 0)), "ns": int(value.get("ns", 0))}
+        return {key: int(item) if key in UINT64 else numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [numbers(item) for item in value]
+    return value
+
+
+def read_everywhere(url: str, address: str) -> dict:
+    """The statistics read on new connections until both workers have answered over HTTP (and as
+    many times over gRPC, whose worker is not named), through raw HTTP and both tritonclients:
+    every answer must be the same; that one."""
+    import tritonclient.http as triton_http
+
+    answers, workers = [], set()
+    for _ in range(40):
+        answer, worker = statistics_http(url)
+        answers.append(answer)
+        answers.append(statistics_grpc(address))
+        workers.add(worker)
+        if workers == {"0", "1"} and len(answers) >= 16:
+            break
+    assert workers == {"0", "1"}
+    client = triton_http.InferenceServerClient(url.removeprefix("http://"))
+    answers.append(client.get_inference_statistics())
+    client.close()
+    for answer in answers[1:]:
+        assert answer == answers[0]
+    return answers[0]
+
+
+def check_figures(stats: dict, requests: dict[str, int], images: dict[str, int]) -> dict[str, dict]:
+    """Each model's statistics against the requests and images sent (all successful), in Triton's
+    form; by model."""
+    by_model = {model["name"]: model for model in stats["model_stats"]}
+    assert list(by_model) == ["alexnet_acmix", "alexnet_acmix_image"]
+    for name, model in by_model.items():
+        inference = model["inference_stats"]
+        assert model["inference_count"] == images[name]
+        assert inference["success"]["count"] == requests[name] and inference["fail"] == {"count": 0, "ns": 0}
+        assert inference["cache_hit"] == inference["cache_miss"] == {"count": 0, "ns": 0}
+        assert sum(entry["compute_infer"]["count"] for entry in model["batch_stats"]) == model["execution_count"]
+        assert sum(entry["batch_size"] * entry["compute_infer"]["count"] for entry in model["batch_stats"]) == \
+            images[name]
+    return by_model
+
+
+def only_grew(before: dict, after: dict) -> None:
+    """Every count and duration of `after` at least `before`'s (a batch size once seen stays)."""
+
+    def figures(stats: dict) -> dict:
+        found = {}
+        for model in stats["model_stats"]:
+            name = model["name"]
+            found.update({(name, key): model[key] for key in ("last_inference", "inference_count",
+                                                              "execution_count")})
+            for kind, duration in model["inference_stats"].items():
+                found.update({(name, kind, field): duration[field] for field in ("count", "ns")})
+            for entry in model["batch_stats"]:
+                for kind in ("compute_input", "compute_infer", "compute_output"):
+                    found.update({(name, entry["batch_size"], kind, field): entry[kind][field]
+                                  for field in ("count", "ns")})
+        return found
+
+    old, new = figures(before), figures(after)
+    assert set(old) <= set(new)
+    assert [key for key in old if new[key] < old[key]] == []
+
+
+def test_statistics_are_the_whole_servers_on_both_protocols_and_only_grow(tiny_onnx, cifar_like_jpegs):
+    """Triton's statistics as perf_analyzer reads them (an answer before, one after): whichever
+    worker answers, over HTTP or gRPC, answers for the whole server, the same figures, and they only
+    grow, over a worker's death and replacement too. They used to be each process's own: a few
+    reads in a row gave 91, 0, 0, 0, 91."""
+    grpc_port = launch.free_port()
+    process, url = launch.start_server(tiny_onnx, workers=2, max_batch_size=8, grpc_port=grpc_port, timeout=120)
+    address = f"127.0.0.1:{grpc_port}"
+    try:
+        workers = {infer_image_http(url, cifar_like_jpegs[i % len(cifar_like_jpegs)]) for i in range(16)}
+        assert workers == {"0", "1"}  # both hold some of the requests
+        for _ in range(6):
+            infer_tensor_grpc(address, 2)
+        requests, images = {"alexnet_acmix": 6, "alexnet_acmix_image": 16}, {"alexnet_acmix": 12,
+                                                                             "alexnet_acmix_image": 16}
+        before = read_everywhere(url, address)
+        check_figures(before, requests, images)
+
+        killed = min(children(process.pid))
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            replaced = len(children(process.pid) - {killed}) == 2
+            try:
+                if replaced and httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:  # a probe queued on the killed worker's socket
+                pass
+            time.sleep(0.1)
+        else:
+            pytest.fail("the killed worker was not replaced")
+        after_restart = read_everywhere(url, address)
+        assert after_restart == before  # nothing of the dead worker's is lost
+
+        last = after_restart
+        for i in range(4):  # each answer after a request counts it, on either protocol, whoever answers
+            if i % 2:
+                infer_tensor_grpc(address, 1)
+                requests["alexnet_acmix"] += 1
+                images["alexnet_acmix"] += 1
+            else:
+                infer_image_http(url, cifar_like_jpegs[i])
+                requests["alexnet_acmix_image"] += 1
+                images["alexnet_acmix_image"] += 1
+            for answer in (statistics_http(url)[0], statistics_grpc(address), statistics_http(url)[0]):
+                check_figures(answer, requests, images)
+                only_grew(last, answer)
+                last = answer
+    finally:
+        launch.stop(process)
 
 
 def test_peers_are_ready_only_together(tmp_path):
