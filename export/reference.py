@@ -44,16 +44,13 @@ def choose(logits: np.ndarray, count: int = REFERENCE_IMAGES, min_margin: float 
 
 def write_reference(onnx_path: str | Path, model, data: str | Path | None, split_file: str | None) -> Path:
     """Pick reference images, compute their logits with the Paddle `model`, write them beside `onnx_path`."""
-    import paddle
-
+    from model.predict import preprocessed_logits
     from model.preprocessing import decode_image, preprocess
 
     images, source = held_out_images(data, 256, split_file)
     encoded = [png_bytes(image) for image in images]
     batch = np.stack([preprocess(decode_image(data)) for data in encoded])
-    model.eval()
-    with paddle.no_grad():
-        logits = np.concatenate([model(paddle.to_tensor(batch[i : i + 64])).numpy() for i in range(0, len(batch), 64)])
+    logits = preprocessed_logits(model, batch)
     picks = choose(logits)
     reference = Reference([encoded[i] for i in picks], logits[picks], source)
     return write_bytes(reference_path(onnx_path), reference.to_json().encode())

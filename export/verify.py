@@ -77,7 +77,7 @@ def verify_onnx(onnx_path, weights, batch: np.ndarray, arch: str = "alexnet_acmi
     """onnx.checker, then ONNX Runtime against Paddle on `batch`: within MAX_LOGIT_DIFF, same top-1."""
     import onnx
 
-    from model.predict import load_weights
+    from model.predict import load_weights, preprocessed_logits
     from model.runtime import import_paddle
 
     if not Path(onnx_path).is_file():
@@ -86,15 +86,12 @@ def verify_onnx(onnx_path, weights, batch: np.ndarray, arch: str = "alexnet_acmi
         onnx.checker.check_model(str(onnx_path), full_check=True)
     except Exception as exc:  # the checker raises several types
         raise ExportError(f"{onnx_path}: onnx.checker failed ({str(exc).splitlines()[0][:200]})") from None
-    paddle = import_paddle()
+    import_paddle()  # on the CPU with every core (model/runtime.py), before load_weights imports it
     try:
         model = load_weights(arch, str(weights))
     except ValueError as exc:
         raise ExportError(str(exc)) from None
-    with paddle.no_grad():
-        expected = np.concatenate(
-            [model(paddle.to_tensor(batch[i : i + 64])).numpy() for i in range(0, len(batch), 64)]
-        )
+    expected = preprocessed_logits(model, batch)
     result = compare(expected, run_onnx(onnx_session(onnx_path), batch))
     if result["max_abs_diff"] > MAX_LOGIT_DIFF or result["top1_agreement"] < 1.0:
         raise ExportError(f"{onnx_path} disagrees with Paddle: max |logit diff| {result['max_abs_diff']:.2e}, "

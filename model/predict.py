@@ -24,6 +24,17 @@ def predict_logits(model, images, batch_size: int = 128, progress: str | None = 
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
 
+def preprocessed_logits(model, batch: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """float32 [N, classes] logits of a Paddle model (put in eval mode) for a preprocessed float32
+    [N, 3, 128, 128] batch, `chunk` images at a time."""
+    import paddle
+
+    model.eval()
+    with paddle.no_grad():
+        return np.concatenate([model(paddle.to_tensor(batch[i : i + chunk])).numpy()
+                               for i in range(0, len(batch), chunk)])
+
+
 def load_weights(arch: str, weights: str):
     """A model of `arch` with the weights of a `.pdparams` file; ValueError naming the file if unusable."""
     from model.alexnet import build_model

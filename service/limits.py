@@ -73,7 +73,9 @@ class ClientGoneMiddleware:
 class UploadLimitMiddleware:
     """Raises a 413 HTTPException into the app from `receive`, which the app's exception handler
     answers: before reading anything where Content-Length is over the limit, else once the body
-    received so far is. A request whose body is never read is not refused."""
+    received so far is. A request whose body is never read is not refused. An HTTPException, at this
+    edge, rather than the service's TooLarge: FastAPI turns any other exception raised while it
+    parses a form body into a 400 ("There was an error parsing the body")."""
 
     def __init__(self, app, max_bytes: int):
         self.app = app
