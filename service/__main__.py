@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from export.errors import ExportError
 from export.provision import provision
-from service.main import DRAIN_SECONDS, create_app
+from service.main import create_app, drain_seconds, http_drain_seconds
 from service.settings import Settings, settings_problem
 
 log = logging.getLogger("service")
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
                      "--workers", str(workers)]
         try:
             with claimed_port(settings.host, settings.port):
-                return supervise(workers, forwarded, DRAIN_SECONDS + settings.request_timeout_s + 5)
+                return supervise(workers, forwarded, drain_seconds(settings) + 5)
         except PortTaken as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -138,7 +138,7 @@ def serve(settings: Settings, reuse_port: bool = False) -> int:
     app = create_app(settings)
     config = uvicorn.Config(
         OneLineLoadFailure(app, app.state.service), host=settings.host, port=settings.port, log_level=settings.log_level,
-        timeout_graceful_shutdown=DRAIN_SECONDS, access_log=False,
+        timeout_graceful_shutdown=http_drain_seconds(settings), access_log=False,
     )
     server = DrainingServer(config, app.state.service)
     try:

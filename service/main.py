@@ -33,8 +33,18 @@ from service.settings import Settings
 from service.state import ServiceState
 
 log = logging.getLogger("service")
-# How long SIGTERM waits for requests in flight (HTTP: uvicorn's graceful shutdown; gRPC: its grace).
-DRAIN_SECONDS = 30
+
+
+def http_drain_seconds(settings: Settings) -> float:
+    """How long SIGTERM waits for the HTTP requests in flight (uvicorn's graceful shutdown): the
+    longest one can still take, its body (ACMIX_BODY_TIMEOUT_S) then its answer
+    (ACMIX_REQUEST_TIMEOUT_S). A fixed 30 s cut off requests accepted under a longer timeout."""
+    return settings.body_timeout_s + settings.request_timeout_s
+
+
+def drain_seconds(settings: Settings) -> float:
+    """The whole drain after SIGTERM: HTTP, then the gRPC calls in flight up to their deadline (+1 s)."""
+    return http_drain_seconds(settings) + settings.request_timeout_s + 1
 
 
 def load(state: ServiceState, backend=None, reason: str = "") -> None:

@@ -428,10 +428,10 @@ def seconds(duration: str) -> float:
 def test_compose_stops_gracefully_after_the_drain(compose, name):
     service = compose["services"][name]
     assert service["init"] is True  # PID 1 forwards SIGTERM to the service
-    from service.main import DRAIN_SECONDS
+    from service.main import drain_seconds
 
-    # HTTP drains for up to DRAIN_SECONDS, then the gRPC calls in flight for up to their deadline.
-    assert seconds(service["stop_grace_period"]) > DRAIN_SECONDS + Settings().request_timeout_s + 1
+    # HTTP drains for up to a body's and an answer's timeouts, then the gRPC calls in flight for up to their deadline.
+    assert seconds(service["stop_grace_period"]) > drain_seconds(Settings())
 
 
 @pytest.mark.parametrize("name", ["service", "service-cpu"])
