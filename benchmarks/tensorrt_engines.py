@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     writable(args.out)  # before the measurement, not after it
 
     from export.provision import provision
-    from runtime.artifacts import ArtifactPlan, EngineSpec
+    from runtime.artifacts import ArtifactPlan, EngineSpec, default_engine_path, timing_cache_path
     from runtime.cuda import tensorrt_status
 
     available, reason = tensorrt_status()
@@ -49,10 +49,10 @@ def main(argv=None) -> int:
     engines = {}
     largest = max(args.batches)
     for precision in ("fp32", "fp16", "int8"):
-        path = Path(args.onnx).with_suffix(f".{precision}.plan")
+        path = default_engine_path(args.onnx, precision)
         spec = EngineSpec(precision, 1, min(32, largest), largest)
         provision(ArtifactPlan("tensorrt", precision, Path("unused.pdparams"), Path(args.onnx), engine=path,
-                               engine_spec=spec, timing_cache=path.parent / "timing.cache"))
+                               engine_spec=spec, timing_cache=timing_cache_path(path)))
         backend = TensorRTBackend(path, largest)
         backend.load()
         series = []

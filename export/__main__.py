@@ -23,14 +23,9 @@ from export.errors import ExportError
 from model import paths
 from model.cli import fail, positive_int
 from model.files import staged, writable
-from runtime.artifacts import PRECISIONS, EngineSpec, derived_onnx_path
+from runtime.artifacts import PRECISIONS, EngineSpec, default_engine_path, derived_onnx_path, timing_cache_path
 
 DEFAULT_ONNX = paths.ONNX
-
-
-def default_engine_path(onnx: str, precision: str) -> str:
-    """build/alexnet_acmix.onnx -> build/alexnet_acmix.fp16.plan"""
-    return str(Path(onnx).with_suffix(f".{precision}.plan"))
 
 
 def data_set(args) -> str | None:
@@ -168,8 +163,9 @@ def run_engine(args) -> dict:
         print(f"{why}: kept", file=sys.stderr)
         return {"engine": str(engine), "kept": True}
     print(f"{'rebuild forced' if ok else why}: building {engine}", file=sys.stderr)
+    cache = timing_cache_path(engine) if args.timing_cache is None else args.timing_cache or None
     metadata = make_engine(source, engine, spec, lambda path: verify_engine(path, args.onnx, args.precision),
-                           timing_cache=args.timing_cache or None)
+                           timing_cache=cache)
     check = metadata["verification"]
     print(f"verified {engine} on {check['n']} reference images: max |logit diff| {check['max_abs_diff']:.2e}",
           file=sys.stderr)
@@ -234,7 +230,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--opt-batch", type=positive_int, default=defaults.opt_batch)
         p.add_argument("--max-batch", type=positive_int, default=defaults.max_batch)
         p.add_argument("--workspace-mib", type=positive_int, default=defaults.workspace_mib)
-        p.add_argument("--timing-cache", default="build/timing.cache", help="'' for none")
+        p.add_argument("--timing-cache", default=None, help="default: timing.cache beside the engine (as the "
+                                                            "service keeps it); '' for none")
         p.add_argument("--force", action="store_true", help="rebuild even when the engine is current")
 
     def onnx_options(p, precision: bool = True):

@@ -76,6 +76,18 @@ def derived_onnx_path(onnx_path: str | Path, precision: str) -> Path:
     return onnx_path.with_name(f"{onnx_path.stem}.{precision}{onnx_path.suffix}")
 
 
+def default_engine_path(onnx_path: str | Path, precision: str, folder: str | Path | None = None) -> Path:
+    """The engine of an fp32 ONNX's precision where nothing else is asked: in `folder` (default the
+    ONNX's own), build/alexnet_acmix.onnx -> build/alexnet_acmix.<precision>.plan."""
+    onnx_path = Path(onnx_path)
+    return Path(folder or onnx_path.parent) / f"{onnx_path.stem}.{precision}.plan"
+
+
+def timing_cache_path(engine_path: str | Path) -> Path:
+    """TensorRT's timing cache: one per folder of engines, beside them."""
+    return Path(engine_path).parent / "timing.cache"
+
+
 @dataclass(frozen=True)
 class ArtifactPlan:
     """The artifacts a service configuration runs, where they are, and how missing ones are made.

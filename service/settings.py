@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model import paths
 from model.runtime import available_cores
-from runtime.artifacts import ArtifactPlan, EngineSpec
+from runtime.artifacts import ArtifactPlan, EngineSpec, default_engine_path, timing_cache_path
 
 # A gRPC message may hold the upload limit plus this much of the message's own fields; gRPC's message
 # limits are 32-bit signed integers.
@@ -155,8 +155,8 @@ class Settings(BaseSettings):
         """The artifacts these settings run; `backend` when it is resolved already."""
         backend = backend or self.resolved_backend()[0]
         onnx = Path(self.onnx_path)
-        engine_dir = Path(self.engine_dir) if self.engine_dir else onnx.parent
-        engine = Path(self.engine_path) if self.engine_path else engine_dir / f"{onnx.stem}.{self.precision}.plan"
+        engine = Path(self.engine_path) if self.engine_path else default_engine_path(onnx, self.precision,
+                                                                                     self.engine_dir)
         spec = EngineSpec(self.precision, 1, self.max_batch_size, self.max_batch_size, self.engine_workspace_mib)
         return ArtifactPlan(
             backend=backend,
@@ -165,7 +165,7 @@ class Settings(BaseSettings):
             onnx=onnx,
             engine=engine if backend == "tensorrt" else None,
             engine_spec=spec,
-            timing_cache=engine.parent / "timing.cache" if backend == "tensorrt" else None,
+            timing_cache=timing_cache_path(engine) if backend == "tensorrt" else None,
             rebuild=self.rebuild,
         )
 
