@@ -12,7 +12,7 @@ import re
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.spec import INPUT_SHAPE
 
@@ -28,6 +28,7 @@ CONTRACT = {
     "resampling": f"{RESAMPLE.name.lower()} (Pillow's Image.Resampling.{RESAMPLE.name}), from the RGB image to "
                   f"{IMAGE_SIZE}x{IMAGE_SIZE}",
     "channel_order": "RGB",
+    "orientation": "turned upright as the image's EXIF orientation tag says, as viewers show it",
     "layout": "NCHW",
     "scale": "1/255 (8-bit values to [0, 1])",
     "mean": ",".join(f"{v:g}" for v in MEAN),
@@ -88,10 +89,16 @@ def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
 
 
 def load_rgb(image: Image.Image) -> Image.Image:
-    """Decode an opened image (first frame of animations) to RGB; ImageError with the cause."""
+    """Decode an opened image (first frame of animations) to RGB, turned upright as its EXIF
+    orientation says (a phone's photo is stored sideways with a tag: a viewer shows it upright, and
+    the model must see what the user sees); ImageError with the cause."""
     with _naming_the_cause():
         image.seek(0)
         image.load()
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # an unreadable EXIF block: the pixels decoded, as stored
+        pass
     return to_rgb(image)
 
 

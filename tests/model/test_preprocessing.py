@@ -127,6 +127,29 @@ def test_32_bit_modes_are_refused_by_name(mode):
         to_rgb(Image.new(mode, (4, 4), 1000))
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize("orientation, stored", [(6, Image.Transpose.ROTATE_90), (8, Image.Transpose.ROTATE_270),
+                                                  (3, Image.Transpose.ROTATE_180)])
+def test_a_photo_stored_sideways_with_an_exif_orientation_is_turned_upright(fmt, orientation, stored):
+    """A phone stores a portrait photo sideways with an orientation tag, which viewers (the page's
+    preview too) apply: the model saw it sideways (a horse answered as a bird)."""
+    upright = np.zeros((20, 40, 3), np.uint8)
+    upright[:, :20] = 255  # the left half white
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.fromarray(upright).transpose(stored), fmt, exif=exif, **({"quality": 95} if fmt != "PNG" else {}))
+    decoded = np.asarray(decode_image(data)).astype(int)
+    assert decoded.shape == (20, 40, 3)
+    assert decoded[:, :18].min() > 200 and decoded[:, 22:].max() < 50
+
+
+def test_an_unreadable_exif_block_leaves_the_pixels_as_stored():
+    image = Image.new("RGB", (8, 4), (10, 200, 30))
+    data = encode(image, "JPEG", exif=b"Exif\x00\x00garbage-not-tiff", quality=95)
+    decoded = decode_image(data)
+    assert decoded.size == (8, 4) and abs(int(np.asarray(decoded)[2, 4, 1]) - 200) < 10
+
+
 def test_gif_uses_the_first_frame():
     frames = [Image.new("RGB", (8, 8), color) for color in [(255, 0, 0), (0, 0, 255)]]
     data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
