@@ -33,8 +33,14 @@ def writable(path: str | Path) -> Path:
         if blocking is not None:  # mkdir says "File exists"
             raise NotADirectoryError(20, f"cannot write here ({blocking} is a file, not a folder)", str(path)) from None
         raise cannot_write(exc, path) from None
-    if not os.access(path.parent, os.W_OK):  # the file itself is replaced by a rename: its folder decides
-        raise PermissionError(13, "cannot write here (Permission denied)", str(path))
+    # The file itself is replaced by a rename: its folder decides. Tried, not asked (os.access): root
+    # passes every permission check, yet cannot create a file in /proc or on a read-only mount.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+    except OSError as exc:
+        raise cannot_write(exc, path) from None
+    os.close(fd)
+    os.unlink(probe)
     return path
 
 

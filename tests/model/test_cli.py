@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +65,15 @@ def test_writing_where_one_cannot_names_the_file_asked_for_not_a_temporary_one(t
         with replacing(tmp_path):
             pass
     assert cause(caught.value) == f"{tmp_path}: a folder, not a file"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_folder_where_no_file_can_be_made_is_refused_before_the_long_step_even_for_root(tmp_path):
+    """os.access said yes to root for /proc: evaluate --confusion /proc/c.png ran 105 s, then failed."""
+    from model.files import writable
+
+    with pytest.raises(OSError) as caught:
+        writable("/proc/c.png")
+    assert cause(caught.value).startswith("/proc/c.png: cannot write here (")
+    assert writable(tmp_path / "new" / "out.json") == tmp_path / "new" / "out.json"
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == []  # the probe is gone
