@@ -95,6 +95,16 @@ def held_out_mask(data: LabeledImages, split_record: dict) -> np.ndarray:
     return np.array([image_key(source) in listed for source in data.sources], dtype=bool)
 
 
+def held_out_subset(data: LabeledImages, split_file: str | Path) -> LabeledImages | None:
+    """The held-out images of `data` where it holds every image the split file lists: the training
+    images the split was drawn from, in either format and wherever they lie; else None."""
+    if not Path(split_file).is_file():
+        return None
+    record = load_split(split_file)
+    held_out = held_out_mask(data, record)
+    return data.subset(np.flatnonzero(held_out)) if record["val"] and held_out.sum() == len(record["val"]) else None
+
+
 def split_indices(data: LabeledImages, split_file: str | Path, per_class: int, seed: int):
     """(train indices, validation indices) of `data` by its split file, written on first use
     (`per_class` images of each class, seeded); DataError where the file lists images not in `data`."""

@@ -1,6 +1,6 @@
 """Evaluate weights on a CIFAR-10 split: top-1 and per-class accuracy, a confusion-matrix PNG.
 
-    python -m model.evaluate [--weights W] [--data D] [--split all|train|test|val] [--json]
+    python -m model.evaluate [--weights W] [--data D] [--split auto|all|train|test|val] [--json]
 
 --data takes either format (model/data.py). With --json the last line printed is one JSON object
 with accuracy (a fraction), n, per_class and the confusion matrix.
@@ -17,7 +17,7 @@ import numpy as np
 
 from model import paths
 from model.cli import fail, positive_int
-from model.data import CLASSES, SPLITS, DataError, open_dataset
+from model.data import CLASSES, SPLITS, DataError, held_out_subset, open_dataset
 from model.files import writable
 from model.runtime import DEVICES, import_paddle, resolve_device
 
@@ -78,7 +78,12 @@ def evaluate(weights: str, data: str, split: str, split_file: str, confusion: Pa
     if not Path(weights).is_file():
         raise DataError(f"{weights}: no such weights file")
     confusion = writable(confusion)  # before the evaluation, not after it
-    images = open_dataset(data, split=split, val_split=split_file)
+    if split == "auto":  # the held-out images of the training set the split file was drawn from, else all
+        images = open_dataset(data, split="all")
+        held_out = held_out_subset(images, split_file)
+        images, split = (held_out, "val") if held_out is not None else (images, "all")
+    else:
+        images = open_dataset(data, split=split, val_split=split_file)
     import_paddle(device=device)  # threads for every core, before the model runs
     from model.predict import load_weights, predict_logits
 
@@ -101,8 +106,9 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", default=DEFAULT_WEIGHTS)
     parser.add_argument("--arch", default="alexnet_acmix", choices=["alexnet_acmix", "alexnet"])
     parser.add_argument("--data", default=DEFAULT_DATA)
-    parser.add_argument("--split", default=None, choices=SPLITS,
-                        help="default: val (the held-out images) for the shared archives (either format), else all")
+    parser.add_argument("--split", default="auto", choices=("auto", *SPLITS),
+                        help="auto: val (the held-out images) where the data holds every image the split file "
+                             "lists (the shared training archives, in either format, wherever they are), else all")
     parser.add_argument("--device", default="auto", choices=DEVICES,
                         help="auto: a CUDA GPU where Paddle is a CUDA build and one is visible, else the CPU")
     parser.add_argument("--split-file", default=DEFAULT_SPLIT_FILE, help="the held-out validation list")
@@ -111,17 +117,14 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args(argv)
 
-    split = args.split
-    if split is None:
-        split = "val" if paths.shared_archive(args.data) else "all"
     try:
         device, reason = resolve_device(args.device)
-        result = evaluate(args.weights, args.data, split, args.split_file, Path(args.confusion), args.arch,
+        result = evaluate(args.weights, args.data, args.split, args.split_file, Path(args.confusion), args.arch,
                           args.batch_size, device)
     except (DataError, ValueError, OSError) as exc:
         return fail(exc)
     confusion = Path(args.confusion)
-    print(f"top-1 accuracy {result['accuracy']:.4f} on {result['n']} images ({args.data}, split {split}; "
+    print(f"top-1 accuracy {result['accuracy']:.4f} on {result['n']} images ({args.data}, split {result['split']}; "
           f"on the {device.upper()}: {reason})")
     for name, accuracy in result["per_class"].items():
         print(f"  {name:<11} {accuracy:.4f}" if accuracy is not None else f"  {name:<11} -")

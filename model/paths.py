@@ -14,12 +14,6 @@ DATA = "../shared/data/cifar10-train-png.tar.gz"
 JPEG_DATA = "../shared/data/cifar10-train-jpeg.tar.gz"
 
 
-def shared_archive(data: str | Path) -> bool:
-    """Whether `data` is one of the shared archives, however the path is spelled: their held-out
-    validation split (SPLIT_FILE) applies to them."""
-    return any(Path(data).resolve() == Path(archive).resolve() for archive in (DATA, JPEG_DATA))
-
-
 WEIGHTS_DIR = Path("model/weights")
 WEIGHTS = str(WEIGHTS_DIR / "alexnet_acmix.pdparams")
 # The 5,000 training images held out for model selection (never trained on).

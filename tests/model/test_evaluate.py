@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from model.data import open_dataset
 from model.evaluate import confusion_matrix, main, summarize
 
 
@@ -22,7 +22,6 @@ def weights(paddle, tmp_path):
 
 
 def test_json_last_line_agrees_with_the_model(paddle, weights, folder_dataset, tmp_path, capsys):
-    from model.data import open_dataset
     from model.predict import load_weights, predict_logits
 
     root, labels = folder_dataset
@@ -59,12 +58,23 @@ def test_the_confusion_matrix_goes_where_asked_even_without_a_suffix(paddle, wei
     assert f"confusion matrix: {tmp_path / 'cm'}" in capsys.readouterr().out
 
 
-def test_the_shared_archive_is_known_however_its_path_is_spelled(tmp_path):
-    from model import paths
-
-    assert paths.shared_archive(paths.DATA) and paths.shared_archive(Path(paths.JPEG_DATA).resolve())
-    assert paths.shared_archive(f"./{paths.DATA}")
-    assert not paths.shared_archive(tmp_path / "cifar10-train-png.tar.gz")
+def test_by_default_the_training_images_the_split_was_drawn_from_give_their_held_out_ones_wherever_they_are(
+        paddle, weights, folder_dataset, tmp_path, capsys):
+    """The shared archive was known by its path relative to the clone: from a clone elsewhere,
+    evaluate scored on all 50,000 images, training ones included, without a word. Now the data set
+    decides: one holding every image the split file lists gets its held-out images, another all."""
+    root, _ = folder_dataset
+    sources = open_dataset(root).sources
+    split = tmp_path / "val_split.json"
+    split.write_text(json.dumps({"val": sources[::3]}))
+    common = ["--weights", str(weights), "--split-file", str(split), "--confusion", str(tmp_path / "cm.png"), "--json"]
+    assert main([*common, "--data", str(root)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["n"], result["split"]) == (len(sources[::3]), "val")
+    split.write_text(json.dumps({"val": [*sources[::3], "train/cat/9999.png"]}))  # not all of them here
+    assert main([*common, "--data", str(root)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["n"], result["split"]) == (len(sources), "all")
 
 
 @pytest.mark.parametrize("case", ["missing-weights", "bad-weights", "wrong-arch", "missing-data", "folder-out"])
