@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from export.errors import ExportError
 from export.provision import provision
+from service.backends import precision_problem
 from service.main import create_app, drain_seconds, http_drain_seconds
 from service.settings import Settings, settings_problem
 
@@ -94,6 +95,10 @@ def main(argv=None) -> int:
 
         die_with_supervisor()
         return serve(settings, reuse_port=True)
+    plan = settings.plan(backend)
+    if problem := precision_problem(plan):  # before provisioning makes a file it cannot run
+        print(f"error: {problem} (ACMIX_PRECISION, ACMIX_BACKEND)", file=sys.stderr)
+        return 2
     if not args.provision_only:
         from service.workers import port_problem
 
@@ -101,7 +106,6 @@ def main(argv=None) -> int:
             if problem := port_problem(settings.host, port):
                 print(f"error: {problem}", file=sys.stderr)
                 return 2
-    plan = settings.plan(backend)
     if args.provision_only or args.force_engine:  # asked for by name, whatever ACMIX_REBUILD says
         plan = dataclasses.replace(plan, rebuild=True)
     # SIGTERM while provisioning (docker stop during a first-start build) stops it at once: as an

@@ -10,20 +10,28 @@ from runtime.backend import Backend, BackendError
 CPU_FP16 = "ONNX Runtime runs fp16 on the CPU slower than fp32 (no fp16 convolution kernels); use fp32 or int8 there"
 
 
+def precision_problem(plan: ArtifactPlan) -> str | None:
+    """Why the plan's backend cannot run its precision, or None: checked before provisioning makes
+    the precision's file, and again when the backend is created."""
+    if plan.backend == "onnxruntime" and plan.precision == "fp16":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return f"precision fp16: {CPU_FP16}"
+    return None
+
+
 def create_backend(plan: ArtifactPlan, max_batch: int, threads: int | None = None) -> Backend:
     """The backend of `plan` over its served artifact; BackendError, saying why, when that is
     missing or the backend cannot run the plan's precision."""
+    if problem := precision_problem(plan):
+        raise BackendError(problem)
     if not plan.served.is_file():
         raise BackendError(f"{plan.served} is missing; `python -m service` makes it at start "
                            "(or `python -m service --provision-only`)")
     if plan.backend == "onnxruntime":
-        import onnxruntime as ort
-
         from runtime.onnxruntime import OnnxRuntimeBackend
 
-        gpu = "CUDAExecutionProvider" in ort.get_available_providers()
-        if plan.precision == "fp16" and not gpu:
-            raise BackendError(f"precision fp16: {CPU_FP16}")
         return OnnxRuntimeBackend(plan.served, max_batch, threads)
     from runtime.tensorrt import TensorRTBackend
 

@@ -459,13 +459,34 @@ def test_a_lock_file_removed_by_its_holder_between_open_and_lock_is_not_taken(mo
 
 
 def test_a_backend_that_refuses_to_load_stops_the_supervisor_without_retries(tiny_onnx):
-    """fp16 on ONNX Runtime's CPU provider: every worker would refuse it, so the supervisor stops at
-    the first refusal (status STARTUP_REFUSED) instead of starting each worker STARTUP_FAILURES
-    times; one line per worker that tried, no traceback."""
+    """An ONNX whose recorded temperature is not a positive number: every worker would refuse it, so
+    the supervisor stops at the first refusal (status STARTUP_REFUSED) instead of starting each
+    worker STARTUP_FAILURES times; one line per worker that tried, no traceback."""
+    import onnx
+
+    model = onnx.load(str(tiny_onnx))
+    model.metadata_props.add(key="temperature", value="0")
+    onnx.save(model, str(tiny_onnx))
     with pytest.raises(RuntimeError, match="exited with status 1:") as failure:
-        launch.start_server(tiny_onnx, workers=2, precision="fp16", timeout=120)
+        launch.start_server(tiny_onnx, workers=2, timeout=120)
     output = str(failure.value)
     assert "worker 0 could not start (the cause is above: its backend or its port)" in output or \
         "worker 1 could not start (the cause is above: its backend or its port)" in output
-    assert 1 <= output.count("the backend did not load: precision fp16") <= 2
+    assert 1 <= output.count("the backend did not load: ") <= 2
+    assert "temperature '0' in its metadata is not a positive number" in output
     assert "Traceback" not in output
+
+
+def test_a_precision_the_backend_cannot_run_is_refused_in_one_line_before_anything_is_made(tiny_onnx):
+    """fp16 on ONNX Runtime's CPU provider: the fp16 file was made first, then every worker refused it."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ACMIX_BACKEND": "onnxruntime", "ACMIX_PRECISION": "fp16", "ACMIX_ONNX_PATH": str(tiny_onnx),
+           "ACMIX_WEIGHTS_PATH": "unused.pdparams", "ACMIX_WORKERS": "2", "ACMIX_GRPC_PORT": "0"}
+    done = subprocess.run([sys.executable, "-m", "service", "--port", str(launch.free_port())], env=env,
+                          cwd=launch.ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr == ("error: precision fp16: ONNX Runtime runs fp16 on the CPU slower than fp32 (no fp16 "
+                           "convolution kernels); use fp32 or int8 there (ACMIX_PRECISION, ACMIX_BACKEND)\n")
+    assert sorted(p.name for p in tiny_onnx.parent.iterdir()) == ["tiny.onnx"]
