@@ -12,6 +12,7 @@ from pydantic import BaseModel, WithJsonSchema
 from model.preprocessing import ImageError
 from service.api.security import require_api_key
 from service.errors import BadRequest, ServiceError
+from service.inference import check_batch_size
 from service.predictions import classify
 from service.state import ServiceState, StateDep
 
@@ -94,6 +95,9 @@ async def predict_batch(
     top_k: TopK = 5,
     timeout_ms: TimeoutMs = None,
 ) -> BatchPrediction:
+    # More files than the queue holds could never all be answered: refused whole, as /v2 refuses such
+    # a tensor, rather than answering the overflow with 429s of their own (Starlette refuses past 1,000 parts).
+    check_batch_size(state, len(file))
     deadline = state.deadline(timeout_ms / 1000 if timeout_ms else None)
 
     async def one(upload: UploadFile | str) -> BatchItem:

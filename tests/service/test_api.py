@@ -91,6 +91,15 @@ def test_batch_gives_one_result_per_file_in_order_and_isolates_bad_files(client,
         assert results[i]["prediction"]["confidence"] == pytest.approx(single["confidence"], rel=1e-5)
 
 
+def test_a_batch_of_more_files_than_the_queue_holds_is_refused_whole(make_client, cifar_like_jpegs):
+    """1,000 files to an idle server with a queue of 512 came back 200 with 488 results of 429."""
+    client = make_client(max_queue_size=4)
+    files = [("file", (f"{i}.jpg", cifar_like_jpegs[0], "image/jpeg")) for i in range(5)]
+    response = client.post("/predict/batch", files=files)
+    assert response.status_code == 400 and response.json()["detail"] == "5 images exceed the queue size 4"
+    assert client.post("/predict/batch", files=files[:4]).status_code == 200
+
+
 def test_a_file_that_fails_unexpectedly_fails_alone_in_its_batch(client, cifar_like_jpegs, monkeypatch):
     """A bug while handling one file (a fake decode raises it) is that file's 500; the others answer."""
     state = client.app.state.service
