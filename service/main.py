@@ -118,6 +118,8 @@ def open_service(state: ServiceState, backend=None, reason: str = "given", batch
         batcher.start()
     state.batcher = batcher
     state.ready = True
+    log.info("requests %s", "need the API key (ACMIX_API_KEY)" if settings.api_key else
+             "are not authenticated (ACMIX_API_KEY unset)")
 
 
 async def close_service(state: ServiceState) -> None:

@@ -7,6 +7,7 @@ parameters, whichever path starts the service.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +22,8 @@ from runtime.artifacts import ArtifactPlan, EngineSpec, default_engine_path, tim
 # limits are 32-bit signed integers.
 GRPC_MESSAGE_OVERHEAD = 1 << 16
 MAX_UPLOAD_BYTES = 2**31 - 1 - GRPC_MESSAGE_OVERHEAD
+# Settings whose values an error names but never prints.
+SECRETS = ("api_key",)
 
 
 class Settings(BaseSettings):
@@ -91,6 +94,23 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value):
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("model_name")
+    @classmethod
+    def _addressable(cls, value: str) -> str:
+        """A name the v2 routes can address (/v2/models/<name>/...) and Triton's repository can hold."""
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", value) or value in (".", ".."):
+            raise ValueError("must be letters, digits, '_', '.' or '-' (a URL path segment and a folder name)")
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _a_real_key(cls, value: str | None) -> str | None:
+        """An empty key (a variable set from an empty secret) would have turned authentication off, and
+        spaces around one made a key no header can carry (HTTP trims them): both refused."""
+        if value is not None and (not value or value != value.strip()):
+            raise ValueError("is empty or has spaces around it: give a key, or unset the variable for none")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -175,7 +195,9 @@ def settings_problem(error: ValidationError) -> str:
     problems = []
     for item in error.errors():
         reason = item["msg"].removeprefix("Value error, ")
-        if item["loc"]:
+        if item["loc"] and item["loc"][0] in SECRETS:  # named, never echoed into a log
+            problems.append(f"ACMIX_{str(item['loc'][0]).upper()}: {reason}")
+        elif item["loc"]:
             problems.append(f"ACMIX_{str(item['loc'][0]).upper()}={item['input']!r}: {reason}")
         else:  # settings that are each valid but clash
             problems.append(reason)

@@ -17,6 +17,13 @@ from service.settings import MAX_UPLOAD_BYTES, Settings, settings_problem
     ({"max_upload_bytes": MAX_UPLOAD_BYTES + 1}, "ACMIX_MAX_UPLOAD_BYTES=2147418112: Input should be less than"),
     ({"log_level": "loud"}, "ACMIX_LOG_LEVEL='loud': Input should be 'critical', 'error'"),
     ({"max_queue_size": 0}, "ACMIX_MAX_QUEUE_SIZE=0: Input should be greater than or equal to 1"),
+    # started, then answered 404 at /v2/models/a/b/ready: a name the routes cannot address
+    ({"model_name": "a/b"}, "ACMIX_MODEL_NAME='a/b': must be letters, digits, '_', '.' or '-'"),
+    ({"model_name": ""}, "ACMIX_MODEL_NAME='': must be letters"),
+    ({"model_name": ".."}, "ACMIX_MODEL_NAME='..': must be letters"),
+    # an empty secret turned authentication off without a word; spaces made a key no header carries
+    ({"api_key": ""}, "ACMIX_API_KEY: is empty or has spaces around it"),
+    ({"api_key": "   "}, "ACMIX_API_KEY: is empty or has spaces around it"),
 ])
 def test_settings_that_cannot_work_are_refused_naming_the_variable(values, message):
     with pytest.raises(ValidationError) as caught:
@@ -24,10 +31,18 @@ def test_settings_that_cannot_work_are_refused_naming_the_variable(values, messa
     assert message in settings_problem(caught.value)
 
 
+def test_a_refused_api_key_is_named_but_never_printed():
+    with pytest.raises(ValidationError) as caught:
+        Settings(api_key=" s3cret-value")
+    problem = settings_problem(caught.value)
+    assert "ACMIX_API_KEY: is empty or has spaces around it" in problem and "s3cret" not in problem
+
+
 def test_settings_that_can_work_pass():
     settings = Settings(max_queue_delay_ms=999, request_timeout_s=1, log_level="WARNING", grpc_port=0,
                         max_upload_bytes=MAX_UPLOAD_BYTES)
     assert settings.log_level == "warning"
+    assert Settings(model_name="resnet-50.v2_b", api_key="k3y with inner space").model_name == "resnet-50.v2_b"
 
 
 def test_the_launcher_exits_2_with_one_line_for_a_bad_setting(monkeypatch, capsys):
