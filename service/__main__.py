@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from export.errors import ExportError
 from export.provision import provision
-from service.backends import precision_problem
+from service.backends import plan_problem
 from service.main import create_app, drain_seconds, http_drain_seconds
 from service.settings import Settings, settings_problem
 
@@ -96,8 +96,8 @@ def main(argv=None) -> int:
         die_with_supervisor()
         return serve(settings, reuse_port=True)
     plan = settings.plan(backend)
-    if problem := precision_problem(plan):  # before provisioning makes a file it cannot run
-        print(f"error: {problem} (ACMIX_PRECISION, ACMIX_BACKEND)", file=sys.stderr)
+    if problem := plan_problem(plan):  # before provisioning makes a file it cannot run
+        print(f"error: {problem} (ACMIX_BACKEND={backend}, ACMIX_PRECISION={plan.precision})", file=sys.stderr)
         return 2
     if not args.provision_only:
         from service.workers import port_problem

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import importlib.util
 import os
 import re
 import signal
@@ -488,5 +489,20 @@ def test_a_precision_the_backend_cannot_run_is_refused_in_one_line_before_anythi
                           cwd=launch.ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr == ("error: precision fp16: ONNX Runtime runs fp16 on the CPU slower than fp32 (no fp16 "
-                           "convolution kernels); use fp32 or int8 there (ACMIX_PRECISION, ACMIX_BACKEND)\n")
+                           "convolution kernels); use fp32 or int8 there (ACMIX_BACKEND=onnxruntime, ACMIX_PRECISION=fp16)\n")
     assert sorted(p.name for p in tiny_onnx.parent.iterdir()) == ["tiny.onnx"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_the_tensorrt_backend_asked_for_where_it_cannot_run_is_refused_in_one_line(tiny_onnx):
+    """It started an engine build in a child, which printed its error, and then said it again."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ACMIX_BACKEND": "tensorrt", "ACMIX_ONNX_PATH": str(tiny_onnx),
+           "ACMIX_WEIGHTS_PATH": "unused.pdparams", "ACMIX_GRPC_PORT": "0"}
+    done = subprocess.run([sys.executable, "-m", "service", "--port", str(launch.free_port())], env=env,
+                          cwd=launch.ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: the TensorRT backend cannot run here: TensorRT is not installed")
+    assert done.stderr.endswith("(ACMIX_BACKEND=tensorrt, ACMIX_PRECISION=fp32)\n") and done.stderr.count("\n") == 1
