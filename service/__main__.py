@@ -130,6 +130,8 @@ def main(argv=None) -> int:
                      "--workers", str(workers)]
         try:
             with claimed_port(settings.host, settings.port):
+                # uvicorn names its address only where it binds the socket itself (one process)
+                log.info("HTTP on http://%s:%d, %d worker processes", settings.host, settings.port, workers)
                 return supervise(workers, forwarded, drain_seconds(settings) + 5)
         except PortTaken as exc:
             print(f"error: {exc}", file=sys.stderr)

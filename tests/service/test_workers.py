@@ -98,7 +98,9 @@ def test_sigterm_drains_both_workers_with_requests_in_flight(tiny_onnx, cifar_li
     assert [r.status_code for r in responses] == [200] * len(responses)
     assert {r.headers["x-worker"] for r in responses} == {"0", "1"}
     assert process.wait(timeout=60) == 0
-    assert "all workers stopped" in launch.output(process)
+    log = launch.output(process)
+    assert "all workers stopped" in log
+    assert f"HTTP on {url}, 2 worker processes" in log  # uvicorn does not name it for a shared socket
 
 
 
