@@ -16,6 +16,7 @@ import numpy as np
 
 from export.errors import ExportError
 from model.spec import INPUT_NAME, OUTPUT_NAME
+from runtime.reference import NOISE
 
 MAX_LOGIT_DIFF = 1e-4
 # Top-1 agreement with ONNX Runtime's fp32 model that a derived ONNX must reach.
@@ -62,7 +63,7 @@ def held_out_images(data: str | Path | None, count: int, split_file: str | None,
         picks = np.sort(np.random.default_rng(seed).choice(len(images), size=min(count, len(images)), replace=False))
         return [images.images[i] for i in picks], f"{'validation images' if split_file else 'images'} of {Path(data).name}"
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(count)], "generated noise images"
+    return [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(count)], NOISE
 
 
 def verification_set(data: str | Path | None, count: int, split_file: str | None, seed: int = 0) -> tuple[np.ndarray, str]:

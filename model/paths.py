@@ -6,12 +6,15 @@ them from here (the service's settings and the container take theirs from the sa
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 # The 50,000 CIFAR-10 training images, losslessly (PNG), and the same images as JPEG q75
-# (../shared/data/README.md). Training and evaluation default to the lossless ones.
-DATA = "../shared/data/cifar10-train-png.tar.gz"
-JPEG_DATA = "../shared/data/cifar10-train-jpeg.tar.gz"
+# (../shared/data/README.md), in the shared data folder beside the project, or where ACMIX_DATA_DIR
+# says (a clone elsewhere). Training and evaluation default to the lossless ones.
+DATA_DIR = os.environ.get("ACMIX_DATA_DIR") or "../shared/data"
+DATA = str(Path(DATA_DIR) / "cifar10-train-png.tar.gz")
+JPEG_DATA = str(Path(DATA_DIR) / "cifar10-train-jpeg.tar.gz")
 
 
 WEIGHTS_DIR = Path("model/weights")

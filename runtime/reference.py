@@ -19,6 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+# The source a reference file names when the export had no data set (export/verify.py): images that
+# check the arithmetic, not the model on real inputs.
+NOISE = "generated noise images"
 # Largest |logit - reference| each precision may show on a reference image: the larger of an absolute
 # bound and a share of that image's largest |reference logit|. Measured here: fp32 ONNX Runtime
 # against Paddle ~1e-5 (the export's check). int8 clips activations at its calibrated range (the

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from model.spec import INPUT_SHAPE
 from runtime.artifacts import onnx_temperature, sha256_file
 from runtime.backend import BackendError
-from runtime.reference import ReferenceError, check, read_reference, reference_path
+from runtime.reference import NOISE, ReferenceError, check, read_reference, reference_path
 from service.api import health, predict, v2
 from service.api.security import KeyBeforeUploadMiddleware
 from service.backends import create_backend
@@ -82,13 +82,18 @@ def self_check(backend, plan) -> None:
     if not path.is_file():
         log.warning("%s is missing: readiness without the reference check", path)
         return
+    reference = read_reference(path)
     try:
-        result = check(backend, read_reference(path), plan.precision)
+        result = check(backend, reference, plan.precision)
     except ReferenceError as exc:
         raise BackendError(f"{plan.served}: {exc}") from None
-    log.info("reference check passed: %d images, max |logit diff| %.2g (closest to its tolerance: image %d, "
-             "%.3g for %s)", result["n"], result["max_abs_diff"], result["worst_image"], result["tolerance"],
-             plan.precision)
+    log.info("reference check passed: %d %s, max |logit diff| %.2g (closest to its tolerance: image %d, "
+             "%.3g for %s)", result["n"], reference.source or "images", result["max_abs_diff"], result["worst_image"],
+             result["tolerance"], plan.precision)
+    if reference.source == NOISE:
+        log.warning("the reference images are generated noise: the ONNX was exported without the data set "
+                    "(ACMIX_DATA_DIR, or ../shared/data beside the project), so the check at start does not "
+                    "see real images")
 
 
 def open_service(state: ServiceState, backend=None, reason: str = "given", batcher=None) -> None:

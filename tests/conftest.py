@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 
 from harness.tiny_model import write_tiny_model
+from model import paths
 from model.data import CLASSES
 from model.spec import INPUT_NAME, INPUT_SHAPE, OUTPUT_NAME
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
+SHARED_DATA = (Path(__file__).resolve().parents[1] / paths.JPEG_DATA).resolve()  # ACMIX_DATA_DIR, or ../shared/data
 SHARED_PNG_DATA = SHARED_DATA.with_name("cifar10-train-png.tar.gz")
 
 

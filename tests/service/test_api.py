@@ -404,3 +404,38 @@ def test_closing_releases_the_backend_and_the_decode_pool_even_when_the_batcher_
         asyncio.run(close_service(state))
     assert state.backend.closed and state.decode_pool._shutdown
     assert state.draining and not state.ready
+
+
+@pytest.mark.parametrize("source, warned", [("generated noise images", True),
+                                            ("validation images of cifar10-train-png.tar.gz", False)])
+def test_the_start_says_which_reference_images_checked_it_and_warns_of_noise(make_client, onnx_model, tmp_path,
+                                                                           caplog, source, warned):
+    """An ONNX exported without the data set (a clone away from ../shared/data) is checked at start on
+    noise images only: it said nothing of it."""
+    import json
+    import logging
+    import shutil
+
+    from runtime.reference import reference_path
+
+    onnx = shutil.copyfile(onnx_model, tmp_path / "m.onnx")
+    record = json.loads(reference_path(onnx_model).read_text())
+    reference_path(onnx).write_text(json.dumps({**record, "source": source}))
+    with caplog.at_level(logging.INFO, logger="service"):
+        make_client(onnx_path=str(onnx))
+    lines = [r.getMessage() for r in caplog.records if r.name == "service"]
+    assert any(line.startswith(f"reference check passed: {len(record['logits'])} {source}") for line in lines)
+    assert any("the reference images are generated noise" in line for line in lines) == warned
+
+
+def test_acmix_data_dir_says_where_the_shared_data_is():
+    import os
+    import subprocess
+    import sys
+
+    from harness.server import ROOT
+
+    code = "from model import paths; print(paths.DATA); print(paths.JPEG_DATA)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                          env={**os.environ, "ACMIX_DATA_DIR": "/data/cifar"})
+    assert done.stdout.split() == ["/data/cifar/cifar10-train-png.tar.gz", "/data/cifar/cifar10-train-jpeg.tar.gz"]
