@@ -18,6 +18,7 @@ setup: $(STAMP) $(BINDINGS)
 # Idempotent: reinstalls only when the lock file or pyproject.toml changed.
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing the pinned dependencies into $(VENV) (a few minutes the first time)"
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	touch $(STAMP)
 

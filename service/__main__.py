@@ -69,7 +69,10 @@ def stop_provisioning(signum, frame):
 
 
 def parser(settings: Settings) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m service", description=__doc__.split("\n\n")[1].replace("\n", " "),
+        epilog="Every other setting is an ACMIX_* environment variable (the README's Settings table, "
+               "service/settings.py); these flags override ACMIX_HOST, ACMIX_PORT, ACMIX_GRPC_PORT and ACMIX_WORKERS.")
     parser.add_argument("--host", default=settings.host)
     parser.add_argument("--port", type=int, default=settings.port)
     parser.add_argument("--grpc-port", type=int, default=settings.grpc_port, help="the gRPC API's port (0: off)")
