@@ -6,7 +6,8 @@ and their checks are service/inference.py's. tritonclient.grpc works unchanged: 
 ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig, ModelInfer (inputs in
 `raw_input_contents` or typed `contents`; outputs in `raw_output_contents`, as Triton sends them;
 the classification extension), ModelStreamInfer, ModelStatistics and RepositoryIndex; Triton's
-other RPCs answer UNIMPLEMENTED naming their extension.
+other RPCs answer UNIMPLEMENTED naming their extension. gRPC's standard health service answers
+beside them (service/kserve_grpc/health.py).
 
 The service's domain errors become gRPC status codes (service/errors.py); every call carries
 `x-request-id` and `x-model-digest` in its trailing metadata, counts in the metrics by method
@@ -28,6 +29,7 @@ from model.spec import INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME
 from service import inference
 from service.api.security import check_key
 from service.errors import BadRequest, NotFound, ServiceError, Unavailable, Unsupported
+from service.kserve_grpc.health import add_health
 from service.kserve_grpc.proto import kserve_v2_pb2 as pb
 from service.request_log import (
     MODEL_DIGEST,
@@ -393,6 +395,7 @@ async def start(state: ServiceState) -> grpc.aio.Server:
     handlers |= {name: handler(state, name, unsupported(extension)) for name, extension in UNSUPPORTED_RPCS.items()}
     handlers["ModelStreamInfer"] = stream_handler(state, servicer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.health_task = add_health(server, state)  # grpc.health.v1 beside it (service/kserve_grpc/health.py)
     address = f"{settings.host}:{settings.grpc_port}"
     try:
         bound = server.add_insecure_port(address)
@@ -410,4 +413,5 @@ async def stop(server: grpc.aio.Server, grace_s: float) -> None:
     """Refuse new calls, let the ones in flight finish for up to grace_s, then close."""
     started = time.perf_counter()
     await server.stop(grace_s)
+    server.health_task.cancel()  # ended already where the service drained first
     log.info("gRPC stopped after %.1f s", time.perf_counter() - started)

@@ -577,3 +577,30 @@ def test_a_grpc_port_taken_after_the_check_is_one_logged_line_and_the_backend_is
     assert state.startup_error.startswith(f"cannot listen for gRPC on 127.0.0.1:{port}")
     assert not state.ready and state.backend.loaded is False
     assert [r.getMessage() for r in caplog.records if r.name == "service"][-1] == state.startup_error
+
+
+def test_grpcs_standard_health_service_answers_the_services_readiness(grpc_client):
+    """What Kubernetes' gRPC probes and grpc_health_probe call (grpc.health.v1.Health): SERVING while
+    /readyz is 200, NOT_SERVING while it is not (here: batches failing in a row), for the server and
+    each model; Watch streams the change."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    test_client, _, address = grpc_client()
+    state = test_client.app.state.service
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "alexnet_acmix", "alexnet_acmix_image"):
+            assert health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status == serving
+        with pytest.raises(grpc.RpcError) as caught:
+            health.Check(health_pb2.HealthCheckRequest(service="resnet"), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "unknown service 'resnet'" in caught.value.details()
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert next(watch).status == serving
+        state.consecutive_failures = state.settings.max_consecutive_failures  # as if batches failed in a row
+        assert test_client.get("/readyz").status_code == 503
+        assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == not_serving
+        assert next(watch).status == not_serving
+        state.consecutive_failures = 0
+        assert next(watch).status == serving
+        watch.cancel()
