@@ -85,7 +85,7 @@ def precision_rows(logits: dict[str, np.ndarray], labels: np.ndarray) -> list[di
 def present_copies(data: str, jpeg_data: str | None) -> dict[str, str]:
     """{"lossless": data, "jpeg_q75": jpeg_data} for those present; DataError without the lossless one."""
     if not Path(data).exists():
-        raise DataError(f"{data}: no such data set (the lossless training images, ../shared/data/README.md)")
+        raise DataError(f"{data}: no such data set (the lossless training images: ../shared/data beside the project, or ACMIX_DATA_DIR)")
     copies = {"lossless": data}
     if jpeg_data and Path(jpeg_data).exists():
         copies["jpeg_q75"] = jpeg_data

@@ -39,7 +39,8 @@ class Settings(BaseSettings):
     weights_path: str = Field(paths.WEIGHTS, description="exported to ONNX if that is missing or from other weights")
     onnx_path: str = Field(paths.ONNX, description="the fp32 ONNX; other precisions' files beside it")
     engine_path: str | None = Field(
-        None, description="the TensorRT engine; default: beside the ONNX, alexnet_acmix.<precision>.plan"
+        None, description="the TensorRT engine; default: in ACMIX_ENGINE_DIR, else beside the ONNX, "
+                          "<ONNX name>.<precision>.plan"
     )
     engine_dir: str | None = Field(None, description="where the default engine and timing cache go (default: the "
                                                      "ONNX's folder)")
@@ -50,7 +51,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=256, description="largest batch sent to the backend (and the engine "
                                                               "profile's max and opt)")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="longest a request waits for its batch to fill")
-    max_queue_size: int = Field(512, ge=1, description="requests waiting beyond this get 429")
+    max_queue_size: int = Field(512, ge=1, description="images waiting beyond this get 429 (a request of N takes N places)")
     request_timeout_s: float = Field(10.0, gt=0, description="a request not answered by then gets 504")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, le=MAX_UPLOAD_BYTES,
                                   description="larger bodies get 413 (gRPC: larger messages RESOURCE_EXHAUSTED)")
@@ -138,7 +139,7 @@ class Settings(BaseSettings):
     def resolved_workers(self, backend: str) -> int:
         """The number of server processes. auto, on TensorRT: one per 4 cores, at most 8 (each
         process feeds the one GPU through its own execution context; one event loop tops out at
-        about 725 single-JPEG requests a second, a GPU engine computes tens of thousands of images).
+        450-725 single-JPEG requests a second, a GPU engine computes tens of thousands of images).
         On ONNX Runtime: half the cores, at least 2, never more than the cores, so each process's
         batch gets 2 threads on a many-core host (threads_per_batch) and 1 on 2 cores (measured
         there: 2 processes served the real model 7% faster than one with a lower p99, README "Scale

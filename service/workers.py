@@ -1,6 +1,6 @@
 """Several server processes on one host: `python -m service --workers N` (ACMIX_WORKERS).
 
-One process's event loop tops out near 450 single-image requests a second (HTTP and decoding), far
+One process's event loop tops out at 450-725 single-image requests a second (HTTP and decoding), far
 below what a GPU engine computes, so on a GPU host N processes share the HTTP and gRPC ports
 (SO_REUSEPORT: the kernel spreads connections over them), each with its own batcher and backend
 (on a GPU, its own TensorRT execution context on the same GPU; on a CPU host, ONNX Runtime threads
