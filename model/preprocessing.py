@@ -40,6 +40,8 @@ CONTRACT = {
 # their own; they are refused by name instead.
 FORMATS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",), "BMP": (".bmp",), "GIF": (".gif",)}
 SUFFIXES = tuple(suffix for suffixes in FORMATS.values() for suffix in suffixes)
+# EXIF's orientation tag (also in PNG's eXIf chunk and ImageMagick's raw profile, which getexif reads).
+ORIENTATION = 0x0112
 # The modes of 16-bit grey (Pillow opens a 16-bit grey PNG as I;16, a uint16 array becomes one):
 # convert() would clip 0..65535 at 255, nearly all white.
 _SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -94,13 +96,30 @@ def load_rgb(image: Image.Image) -> Image.Image:
     the model must see what the user sees); ImageError with the cause."""
     with _naming_the_cause():
         image.seek(0)
+        _colour_key_as_decoded(image)
         image.load()
-    if "exif" in image.info:  # where there is none (most uploads), not even its look-up: ~10 us of ~40
-        try:
-            image = ImageOps.exif_transpose(image)
-        except Exception:  # an unreadable EXIF block: the pixels decoded, as stored
-            pass
+    try:  # turned only where a tag says so: exif_transpose copies even an upright image (+70% on 1 Mpx)
+        if image.getexif().get(ORIENTATION, 1) != 1 or "xmp" in image.info or "XML:com.adobe.xmp" in image.info:
+            ImageOps.exif_transpose(image, in_place=True)
+    except Exception:  # an unreadable EXIF block: the pixels decoded, as stored
+        pass
     return to_rgb(image)
+
+
+def _colour_key_as_decoded(image: Image.Image) -> None:
+    """A PNG colour key in the terms of the samples Pillow decodes (before it decodes them): Pillow
+    scales 1-, 2- and 4-bit grey to 8 bits (x 255 / (2^bits - 1)) and reduces 16-bit RGB to its top
+    bytes, but leaves the key as stored, which then matched the wrong pixels or none. The grey key is
+    scaled alike; a 16-bit RGB key, which no reduced pixel can match exactly, is dropped."""
+    key = image.info.get("transparency")
+    if image.format != "PNG" or image.mode not in ("L", "RGB") or key is None or not image.tile:
+        return
+    stored = image.tile[0].args
+    stored = stored[0] if isinstance(stored, tuple) else stored
+    if stored in ("L;1", "L;2", "L;4") and isinstance(key, int):
+        image.info["transparency"] = key * 255 // ((1 << int(stored[-1])) - 1)
+    elif stored != image.mode:
+        del image.info["transparency"]
 
 
 def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:

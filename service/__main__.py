@@ -99,7 +99,9 @@ def main(argv=None) -> int:
         die_with_supervisor()
         return serve(settings, reuse_port=True)
     plan = settings.plan(backend)
-    if problem := plan_problem(plan):  # before provisioning makes a file it cannot run
+    # Before provisioning makes a file that cannot run here; --provision-only may make an fp16 ONNX for
+    # another host, but no engine where TensorRT cannot run.
+    if (problem := plan_problem(plan)) and not (args.provision_only and backend == "onnxruntime"):
         print(f"error: {problem} (ACMIX_BACKEND={backend}, ACMIX_PRECISION={plan.precision})", file=sys.stderr)
         return 2
     if not args.provision_only:

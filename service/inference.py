@@ -13,6 +13,7 @@ Both offer Triton's classification extension on `logits` (raw logits: "value:ind
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
@@ -59,13 +60,16 @@ def repository_index(state: ServiceState, ready_only: bool = False) -> list[dict
              **({} if ready else {"reason": state.not_ready_reason() or "not ready"})} for name in model_names(state)]
 
 
-def statistics(state: ServiceState, model: str | None = None, version: str | None = None) -> dict:
-    """Triton's statistics of `model` (both where None), as JSON; NotFound for another model or version."""
+async def statistics(state: ServiceState, model: str | None = None, version: str | None = None) -> dict:
+    """Triton's statistics of `model` (both where None), as JSON; NotFound for another model or version.
+    Read in a thread: with several server processes they are summed from every process's files
+    (service/statistics.py), milliseconds the event loop need not wait."""
     if model is None and version:
         raise NotFound("a version needs a model")
     if model is not None:
         check_model(state, model, version)
-    return state.statistics.as_json([model] if model else list(model_names(state)), VERSION)
+    models = [model] if model else list(model_names(state))
+    return await asyncio.to_thread(state.statistics.as_json, models, VERSION)
 
 
 # Triton extensions this server does not offer, and what to use instead; the HTTP routes and gRPC

@@ -82,8 +82,8 @@ def self_check(backend, plan) -> None:
     if not path.is_file():
         log.warning("%s is missing: readiness without the reference check", path)
         return
-    reference = read_reference(path)
     try:
+        reference = read_reference(path)
         result = check(backend, reference, plan.precision)
     except ReferenceError as exc:
         raise BackendError(f"{plan.served}: {exc}") from None
@@ -101,7 +101,7 @@ def open_service(state: ServiceState, backend=None, reason: str = "given", batch
 
     `batcher` replaces the DynamicBatcher (Ray Serve passes one over @serve.batch: ServeBatcher in
     service/ray_app.py); what the service uses of it: `async infer_many(images, deadline, tag)`,
-    `retry_after()`, `executions` and `async close()`.
+    `retry_after()` and `async close()`.
     """
     settings = state.settings
     try:

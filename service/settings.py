@@ -27,7 +27,10 @@ SECRETS = ("api_key",)
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ACMIX_", env_file=None, protected_namespaces=())
+    # hide_input_in_errors: a ValidationError printed whole (Ray Serve's import of service/ray_app.py)
+    # must not show a refused API key; settings_problem names each input itself, secrets excepted.
+    model_config = SettingsConfigDict(env_prefix="ACMIX_", env_file=None, protected_namespaces=(),
+                                      hide_input_in_errors=True)
 
     backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
         "auto", description="auto: TensorRT where a GPU and TensorRT are present, else ONNX Runtime"

@@ -83,7 +83,7 @@ async def repository_index(state: StateDep, request: Request) -> list[dict]:
 @router.get("/models/{model}/versions/{version}/stats", include_in_schema=False)
 async def model_statistics(state: StateDep, model: str | None = None, version: str | None = None) -> dict:
     # declared before /models/{model}, which would take "stats" for a model's name
-    return inference.statistics(state, model, version)
+    return await inference.statistics(state, model, version)
 
 
 # Triton's extensions this server does not offer: 501 naming each (inference.UNSUPPORTED), not a bare 404.

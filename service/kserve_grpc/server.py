@@ -74,7 +74,7 @@ class Servicer:
         return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**m) for m in models])
 
     async def ModelStatistics(self, request, metadata):  # noqa: N802
-        statistics = inference.statistics(self.state, request.name or None, request.version or None)
+        statistics = await inference.statistics(self.state, request.name or None, request.version or None)
         return json_format.ParseDict(statistics, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
 
     async def ServerMetadata(self, request, metadata):  # noqa: N802
@@ -395,7 +395,7 @@ async def start(state: ServiceState) -> grpc.aio.Server:
     handlers |= {name: handler(state, name, unsupported(extension)) for name, extension in UNSUPPORTED_RPCS.items()}
     handlers["ModelStreamInfer"] = stream_handler(state, servicer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    server.health_task = add_health(server, state)  # grpc.health.v1 beside it (service/kserve_grpc/health.py)
+    add_health(server, state)  # grpc.health.v1 beside it (service/kserve_grpc/health.py)
     address = f"{settings.host}:{settings.grpc_port}"
     try:
         bound = server.add_insecure_port(address)
@@ -413,5 +413,4 @@ async def stop(server: grpc.aio.Server, grace_s: float) -> None:
     """Refuse new calls, let the ones in flight finish for up to grace_s, then close."""
     started = time.perf_counter()
     await server.stop(grace_s)
-    server.health_task.cancel()  # ended already where the service drained first
     log.info("gRPC stopped after %.1f s", time.perf_counter() - started)

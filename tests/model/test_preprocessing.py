@@ -113,6 +113,20 @@ def test_a_16_bit_grey_colour_key_makes_only_its_own_value_transparent():
     np.testing.assert_array_equal(decoded[0], [[0, 0, 0], [200, 200, 200]])
 
 
+def test_a_colour_key_is_matched_as_pillow_decodes_low_bit_grey_and_16_bit_rgb():
+    """Pillow scales 2-bit grey to 8 bits and reduces 16-bit RGB to its top bytes, leaving the key as
+    stored: a 2-bit key of 3 missed its own (white) pixels, a 16-bit RGB key blackened other colours."""
+    def with_key(png: bytes, key: bytes) -> bytes:  # a tRNS chunk before the IDAT
+        at = png.index(b"IDAT") - 4
+        return png[:at] + struct.pack(">I", len(key)) + b"tRNS" + key + struct.pack(">I", zlib.crc32(b"tRNS" + key)) + png[at:]
+
+    grey = with_key(raw_png(4, 1, 2, 0, b"\0" + bytes([0b11100100])), struct.pack(">H", 3))  # values 3, 2, 1, 0
+    assert np.asarray(decode_image(grey))[0, :, 0].tolist() == [0, 170, 85, 0]  # the 3 (white) keyed out
+    samples = np.array([[[0xFFFF, 0, 0], [0xFF00, 0, 0]]], dtype=np.uint16)
+    rgb = with_key(png_16_bit(samples, 2), struct.pack(">HHH", 0xFFFF, 0, 0))
+    assert np.asarray(decode_image(rgb))[0].tolist() == [[255, 0, 0], [255, 0, 0]]  # none blackened
+
+
 @pytest.mark.parametrize("dtype", ["<u2", ">u2"])  # modes I;16 and I;16B
 def test_16_bit_grey_arrays_preprocess_as_their_8_bit_values(dtype):
     grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
@@ -141,6 +155,24 @@ def test_a_photo_stored_sideways_with_an_exif_orientation_is_turned_upright(fmt,
     decoded = np.asarray(decode_image(data)).astype(int)
     assert decoded.shape == (20, 40, 3)
     assert decoded[:, :18].min() > 200 and decoded[:, 22:].max() < 50
+
+
+def test_an_orientation_in_imagemagicks_raw_exif_profile_of_a_png_is_applied_too():
+    """ImageMagick writes a PNG's EXIF as a text chunk ("Raw profile type exif"), not an eXIf chunk:
+    looking only for the latter left such a photo sideways."""
+    from PIL import PngImagePlugin
+
+    upright = np.zeros((20, 40, 3), np.uint8)
+    upright[:, :20] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    raw = b"Exif\x00\x00" + exif.tobytes()[6:] if exif.tobytes().startswith(b"Exif") else exif.tobytes()
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Raw profile type exif", f"\nexif\n{len(raw):8d}\n" + raw.hex())
+    data = encode(Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90), "PNG", pnginfo=text)
+    assert Image.open(io.BytesIO(data)).getexif().get(0x0112) == 6  # Pillow reads it
+    decoded = np.asarray(decode_image(data)).astype(int)
+    assert decoded.shape == (20, 40, 3) and decoded[:, :18].min() > 200 and decoded[:, 22:].max() < 50
 
 
 def test_an_unreadable_exif_block_leaves_the_pixels_as_stored():

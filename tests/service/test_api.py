@@ -340,6 +340,24 @@ def test_an_onnx_recording_a_temperature_that_is_not_a_positive_number_stops_sta
     assert app.state.service.decode_pool is None
 
 
+def test_an_unreadable_reference_file_stops_startup_in_one_line(onnx_model, tmp_path):
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from runtime.backend import BackendError
+    from runtime.reference import reference_path
+    from service.main import create_app
+    from tests.service.conftest import service_settings
+
+    onnx = shutil.copyfile(onnx_model, tmp_path / "m.onnx")
+    reference_path(onnx).write_text("{truncated")
+    app = create_app(service_settings(onnx_model, onnx_path=str(onnx)))
+    with pytest.raises(BackendError, match="m.onnx.reference.json"), TestClient(app):
+        pass
+    assert app.state.service.startup_error is not None
+
+
 def test_confidence_and_probabilities_use_the_temperature_the_onnx_records(make_client, onnx_model, tmp_path,
                                                                             cifar_like_jpegs):
     import shutil

@@ -603,4 +603,8 @@ def test_grpcs_standard_health_service_answers_the_services_readiness(grpc_clien
         assert next(watch).status == not_serving
         state.consecutive_failures = 0
         assert next(watch).status == serving
-        watch.cancel()
+        unknown = health.Watch(health_pb2.HealthCheckRequest(service="resnet"), timeout=10)
+        assert next(unknown).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        state.draining = True  # SIGTERM: the watches end, so that they never hold the gRPC drain
+        assert next(watch).status == not_serving
+        assert list(watch) == [] and list(unknown) == []
