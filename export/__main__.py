@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from export.errors import ExportError
+from export.provision import artifact_lock
 from model import paths
 from model.cli import fail, positive_int
 from model.files import staged, writable
@@ -63,7 +64,8 @@ def run_onnx(args) -> dict:
             return {"onnx": str(args.out), "kept": True}
         print(f"{why}: exporting it", file=sys.stderr)
     writable(args.out)  # before the export, not after it
-    path = export_onnx(args.weights, args.out, arch=args.arch, data=data_set(args), split_file=split_file(args))
+    with artifact_lock(Path(args.out).parent):
+        path = export_onnx(args.weights, args.out, arch=args.arch, data=data_set(args), split_file=split_file(args))
     print(f"wrote {path}", file=sys.stderr)
     result = {"onnx": str(path)}
     if not args.no_verify:
@@ -86,13 +88,19 @@ def run_derived(args) -> dict:
     set, the top-1 agreement with fp32 on held-out images. Generated noise images make no agreement
     check (their two best logits are often close: int8 agreed on 89% of them, on 98.4% of validation
     images), so without a data set the reference check is the check."""
-    import export.int8
-    from export.verify import verification_set, verify_derived, verify_reference
-
     source = Path(args.from_onnx)
     out = Path(args.out) if args.out != DEFAULT_ONNX else derived_onnx_path(source, args.precision)
     data = data_set(args)
-    made = staged(writable(out))
+    with artifact_lock(writable(out).parent):
+        return make_derived(args, source, out, data)
+
+
+def make_derived(args, source: Path, out: Path, data: str | None) -> dict:
+    """run_derived's making, checking and putting in place, under the folder's lock."""
+    import export.int8
+    from export.verify import verification_set, verify_derived, verify_reference
+
+    made = staged(out)
     # A calibration made on the way waits with the file: a table whose file failed is not reused later.
     table = Path(export.int8.CALIBRATION_TABLE)
     new_table = staged(table)
@@ -164,8 +172,9 @@ def run_engine(args) -> dict:
         return {"engine": str(engine), "kept": True}
     print(f"{'rebuild forced' if ok else why}: building {engine}", file=sys.stderr)
     cache = timing_cache_path(engine) if args.timing_cache is None else args.timing_cache or None
-    metadata = make_engine(source, engine, spec, lambda path: verify_engine(path, args.onnx, args.precision),
-                           timing_cache=cache)
+    with artifact_lock(writable(engine).parent):
+        metadata = make_engine(source, engine, spec, lambda path: verify_engine(path, args.onnx, args.precision),
+                               timing_cache=cache)
     check = metadata["verification"]
     print(f"verified {engine} on {check['n']} reference images: max |logit diff| {check['max_abs_diff']:.2e}",
           file=sys.stderr)

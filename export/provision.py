@@ -18,6 +18,7 @@ passed through to this process's stderr.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -28,6 +29,9 @@ from model.files import exclusive, remove_leftovers
 from runtime.artifacts import DERIVED_FORMS, SOURCE_DIGEST, ArtifactPlan, engine_status, onnx_staleness
 
 LOCK_NAME = ".provision.lock"
+# Names the lock a provisioning holds for the exports it runs in children, which would otherwise wait
+# for it (artifact_lock).
+LOCK_HELD = "ACMIX_PROVISION_LOCK_HELD"
 TAIL_BYTES = 8192  # of a child's stderr, kept for its error line
 
 
@@ -68,6 +72,7 @@ def provision(plan: ArtifactPlan, force_engine: bool = False, progress: bool = T
         raise ExportError(f"{why}; make it with `python -m service --provision-only` or set ACMIX_REBUILD=true")
     lock_folder = (plan.engine if any(a == "engine" for a, _ in steps) else plan.onnx).parent
     done = []
+    held = {LOCK_HELD: str((lock_folder / LOCK_NAME).resolve())}
     with exclusive(lock_folder / LOCK_NAME):
         for target in {plan.onnx, plan.onnx_for_precision, *([plan.engine] if plan.engine else [])}:
             for tmp in remove_leftovers(target):  # of a provisioning killed mid-write (docker stop, OOM)
@@ -77,30 +82,39 @@ def provision(plan: ArtifactPlan, force_engine: bool = False, progress: bool = T
             if artifact == "onnx":
                 if not Path(plan.weights).is_file():
                     raise ExportError(f"{plan.onnx} is missing and there are no weights at {plan.weights} to export")
-                export_in_child(["onnx", "--weights", str(plan.weights), "--out", str(plan.onnx)])
+                export_in_child(["onnx", "--weights", str(plan.weights), "--out", str(plan.onnx)], env=held)
                 done.append(f"exported {plan.onnx}")
             elif artifact == "engine":
-                export_in_child(engine_arguments(plan), echo=progress)
+                export_in_child(engine_arguments(plan), echo=progress, env=held)
                 done.append(f"built and verified {plan.engine}")
             else:
                 export_in_child(["onnx", "--precision", artifact, "--from-onnx", str(plan.onnx),
-                                 "--out", str(plan.onnx_for_precision)])
+                                 "--out", str(plan.onnx_for_precision)], env=held)
                 done.append(f"made {plan.onnx_for_precision}")
     return done
 
 
-def export_in_child(arguments: list[str], echo: bool = False) -> None:
+def export_in_child(arguments: list[str], echo: bool = False, env: dict[str, str] | None = None) -> None:
     """`python -m export ARGUMENTS` in a child process (Paddle, TensorRT and the ONNX tools stay out
-    of this one); see run_child."""
-    run_child([sys.executable, "-m", "export", *arguments], f"`python -m export {' '.join(arguments)}`", echo)
+    of this one), with `env` added to this process's environment; see run_child."""
+    run_child([sys.executable, "-m", "export", *arguments], f"`python -m export {' '.join(arguments)}`", echo,
+              {**os.environ, **env} if env else None)
 
 
-def run_child(command: list[str], name: str, echo: bool = False) -> None:
-    """Run `command`, its stderr passed through to this process's where `echo`; ExportError naming
-    it with its last error line if it fails. The child is killed if this process is interrupted
-    meanwhile (SIGTERM raised as SystemExit, Ctrl-C)."""
+def artifact_lock(folder: str | Path):
+    """The lock under which an artifact is made in `folder`: provisioning's, so that a manual
+    `python -m export` and a service's provisioning never make the same file at once; none to take
+    where this process is the child of a provisioning that holds it (LOCK_HELD)."""
+    lock = (Path(folder) / LOCK_NAME).resolve()
+    return contextlib.nullcontext() if os.environ.get(LOCK_HELD) == str(lock) else exclusive(lock)
+
+
+def run_child(command: list[str], name: str, echo: bool = False, env: dict[str, str] | None = None) -> None:
+    """Run `command` (in `env`, default this process's environment), its stderr passed through to
+    this process's where `echo`; ExportError naming it with its last error line if it fails. The
+    child is killed if this process is interrupted meanwhile (SIGTERM raised as SystemExit, Ctrl-C)."""
     tail = bytearray()
-    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as child:
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env) as child:
         try:
             while chunk := os.read(child.stderr.fileno(), 1 << 16):
                 if echo:

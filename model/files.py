@@ -74,9 +74,9 @@ def replacing(path: str | Path):
 def staged(path: str | Path) -> Path:
     """Where an artifact is made and checked before it goes to `path` (os.replace), so that a file
     that failed its check is never the current one: `.<name>.<random>.unverified` beside it, a name
-    of its own per call, so that two processes making the same artifact at once (a manual export
-    while a service provisions: only provisioning takes the lock) never write into one file and put
-    in place the other's half-written one. Not created here: the maker writes it."""
+    of its own per call, so that two writers of one artifact could never write into one file even
+    outside the lock their writers take (export/provision.py, artifact_lock). Not created here: the
+    maker writes it."""
     path = Path(path)
     return path.with_name(f".{path.name}.{secrets.token_hex(6)}.unverified")
 
@@ -88,8 +88,9 @@ def remove_leftovers(path: str | Path) -> list[Path]:
     there (`exclusive`): a live writer's files look the same."""
     path = Path(path)
     unverified = f".{path.name}.*.unverified"
+    before = path.with_name(f".{path.name}.unverified")  # the one fixed name of before session 25
     left = sorted({*path.parent.glob(f".{path.name}*.tmp"), *path.parent.glob(unverified),
-                   *path.parent.glob(f".{unverified}*.tmp")})
+                   *path.parent.glob(f".{unverified}*.tmp"), *([before] if before.exists() else [])})
     for tmp in left:
         tmp.unlink(missing_ok=True)
     return left

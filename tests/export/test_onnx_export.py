@@ -238,7 +238,8 @@ def test_a_derived_file_that_fails_its_check_is_not_left_and_the_one_before_stay
     assert main(["onnx", "--precision", "fp16", "--from-onnx", str(source), "--data", ""]) == 2
     assert "reference check failed" in capsys.readouterr().err
     assert before.read_bytes() == b"the file of before"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fp16.onnx", "m.onnx"]  # nothing unverified left
+    # nothing unverified left (the lock file the export wrote under stays, as provisioning's does)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".provision.lock", "m.fp16.onnx", "m.onnx"]
 
 
 def test_a_derived_file_without_data_nor_reference_says_it_is_not_verified(onnx_model, tmp_path, capsys):
@@ -278,7 +279,8 @@ def test_a_calibration_made_on_the_way_is_kept_only_with_a_file_that_passed(onnx
     source = shutil.copyfile(onnx_model, tmp_path / "m.onnx")
     assert main(["onnx", "--precision", "int8", "--from-onnx", str(source), "--data", ""]) == (0 if passes else 2)
     assert table.read_text() == ("a new calibration" if passes else "the table of before")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.onnx", table.name, *(["m.int8.onnx"] * passes)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".provision.lock", "m.onnx", table.name,
+                                                                 *(["m.int8.onnx"] * passes)])
 
 
 def test_what_a_killed_export_left_is_removed_by_the_next_provisioning(tmp_path):
@@ -288,11 +290,44 @@ def test_what_a_killed_export_left_is_removed_by_the_next_provisioning(tmp_path)
 
     artifact = tmp_path / "m.int8.onnx"
     artifact.write_bytes(b"the current file")
-    left = [staged(artifact), tmp_path / f".{staged(artifact).name}.abc123.tmp", tmp_path / ".m.int8.onnx.x1.tmp"]
+    left = [staged(artifact), tmp_path / f".{staged(artifact).name}.abc123.tmp", tmp_path / ".m.int8.onnx.x1.tmp",
+            tmp_path / ".m.int8.onnx.unverified"]  # the fixed name an export of before session 25 staged at
     for path in left:
         path.write_bytes(b"half")
     assert remove_leftovers(artifact) == sorted(left)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.onnx"]
+
+
+def test_a_manual_export_waits_for_the_lock_a_provisioning_holds_unless_it_is_that_provisionings_child(
+        onnx_model, tmp_path):
+    """A manual `python -m export onnx --precision ...` took no lock: a provisioning making the same
+    file at once could remove its staged file (as a killed export's leftover) or replace it."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from export.provision import LOCK_HELD, LOCK_NAME
+    from harness.server import ROOT
+    from model.files import exclusive
+    from runtime.reference import reference_path
+
+    source = shutil.copyfile(onnx_model, tmp_path / "m.onnx")
+    shutil.copyfile(reference_path(onnx_model), reference_path(source))
+    command = [sys.executable, "-m", "export", "onnx", "--precision", "fp16", "--from-onnx", str(source),
+               "--data", ""]
+    with exclusive(tmp_path / LOCK_NAME):  # as a provisioning holds it
+        manual = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with pytest.raises(subprocess.TimeoutExpired):
+            manual.wait(timeout=3)
+        assert not (tmp_path / "m.fp16.onnx").exists() and not list(tmp_path.glob(".m.fp16.onnx*"))
+        # the provisioning's own child does not wait for the lock its parent holds
+        env = {**os.environ, LOCK_HELD: str((tmp_path / LOCK_NAME).resolve())}
+        child = subprocess.run([*command, "--out", str(tmp_path / "child.fp16.onnx")], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=120)
+        assert child.returncode == 0, child.stderr
+    assert manual.wait(timeout=120) == 0, manual.stderr.read()
+    assert (tmp_path / "m.fp16.onnx").is_file()
 
 
 def test_two_writers_of_one_artifact_stage_it_under_names_of_their_own(tmp_path):
