@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import sys
 
@@ -23,7 +24,7 @@ from export.errors import ExportError
 from export.provision import provision
 from service.backends import plan_problem
 from service.main import create_app, drain_seconds, http_drain_seconds
-from service.settings import Settings, settings_problem
+from service.settings import Settings, settings_problem, unknown_variables
 
 log = logging.getLogger("service")
 
@@ -91,7 +92,13 @@ def main(argv=None) -> int:
     except ValidationError as exc:
         print(f"error: {settings_problem(exc)}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # With several processes each line names its worker (the supervisor's own lines have none).
+    worker = f" worker {args.worker_index}" if args.worker_index is not None else ""
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s{worker} %(name)s: %(message)s")
+    if args.worker_index is None:
+        for unknown in unknown_variables(os.environ):
+            log.warning("%s is not a setting; it has no effect", unknown)
     backend, reason = settings.resolved_backend()
     if args.worker_index is not None:  # a worker: the supervisor provisioned already
         from service.workers import die_with_supervisor

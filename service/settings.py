@@ -7,6 +7,7 @@ parameters, whichever path starts the service.
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Literal
@@ -192,6 +193,25 @@ class Settings(BaseSettings):
             timing_cache=timing_cache_path(engine) if backend == "tensorrt" else None,
             rebuild=self.rebuild,
         )
+
+
+# ACMIX_* variables that are not settings but are read elsewhere: the tools' data folder
+# (model/paths.py), the supervisor's to its workers (service/workers.py), provisioning's to its
+# children (export/provision.py).
+OTHER_VARIABLES = ("ACMIX_DATA_DIR", "ACMIX_WORKER_INDEX", "ACMIX_WORKER_COUNT", "ACMIX_WORKER_FOLDER",
+                   "ACMIX_PROVISION_LOCK_HELD")
+
+
+def unknown_variables(environ) -> list[str]:
+    """Each ACMIX_* variable of `environ` that nothing reads (a misspelt setting, which pydantic-settings
+    ignores), with the setting it is closest to: 'ACMIX_REQUEST_TIMEOUT (ACMIX_REQUEST_TIMEOUT_S?)'."""
+    known = [f"ACMIX_{name.upper()}" for name in Settings.model_fields] + list(OTHER_VARIABLES)
+    unknown = []
+    for name in sorted(v for v in environ if v.upper().startswith("ACMIX_") and v.upper() not in known):
+        # compared without the prefix all of them share
+        close = difflib.get_close_matches(name.upper()[6:], [k[6:] for k in known], n=1, cutoff=0.75)
+        unknown.append(f"{name} (ACMIX_{close[0]}?)" if close else name)
+    return unknown
 
 
 def settings_problem(error: ValidationError) -> str:

@@ -19,6 +19,7 @@ class Readiness(BaseModel):
     ready: bool
     model: str
     backend: str
+    precision: str
     backend_reason: str
     backend_detail: str
     model_digest: str
@@ -42,6 +43,7 @@ async def readyz(state: StateDep):
         ready=state.is_ready(),
         model=state.settings.model_name,
         backend=state.backend_name,
+        precision=state.settings.precision,
         backend_reason=state.backend_reason,
         backend_detail=state.backend.description if state.backend else "",
         model_digest=state.model_digest,

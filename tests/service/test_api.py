@@ -294,6 +294,7 @@ def test_health_readiness_labels_and_docs(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
     assert ready["ready"] and ready["backend"] == "onnxruntime" and "ACMIX_BACKEND" in ready["backend_reason"]
+    assert ready["precision"] == "fp32"  # named, not only in the served file's name
     assert client.get("/labels").json()["labels"] == list(CLASSES)
     assert client.get("/openapi.json").json()["paths"]["/predict"]
     assert client.get("/docs").status_code == 200

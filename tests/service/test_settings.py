@@ -70,3 +70,15 @@ def test_provision_only_makes_the_artifacts_whatever_acmix_rebuild_says(monkeypa
     monkeypatch.setenv("ACMIX_BACKEND", "onnxruntime")
     assert launcher.main(["--provision-only"]) == 0
     assert plans[-1].rebuild is True
+
+
+def test_a_misspelt_setting_is_named_with_the_one_it_is_closest_to_and_internal_variables_are_known():
+    """pydantic-settings ignores ACMIX_REQUEST_TIMEOUT (no _S): the service started with the default."""
+    from export.provision import LOCK_HELD
+    from service.settings import OTHER_VARIABLES, unknown_variables
+    from service.workers import COUNT_ENV, FOLDER_ENV, INDEX_ENV
+
+    assert {LOCK_HELD, INDEX_ENV, COUNT_ENV, FOLDER_ENV, "ACMIX_DATA_DIR"} <= set(OTHER_VARIABLES)
+    environ = {"ACMIX_REQUEST_TIMEOUT": "1", "ACMIX_PORT": "8000", "acmix_log_level": "info", "ACMIX_DATA_DIR": "/d",
+               INDEX_ENV: "0", "ACMIX_ZZZ": "1", "PATH": "/bin"}
+    assert unknown_variables(environ) == ["ACMIX_REQUEST_TIMEOUT (ACMIX_REQUEST_TIMEOUT_S?)", "ACMIX_ZZZ"]

@@ -101,6 +101,7 @@ def test_sigterm_drains_both_workers_with_requests_in_flight(tiny_onnx, cifar_li
     log = launch.output(process)
     assert "all workers stopped" in log
     assert f"HTTP on {url}, 2 worker processes" in log  # uvicorn does not name it for a shared socket
+    assert " INFO worker 0 service: " in log and " INFO worker 1 service: " in log  # whose line it is
 
 
 
