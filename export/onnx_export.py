@@ -70,11 +70,13 @@ def export_onnx(weights: str | Path, out: str | Path, arch: str = "alexnet_acmix
         if temperature is not None:
             graph.metadata_props.add(key=TEMPERATURE, value=repr(temperature))
         onnx.checker.check_model(graph, full_check=True)
-        with replacing(out) as tmp:
-            onnx.save(graph, tmp)
-        steps.update()
+        # The reference logits first: an export stopped between the two leaves an ONNX of before
+        # (made again: another weights digest) or none, never a new ONNX without its reference.
         steps.set_postfix_str("reference logits")
         write_reference(out, model, data, split_file)
+        steps.update()
+        with replacing(out) as tmp:
+            onnx.save(graph, tmp)
         steps.update()
     return out
 

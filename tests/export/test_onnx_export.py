@@ -115,8 +115,10 @@ def test_cli_onnx_if_stale_keeps_a_current_file_and_exports_one_of_other_weights
     import shutil
 
     from runtime.artifacts import WEIGHTS_DIGEST, onnx_metadata, sha256_file
+    from runtime.reference import reference_path
 
     out = shutil.copyfile(onnx_model, tmp_path / "model.onnx")
+    shutil.copyfile(reference_path(onnx_model), reference_path(out))  # current: with its reference logits
     assert main(["onnx", "--weights", str(weights), "--out", str(out), "--if-stale"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"onnx": str(out), "kept": True}
     assert out.read_bytes() == onnx_model.read_bytes()
