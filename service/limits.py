@@ -35,7 +35,10 @@ CLIENT_CLOSED = 499
 class ClientGoneMiddleware:
     """A request whose client disconnected before the response started ends as CLIENT_CLOSED: the
     status the app sends is replaced (nobody reads it), and a ClientDisconnect from reading the
-    body ends the request instead of reaching the server's error handler."""
+    body ends the request instead of reaching the server's error handler. Once its body is in, the
+    connection is watched: a client that goes away while its request waits for a batch (a client
+    timeout, a retry) cancels the request, so that its images leave the queue uncomputed
+    (service/batching.py), as a gRPC call its client cancels does."""
 
     def __init__(self, app):
         self.app = app
@@ -44,12 +47,22 @@ class ClientGoneMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         gone = started = False
+        request_task, watcher = asyncio.current_task(), None
+
+        async def watch_for_disconnect():
+            nonlocal gone
+            message = await receive()  # after the body: the client gone, or the response done
+            if message["type"] == "http.disconnect" and not started:
+                gone = True
+                request_task.cancel()
 
         async def receive_noting_disconnect():
-            nonlocal gone
+            nonlocal gone, watcher
             message = await receive()
             if message["type"] == "http.disconnect" and not started:
                 gone = True
+            elif message["type"] == "http.request" and not message.get("more_body", False) and watcher is None:
+                watcher = asyncio.get_running_loop().create_task(watch_for_disconnect())
             return message
 
         async def send_as_closed(message):
@@ -66,8 +79,17 @@ class ClientGoneMiddleware:
             if started:
                 raise
             gone = True
-            await send_as_closed({"type": "http.response.start", "status": CLIENT_CLOSED, "headers": []})
-            await send_as_closed({"type": "http.response.body", "body": b""})
+        except asyncio.CancelledError:
+            if not gone or started or request_task.cancelling() != 1:  # not (only) the watcher's doing
+                raise
+            request_task.uncancel()
+        else:
+            return
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        await send_as_closed({"type": "http.response.start", "status": CLIENT_CLOSED, "headers": []})
+        await send_as_closed({"type": "http.response.body", "body": b""})
 
 
 class UploadLimitMiddleware:
@@ -121,16 +143,20 @@ class BodyTimeoutMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         deadline = time.monotonic() + self.seconds
-        started = timed_out = False
+        started = timed_out = body_in = False
 
         async def receive_in_time():
-            nonlocal timed_out
+            nonlocal timed_out, body_in
+            if body_in:  # the deadline is the body's: waiting for a disconnect after it has none
+                return await receive()
             remaining = deadline - time.monotonic()
             try:
-                return await asyncio.wait_for(receive(), max(remaining, 0))
+                message = await asyncio.wait_for(receive(), max(remaining, 0))
             except TimeoutError:
                 timed_out = True
                 raise BodyTooSlow from None
+            body_in = message["type"] == "http.request" and not message.get("more_body", False)
+            return message
 
         async def send_timeout():
             nonlocal started

@@ -11,7 +11,7 @@ from pydantic import BaseModel, WithJsonSchema
 
 from model.preprocessing import ImageError
 from service.api.security import require_api_key
-from service.errors import BadRequest, ServiceError
+from service.errors import BadRequest, Overloaded, ServiceError
 from service.inference import check_batch_size
 from service.predictions import classify
 from service.state import ServiceState, StateDep
@@ -112,4 +112,6 @@ async def predict_batch(
         return BatchItem(filename=filename, prediction=prediction)
 
     results = await asyncio.gather(*(one(upload) for upload in file))
+    if all(result.status == Overloaded.status for result in results):  # shed whole: the client should retry
+        raise Overloaded(results[0].error, retry_after=state.batcher.retry_after())
     return BatchPrediction(results=list(results), model=state.settings.model_name, backend=state.backend_name)

@@ -100,6 +100,24 @@ def test_a_batch_of_more_files_than_the_queue_holds_is_refused_whole(make_client
     assert client.post("/predict/batch", files=files[:4]).status_code == 200
 
 
+def test_a_batch_whose_every_file_was_shed_is_a_429_with_retry_after(make_client, cifar_like_jpegs, monkeypatch):
+    """It was a 200 whose every result said 429, without Retry-After, logged and counted as a success.
+    A fake queue (the batcher's own logic is tested in test_batching): always full."""
+    from service.batching import QueueFullError
+
+    client = make_client()
+    state = client.app.state.service
+
+    async def full(images, deadline, tag=None):
+        raise QueueFullError("512 requests are already waiting")
+
+    monkeypatch.setattr(state.batcher, "infer_many", full)
+    files = [("file", (f"{i}.jpg", cifar_like_jpegs[i], "image/jpeg")) for i in range(3)]
+    response = client.post("/predict/batch", files=files)
+    assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
+    assert "too many requests waiting" in response.json()["detail"]
+
+
 def test_a_file_that_fails_unexpectedly_fails_alone_in_its_batch(client, cifar_like_jpegs, monkeypatch):
     """A bug while handling one file (a fake decode raises it) is that file's 500; the others answer."""
     state = client.app.state.service

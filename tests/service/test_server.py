@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import signal
 import socket
 import time
@@ -310,3 +311,35 @@ def test_a_server_that_logs_more_than_a_pipe_holds_keeps_answering(onnx_model):
     finally:
         stop(process)
     assert launch.output(process).count(f"/v2/models/{name}") >= 200
+
+
+def test_a_client_gone_while_its_request_waits_for_a_batch_is_499_and_its_image_is_never_computed(
+        onnx_model, cifar_like_jpegs):
+    """A client that gave up (its timeout, then a retry) while its request waited in the queue: the
+    image was computed anyway and the request logged as 200."""
+    process, url = start_server(onnx_model, max_queue_delay_ms=3000, max_batch_size=64, log_level="info")
+    host, port = url.removeprefix("http://").split(":")
+    data = cifar_like_jpegs[0]
+    boundary = b"b0undary"
+    body = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n" + data + b"\r\n--" + boundary + b"--\r\n")
+    try:
+        for path, content_type, payload in [
+            ("/predict", b"multipart/form-data; boundary=" + boundary, body),
+            ("/v2/models/alexnet_acmix_image/infer", b"application/json",
+             b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["'
+             + base64.b64encode(data) + b'"]}]}'),
+        ]:
+            with socket.create_connection((host, int(port)), timeout=10) as connection:
+                connection.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(payload)}\r\n"
+                                   .encode() + b"Content-Type: " + content_type + b"\r\n\r\n" + payload)
+                time.sleep(0.5)  # queued: a lone request waits up to 3 s for its batch
+        time.sleep(3.5)  # past the queue delay, when the batch would have been cut
+        metrics = httpx.get(f"{url}/metrics").text
+        assert "images_classified_total 0.0" in metrics, [m for m in metrics.splitlines() if "images" in m]
+    finally:
+        stop(process)
+    log = launch.output(process)
+    for route in ("POST /predict", "POST /v2/models/alexnet_acmix_image/infer"):
+        assert f"route={route} status=499" in log, log[-3000:]
+    assert "Traceback" not in log
