@@ -207,7 +207,7 @@ def run_triton(args) -> dict:
     if args.engine is not None and read_metadata(args.engine) is None:  # asked for: not replaced by the ONNX
         raise ExportError(f"{args.engine}: no engine metadata beside it ({engine_metadata_path(args.engine)}); "
                           "build engines with python -m export engine")
-    engine = args.engine or default_engine_path(args.onnx, "fp32")  # the service's default engine, if built
+    engine = args.engine or default_engine_path(args.onnx, "fp32")  # beside the ONNX: the service's default where ACMIX_ENGINE_DIR is unset
     path = write_model_repository(args.out, args.onnx, engine_path=engine, model_name=args.model_name,
                                   max_batch_size=args.max_batch_size, queue_delay_us=args.queue_delay_us,
                                   instances=args.instances, kind=args.kind)

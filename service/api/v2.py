@@ -319,6 +319,8 @@ def read_image_input(header: dict, binary: bytes) -> list[bytes]:
         return inference.unpack_bytes(binary, count)
     unclaimed(binary)
     data = tensor.get("data")
+    if isinstance(data, list) and data and all(isinstance(e, list) and len(e) == 1 for e in data):
+        data = [e[0] for e in data]  # nested as the shape [N, 1] is (KServe v2 JSON may nest or not)
     if not isinstance(data, list) or len(data) != count:
         raise BadRequest(f"input {INPUT_NAME!r}: data must be a list of {count} base64 strings (one image file each)")
     files = []

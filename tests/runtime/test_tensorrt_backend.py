@@ -96,13 +96,29 @@ def test_closing_waits_for_the_batch_in_flight_and_a_batch_that_waited_for_it_is
     backend._context, backend._stream, backend._device = Context(), "stream", {INPUT_NAME: 1, OUTPUT_NAME: 2}
     backend._host = {INPUT_NAME: np.zeros((2, *INPUT_SHAPE), np.float32), OUTPUT_NAME: np.ones((2, NUM_CLASSES), np.float32)}
     backend.loaded = True
+
+    class Lock:  # the backend's lock, noting who asks for it
+        def __init__(self):
+            self.lock, self.asked = threading.Lock(), []
+
+        def __enter__(self):
+            self.asked.append(threading.current_thread().name)
+            self.lock.acquire()
+
+        def __exit__(self, *exc):
+            self.lock.release()
+
+    backend._lock = Lock()
     results = []
     batch = threading.Thread(target=lambda: results.append(backend.infer(np.zeros((1, *INPUT_SHAPE), np.float32))))
     batch.start()
     assert computing.wait(5)
-    closing = threading.Thread(target=backend.close)
+    closing = threading.Thread(target=backend.close, name="closing")
     closing.start()
-    time.sleep(0.2)
+    deadline = time.monotonic() + 5
+    while "closing" not in backend._lock.asked and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "closing" in backend._lock.asked  # the close waits for the lock the batch holds
     assert events == []  # nothing freed under the batch
     finish.set()
     batch.join(5)

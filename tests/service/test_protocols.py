@@ -52,8 +52,8 @@ def test_the_image_model_takes_shape_n_1_as_its_config_describes_it_and_refuses_
     files = cifar_like_jpegs[:2]
     data = [base64.b64encode(f).decode() for f in files]
     expected = run_onnx(onnx_model, np.stack([preprocess(decode_image(f)) for f in files]))
-    for shape in ([2], [2, 1]):
-        body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": shape, "data": data}]}
+    for shape, elements in (([2], data), ([2, 1], data), ([2, 1], [[d] for d in data])):  # flat or nested JSON
+        body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": shape, "data": elements}]}
         response = client.post(INFER_IMAGE, json=body)
         assert response.status_code == 200, response.text
         np.testing.assert_allclose(np.array(response.json()["outputs"][0]["data"]).reshape(2, 10), expected,
