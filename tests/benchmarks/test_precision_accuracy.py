@@ -32,9 +32,11 @@ def test_it_runs_the_fp32_and_int8_files_on_every_image_and_records_the_cpu(weig
     """The real exported model and its int8 file (calibrated here on the same synthetic images)."""
     from export.int8 import quantize_int8
     from runtime.artifacts import derived_onnx_path
+    from runtime.reference import reference_path
 
     data, labels = folder_dataset
     onnx = shutil.copy(onnx_model, tmp_path / "alexnet_acmix.onnx")
+    shutil.copy(reference_path(onnx_model), reference_path(onnx))  # as the export leaves it
     quantize_int8(onnx, derived_onnx_path(onnx, "int8"), data=data, split_file=None, count=16,
                   table_path=tmp_path / "table.json")
     out = tmp_path / "accuracy.json"
