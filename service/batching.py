@@ -72,6 +72,7 @@ class DynamicBatcher:
         self.max_queue = max_queue
         self.observer = observer or BatchObserver()
         self._queue: deque[_Request] = deque()
+        self._in_backend: dict[int, float] = {}  # the batches in the backend (by id) and when they went in
         self._wakeup = asyncio.Event()
         self.workers = workers if backend.concurrent else 1
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="inference")
@@ -85,6 +86,11 @@ class DynamicBatcher:
 
     def __len__(self) -> int:
         return len(self._queue)
+
+    def longest_in_backend_s(self) -> float:
+        """How long the batch in the backend longest has been there (0 where none is): a backend
+        that never returns fails no batch, so only this shows it (service/state.py, stuck)."""
+        return time.perf_counter() - min(self._in_backend.values()) if self._in_backend else 0.0
 
     def retry_after(self) -> float:
         """Seconds until the queue, as long as it is now, is drained at the measured rate (1 s when
@@ -163,6 +169,7 @@ class DynamicBatcher:
                 continue
             started = time.perf_counter()
             waits = [started - r.enqueued for r in batch]
+            self._in_backend[id(batch)] = started
             try:
                 logits = await loop.run_in_executor(self._executor, self._infer, [r.image for r in batch])
             except Exception as exc:  # a failing backend fails this batch's requests, not the loop
@@ -173,6 +180,8 @@ class DynamicBatcher:
                     for sibling in request.siblings:  # its request has failed: the rest is not computed
                         sibling.future.cancel()
                 continue
+            finally:
+                del self._in_backend[id(batch)]
             seconds = time.perf_counter() - started
             self._note_drained(len(batch), seconds)
             self.observer.batch_done(len(batch), seconds, waits)

@@ -46,6 +46,9 @@ class ServeBatcher:
     def retry_after(self) -> float:
         return 1.0  # Ray answers overload itself (max_ongoing_requests)
 
+    def longest_in_backend_s(self) -> float:
+        return 0.0  # Ray's batches run out of sight (its own health checks watch the replica)
+
     async def infer_many(self, images: list[np.ndarray], deadline: float, tag: str | None = None) -> list[np.ndarray]:
         remaining = max(deadline - time.perf_counter(), 0)
         async with asyncio.timeout(remaining):

@@ -56,12 +56,23 @@ class ServiceState(BatchObserver):
     @property
     def failing(self) -> bool:
         limit = self.settings.max_consecutive_failures
-        return bool(limit) and self.consecutive_failures >= limit
+        return (bool(limit) and self.consecutive_failures >= limit) or self.stuck_s() is not None
+
+    def stuck_s(self) -> float | None:
+        """How long a batch has been in the backend where that is more than twice the request timeout
+        (every request in it has had its 504 long since: the backend hangs; a hung backend fails no
+        batch, so the failure count never sees it), else None. Failing, like failed batches: not
+        live, not ready, so that an orchestrator restarts the process."""
+        seconds = self.batcher.longest_in_backend_s() if self.batcher is not None else 0.0
+        return seconds if seconds > 2 * self.settings.request_timeout_s else None
 
     def is_ready(self) -> bool:
         return self.ready and not self.draining and not self.failing and self.peers.all_ready()
 
     def not_ready_reason(self) -> str | None:
+        if (stuck := self.stuck_s()) is not None:
+            return (f"a batch has been in the backend for {stuck:.0f} s, more than twice ACMIX_REQUEST_TIMEOUT_S: "
+                    "the backend hangs")
         if self.failing:
             return f"{self.consecutive_failures} batches failed in a row (last: {self.last_failure})"
         if self.startup_error or self.draining or not self.ready:

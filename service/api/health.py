@@ -27,8 +27,9 @@ class Readiness(BaseModel):
     error: str | None = None
 
 
-@router.get("/healthz", summary="Live: the process answers, and its batches have not failed "
-                                "ACMIX_MAX_CONSECUTIVE_FAILURES times in a row", responses={503: {}})
+@router.get("/healthz", summary="Live: the process answers, its batches have not failed "
+                                "ACMIX_MAX_CONSECUTIVE_FAILURES times in a row, and none hangs in the backend",
+            responses={503: {}})
 async def healthz(state: StateDep):
     if state.failing:
         return JSONResponse({"status": "failing", "error": state.not_ready_reason()}, status_code=503)

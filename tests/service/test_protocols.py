@@ -7,6 +7,7 @@ import base64
 import json
 import logging
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -199,6 +200,32 @@ def test_readiness_needs_the_reference_logits_reproduced(make_client, onnx_model
     reference_path(onnx).write_text(json.dumps(record))  # as if the artifact or the preprocessing were wrong
     with pytest.raises(BackendError, match="reference check failed"):
         make_client(onnx_path=str(onnx))
+
+
+def test_a_batch_that_hangs_in_the_backend_turns_liveness_and_readiness_off_until_it_returns(make_client,
+                                                                                             cifar_like_jpegs):
+    """A backend that never returns fails no batch: its requests got 504s and /healthz said 200 for
+    ever. A fake backend (not the model): a batch of 2.5 s against a request timeout of 0.25 s."""
+    import threading
+
+    def health_until(status: int, seconds: float) -> int:
+        deadline = time.monotonic() + seconds
+        while (code := client.get("/healthz").status_code) != status and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return code
+
+    backend = SlowBackend(max_batch=1)
+    client = make_client(backend=backend, max_batch_size=1, request_timeout_s=0.25, max_queue_delay_ms=1)
+    backend.delay = 2.5
+    upload = {"file": ("a.jpg", cifar_like_jpegs[0], "image/jpeg")}
+    answers = []
+    waiting = threading.Thread(target=lambda: answers.append(client.post("/predict", files=upload).status_code))
+    waiting.start()
+    assert health_until(503, 2.0) == 503 and client.get("/readyz").status_code == 503
+    assert "the backend hangs" in client.get("/readyz").json()["error"]
+    waiting.join(5)
+    assert answers == [504]
+    assert health_until(200, 4.0) == 200 and client.get("/readyz").status_code == 200  # the batch returned
 
 
 def test_consecutive_failed_batches_turn_readiness_and_liveness_off_until_one_succeeds(make_client, cifar_like_jpegs):
