@@ -11,6 +11,7 @@ entrypoint runs exactly this. --provision-only stops after the artifacts (e.g. `
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import logging
 import os
@@ -31,15 +32,24 @@ log = logging.getLogger("service")
 
 class DrainingServer(uvicorn.Server):
     """On SIGTERM/SIGINT, readiness goes false first; uvicorn then stops accepting connections,
-    finishes the requests in flight, and the lifespan drains the batcher."""
+    finishes the requests in flight, and the lifespan drains the batcher. With
+    ACMIX_SHUTDOWN_DELAY_S, requests are still served for that long with readiness false before
+    the drain (a second signal drains at once): a load balancer that has not yet seen the 503s
+    still sends some, which a closed port would refuse."""
 
     def __init__(self, config, state):
         super().__init__(config)
         self.state = state
 
     def handle_exit(self, sig, frame):
-        self.state.draining = True
+        delay = self.state.settings.shutdown_delay_s
         self.state.peers.mark_not_ready()
+        if delay and not (self.state.stopping or self.state.draining):
+            self.state.stopping = True
+            loop = asyncio.get_running_loop()
+            loop.call_soon_threadsafe(loop.call_later, delay, self.handle_exit, sig, frame)
+            return
+        self.state.draining = True
         super().handle_exit(sig, frame)
 
 

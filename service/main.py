@@ -43,8 +43,9 @@ def http_drain_seconds(settings: Settings) -> float:
 
 
 def drain_seconds(settings: Settings) -> float:
-    """The whole drain after SIGTERM: HTTP, then the gRPC calls in flight up to their deadline (+1 s)."""
-    return http_drain_seconds(settings) + settings.request_timeout_s + 1
+    """The whole stop after SIGTERM: ACMIX_SHUTDOWN_DELAY_S, then the drain of HTTP, then the gRPC
+    calls in flight up to their deadline (+1 s)."""
+    return settings.shutdown_delay_s + http_drain_seconds(settings) + settings.request_timeout_s + 1
 
 
 def load(state: ServiceState, backend=None, reason: str = "") -> None:

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, le=MAX_UPLOAD_BYTES,
                                   description="larger bodies get 413 (gRPC: larger messages RESOURCE_EXHAUSTED)")
     body_timeout_s: float = Field(30.0, gt=0, description="a request body not received by then gets 408")
+    shutdown_delay_s: float = Field(
+        0.0, ge=0, le=600, description="after SIGTERM, readiness says 503 for this long while requests are still "
+                                       "served, then the drain: the time a load balancer (Kubernetes' endpoints) "
+                                       "takes to stop sending")
     max_image_pixels: int = Field(40_000_000, ge=1, description="larger images (decoded size) get 400")
     decode_threads: int = Field(default_factory=available_cores, ge=1, description="threads decoding images")
     inline_decode_pixels: int = Field(

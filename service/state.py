@@ -38,6 +38,8 @@ class ServiceState(BatchObserver):
     decode_pool: ThreadPoolExecutor | None = None
     ready: bool = False
     draining: bool = False
+    # SIGTERM with ACMIX_SHUTDOWN_DELAY_S: not ready, still serving, until the drain (service/__main__.py)
+    stopping: bool = False
     startup_error: str | None = None
     started: float = field(default_factory=time.time)
     # Of the served artifact: the calibration temperature its ONNX records, and its sha256.
@@ -67,7 +69,7 @@ class ServiceState(BatchObserver):
         return seconds if seconds > 2 * self.settings.request_timeout_s else None
 
     def is_ready(self) -> bool:
-        return self.ready and not self.draining and not self.failing and self.peers.all_ready()
+        return self.ready and not self.draining and not self.stopping and not self.failing and self.peers.all_ready()
 
     def not_ready_reason(self) -> str | None:
         if (stuck := self.stuck_s()) is not None:
@@ -77,6 +79,9 @@ class ServiceState(BatchObserver):
             return f"{self.consecutive_failures} batches failed in a row (last: {self.last_failure})"
         if self.startup_error or self.draining or not self.ready:
             return self.startup_error or ("draining" if self.draining else "loading")
+        if self.stopping:
+            return (f"stopping: requests still served for ACMIX_SHUTDOWN_DELAY_S "
+                    f"({self.settings.shutdown_delay_s:g} s), then the drain")
         if not self.peers.all_ready():
             return f"waiting for the other server processes ({self.peers.count} in all) to be ready"
         return None

@@ -343,3 +343,25 @@ def test_a_client_gone_while_its_request_waits_for_a_batch_is_499_and_its_image_
     for route in ("POST /predict", "POST /v2/models/alexnet_acmix_image/infer"):
         assert f"route={route} status=499" in log, log[-3000:]
     assert "Traceback" not in log
+
+
+def test_with_a_shutdown_delay_sigterm_turns_readiness_off_and_serves_on_until_the_drain(onnx_model, cifar_like_jpegs):
+    """Kubernetes drops a stopping pod from its endpoints some time after it sent SIGTERM: the port
+    closed at once refused the requests still routed to it meanwhile."""
+    process, url = start_server(onnx_model, shutdown_delay_s=2.0, log_level="info")
+    try:
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        ready = httpx.get(f"{url}/readyz", timeout=5)
+        assert ready.status_code == 503 and ready.json()["error"].startswith("stopping: requests still served")
+        answer = httpx.post(f"{url}/predict", files={"file": ("a.jpg", cifar_like_jpegs[0], "image/jpeg")}, timeout=5)
+        assert answer.status_code == 200
+        assert process.poll() is None
+        process.wait(timeout=30)  # then it drains and exits
+        assert time.monotonic() - signalled >= 2.0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "drained and closed" in launch.output(process)
