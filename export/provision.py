@@ -6,8 +6,8 @@
 Both the container's entrypoint and `python -m service` call `provision` with the plan the
 service's settings give (runtime.artifacts.ArtifactPlan), so the two ask for the same artifacts
 with the same build parameters. Everything is checked first without a lock (the common case: all
-current, nothing written); if something must be made, an exclusive lock on the folder it goes to
-is taken and the check repeated, so that two processes or containers sharing a volume never
+current, nothing written); if something must be made, an exclusive lock on every folder it writes
+in is taken (the same lock a manual `python -m export` takes) and the check repeated, so that two processes or containers sharing a volume never
 build at once, and every file is written whole (model/files.py). Every step runs in a child
 process: no serving process (nor the supervisor of several) ever holds Paddle (~600 MB) or the
 CUDA context and TensorRT builder of an engine build, and a SIGTERM during a build (`docker stop`
@@ -70,11 +70,16 @@ def provision(plan: ArtifactPlan, force_engine: bool = False, progress: bool = T
     if not plan.rebuild:
         artifact, why = steps[0]
         raise ExportError(f"{why}; make it with `python -m service --provision-only` or set ACMIX_REBUILD=true")
-    lock_folder = (plan.engine if any(a == "engine" for a, _ in steps) else plan.onnx).parent
+    targets = {plan.onnx, plan.onnx_for_precision, *([plan.engine] if plan.engine else [])}
+    # The lock of every folder written or cleaned here, in one order (no two provisionings wait on each
+    # other); the exports run in children are told they are held.
+    locks = sorted({(target.parent / LOCK_NAME).resolve() for target in targets})
+    held = {LOCK_HELD: os.pathsep.join(map(str, locks))}
     done = []
-    held = {LOCK_HELD: str((lock_folder / LOCK_NAME).resolve())}
-    with exclusive(lock_folder / LOCK_NAME):
-        for target in {plan.onnx, plan.onnx_for_precision, *([plan.engine] if plan.engine else [])}:
+    with contextlib.ExitStack() as stack:
+        for lock in locks:
+            stack.enter_context(exclusive(lock))
+        for target in targets:
             for tmp in remove_leftovers(target):  # of a provisioning killed mid-write (docker stop, OOM)
                 log(f"provisioning: removed {tmp}, left by an interrupted write")
         for artifact, why in pending(plan, force_engine):  # again: another process may have made them
@@ -106,7 +111,8 @@ def artifact_lock(folder: str | Path):
     `python -m export` and a service's provisioning never make the same file at once; none to take
     where this process is the child of a provisioning that holds it (LOCK_HELD)."""
     lock = (Path(folder) / LOCK_NAME).resolve()
-    return contextlib.nullcontext() if os.environ.get(LOCK_HELD) == str(lock) else exclusive(lock)
+    held = os.environ.get(LOCK_HELD, "").split(os.pathsep)
+    return contextlib.nullcontext() if str(lock) in held else exclusive(lock)
 
 
 def run_child(command: list[str], name: str, echo: bool = False, env: dict[str, str] | None = None) -> None:

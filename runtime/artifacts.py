@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from model.files import sha256_file, write_bytes
-from runtime.reference import reference_path
 
 PRECISIONS = ("fp32", "fp16", "int8")
 # Metadata of ONNX files: the digest of the weights (fp32) or of the fp32 ONNX (fp16, int8) they came from.
@@ -164,9 +163,6 @@ def onnx_staleness(onnx_path: str | Path, parent: str | Path, key: str = WEIGHTS
         except ValueError as exc:  # a file cut short or overwritten: made again from its parent
             return str(exc)
         recorded = metadata.get(key)
-        if key == WEIGHTS_DIGEST and recorded is not None and not reference_path(onnx_path).is_file():
-            # exported here, its reference logits lost (an export stopped before session 25 wrote them last)
-            return f"{onnx_path} has no reference logits beside it ({reference_path(onnx_path).name})"
         if recorded not in (None, sha256_file(parent)):
             return f"{onnx_path} was made from another {'weights file' if key == WEIGHTS_DIGEST else 'ONNX'} than {parent}"
         for name, value in (form or {}).items():

@@ -47,10 +47,14 @@ class DrainingServer(uvicorn.Server):
         if delay and not (self.state.stopping or self.state.draining):
             self.state.stopping = True
             loop = asyncio.get_running_loop()
-            loop.call_soon_threadsafe(loop.call_later, delay, self.handle_exit, sig, frame)
+            loop.call_soon_threadsafe(loop.call_later, delay, self._after_the_delay, sig, frame)
             return
         self.state.draining = True
         super().handle_exit(sig, frame)
+
+    def _after_the_delay(self, sig, frame):
+        if not self.state.draining:  # not drained already by a second signal (uvicorn would force the exit)
+            self.handle_exit(sig, frame)
 
 
 class OneLineLoadFailure:

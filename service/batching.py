@@ -171,7 +171,10 @@ class DynamicBatcher:
             waits = [started - r.enqueued for r in batch]
             self._in_backend[id(batch)] = started
             try:
-                logits = await loop.run_in_executor(self._executor, self._infer, [r.image for r in batch])
+                try:
+                    logits = await loop.run_in_executor(self._executor, self._infer, [r.image for r in batch])
+                finally:  # out of the backend before its failure is counted (a failure is not a hang)
+                    del self._in_backend[id(batch)]
             except Exception as exc:  # a failing backend fails this batch's requests, not the loop
                 self.observer.batch_failed(len(batch), exc)
                 for request in batch:
@@ -180,8 +183,6 @@ class DynamicBatcher:
                     for sibling in request.siblings:  # its request has failed: the rest is not computed
                         sibling.future.cancel()
                 continue
-            finally:
-                del self._in_backend[id(batch)]
             seconds = time.perf_counter() - started
             self._note_drained(len(batch), seconds)
             self.observer.batch_done(len(batch), seconds, waits)

@@ -3,7 +3,9 @@ and the one place where the service's domain errors become HTTP responses."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -143,6 +145,17 @@ async def close_service(state: ServiceState) -> None:
     log.info("drained and closed")
 
 
+async def exit_when_hung(state: ServiceState, interval_s: float = 1.0, exit=os._exit) -> None:
+    """One of several server processes whose backend hangs (ServiceState.stuck_s): nothing outside
+    restarts it (the orchestrator sees the others live) and it cannot drain (its executor thread
+    never returns), so it exits at once, and the supervisor (service/workers.py) starts another."""
+    while True:
+        await asyncio.sleep(interval_s)
+        if state.stuck_s() is not None:
+            log.error("%s; this worker exits so that the supervisor starts another", state.not_ready_reason())
+            exit(1)
+
+
 class HeadAsGetMiddleware:
     """HEAD wherever GET works (RFC 9110 requires it of a general-purpose server; load balancers'
     health checks use it): the app answers a HEAD as a GET, and the server, whose own scope still
@@ -180,9 +193,12 @@ def create_app(
             log.error("%s", exc)
             await close_service(state)
             raise
-        if not state.draining:  # a SIGTERM during startup: never marked ready, not even once
+        if not (state.draining or state.stopping):  # a SIGTERM during startup: never marked ready, not even once
             state.peers.mark_ready()
+        watchdog = asyncio.create_task(exit_when_hung(state)) if state.peers.count > 1 else None
         yield
+        if watchdog is not None:
+            watchdog.cancel()
         state.draining = True
         state.peers.mark_not_ready()
         try:

@@ -42,12 +42,14 @@ class ServeBatcher:
 
     def __init__(self, batch_method):
         self.batch_method = batch_method
+        self.in_backend: dict[int, float] = {}  # the batches in the backend (by id): when they went in
 
     def retry_after(self) -> float:
         return 1.0  # Ray answers overload itself (max_ongoing_requests)
 
     def longest_in_backend_s(self) -> float:
-        return 0.0  # Ray's batches run out of sight (its own health checks watch the replica)
+        """As DynamicBatcher's (service/state.py, stuck): the replica's batches, which it records."""
+        return time.perf_counter() - min(self.in_backend.values()) if self.in_backend else 0.0
 
     async def infer_many(self, images: list[np.ndarray], deadline: float, tag: str | None = None) -> list[np.ndarray]:
         remaining = max(deadline - time.perf_counter(), 0)
@@ -92,7 +94,8 @@ class Classifier:
         self.state = replica_app().state.service
         self.state.settings = self.state.settings.model_copy(update={"backend": backend})
         provision(self.state.settings.plan(backend), progress=False)
-        open_service(self.state, batcher=ServeBatcher(self.infer_batch))
+        self.batcher = ServeBatcher(self.infer_batch)
+        open_service(self.state, batcher=self.batcher)
         self.infer_batch.set_max_batch_size(settings.max_batch_size)
         self.infer_batch.set_batch_wait_timeout_s(settings.max_queue_delay_ms / 1000)
 
@@ -100,13 +103,23 @@ class Classifier:
     async def infer_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        self.batcher.in_backend[id(images)] = started
         try:
-            logits = await loop.run_in_executor(None, self.state.backend.infer, np.stack(images))
+            try:
+                logits = await loop.run_in_executor(None, self.state.backend.infer, np.stack(images))
+            finally:  # out of the backend before its failure is counted (a failure is not a hang)
+                del self.batcher.in_backend[id(images)]
         except Exception as exc:  # counted as the service's batcher counts it: readiness, liveness, metrics
             self.state.batch_failed(len(images), exc)
             raise
         self.state.batch_done(len(images), time.perf_counter() - started, [])
         return list(logits)
+
+    def check_health(self) -> None:
+        """Ray Serve's health check of the replica (every few seconds): failing as /healthz does, so
+        that Ray replaces a replica whose batches fail in a row or whose backend hangs."""
+        if self.state.failing:
+            raise RuntimeError(self.state.not_ready_reason())
 
     async def __del__(self):
         await close_service(self.state)

@@ -154,11 +154,16 @@ def supervise(count: int, argv: list[str], drain_s: float) -> int:
     (folder / "metrics").mkdir()
     (folder / "ready").mkdir()
     env = {**os.environ, COUNT_ENV: str(count), FOLDER_ENV: str(folder), METRICS_ENV: str(folder / "metrics")}
-    stopping = False
+    stopping, signals = False, 0
+    workers: dict[int, subprocess.Popen] = {}
 
     def stop(signum, frame):
-        nonlocal stopping
-        stopping = True
+        nonlocal stopping, signals
+        stopping, signals = True, signals + 1
+        if signals > 1:  # passed on: a worker's second signal drains it at once (ACMIX_SHUTDOWN_DELAY_S)
+            for process in workers.values():
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -166,7 +171,7 @@ def supervise(count: int, argv: list[str], drain_s: float) -> int:
     def spawn(index: int) -> subprocess.Popen:
         return subprocess.Popen(worker_command(index, argv), env={**env, INDEX_ENV: str(index)})
 
-    workers = {index: spawn(index) for index in range(count)}
+    workers.update({index: spawn(index) for index in range(count)})
     failures = dict.fromkeys(workers, 0)  # exits in a row before becoming ready
     was_ready = dict.fromkeys(workers, False)
     log.info("%d workers started: %s", count, ", ".join(str(p.pid) for p in workers.values()))

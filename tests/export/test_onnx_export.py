@@ -320,8 +320,9 @@ def test_a_manual_export_waits_for_the_lock_a_provisioning_holds_unless_it_is_th
                "--data", ""]
     with exclusive(tmp_path / LOCK_NAME):  # as a provisioning holds it
         manual = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        with pytest.raises(subprocess.TimeoutExpired):
-            manual.wait(timeout=3)
+        with pytest.raises(subprocess.TimeoutExpired):  # it takes ~1.2 s unlocked: 8 s leave a loaded machine room
+            manual.wait(timeout=8)
+        assert manual.poll() is None
         assert not (tmp_path / "m.fp16.onnx").exists() and not list(tmp_path.glob(".m.fp16.onnx*"))
         # the provisioning's own child does not wait for the lock its parent holds
         env = {**os.environ, LOCK_HELD: str((tmp_path / LOCK_NAME).resolve())}

@@ -145,6 +145,37 @@ def test_temporary_files_of_an_interrupted_write_are_removed_under_the_lock(tmp_
     assert sum("left by an interrupted write" in line for line in logged) == 2
 
 
+def test_provisioning_takes_the_lock_of_every_folder_it_cleans_or_writes(tmp_path):
+    """With the engine in a folder of its own (ACMIX_ENGINE_DIR) it locked only that one, and removed
+    a running manual export's staged file beside the ONNX as a leftover."""
+    import threading
+
+    from export.provision import LOCK_NAME
+    from model.files import exclusive, staged
+
+    onnx_folder, engine_folder = tmp_path / "onnx", tmp_path / "engines"
+    onnx_folder.mkdir()
+    exporting = staged(onnx_folder / "m.onnx")
+    exporting.write_bytes(b"a manual export's file, being written")
+    plan = plan_for(onnx_folder / "m.onnx", tmp_path / "gone.pdparams", backend="tensorrt",
+                    engine=engine_folder / "m.fp32.plan")
+    failures = []
+
+    def provisioning():
+        try:
+            provision(plan, log=lambda line: None)
+        except ExportError as exc:
+            failures.append(str(exc))
+
+    with exclusive(onnx_folder / LOCK_NAME):  # as the manual export holds it
+        worker = threading.Thread(target=provisioning)
+        worker.start()
+        worker.join(1.5)
+        assert worker.is_alive() and exporting.exists()  # waits for the lock, touches nothing
+    worker.join(30)
+    assert failures and "no weights" in failures[0] and not exporting.exists()  # then cleans, as before
+
+
 def test_the_engine_is_built_by_a_child_with_the_plans_build_parameters(tmp_path):
     from export.__main__ import parser
     from export.provision import engine_arguments

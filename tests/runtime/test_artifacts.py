@@ -23,7 +23,6 @@ from runtime.artifacts import (
     write_metadata,
 )
 from runtime.cuda import cuda_call
-from runtime.reference import reference_path
 
 # Fakes for the decision logic only: no TensorRT or GPU is involved in engine_status with a host dict.
 HOST = {"tensorrt_version": "10.13.3", "gpu_name": "NVIDIA L4", "compute_capability": "8.9"}
@@ -130,12 +129,8 @@ def test_onnx_staleness_follows_the_recorded_parent(tmp_path, tiny_onnx):
     weights.write_bytes(b"weights")
     current = with_metadata(tiny_onnx, tmp_path / "current.onnx", **{WEIGHTS_DIGEST: sha256_file(weights)})
     assert onnx_metadata(current) == {WEIGHTS_DIGEST: sha256_file(weights)}
-    # exported here but without its reference logits (an export stopped between the two): made again
-    assert onnx_staleness(current, weights) == f"{current} has no reference logits beside it (current.onnx.reference.json)"
-    reference_path(current).write_text("{}")
     assert onnx_staleness(current, weights) is None
     other = with_metadata(tiny_onnx, tmp_path / "other.onnx", **{WEIGHTS_DIGEST: "0" * 64})
-    reference_path(other).write_text("{}")
     assert onnx_staleness(other, weights) == f"{other} was made from another weights file than {weights}"
     assert onnx_staleness(tmp_path / "none.onnx", weights) == f"{tmp_path / 'none.onnx'} is missing"
     # Brought by a user (no digest), or shipped without its weights: used as it is.

@@ -476,3 +476,35 @@ def test_acmix_data_dir_says_where_the_shared_data_is():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                           env={**os.environ, "ACMIX_DATA_DIR": "/data/cifar"})
     assert done.stdout.split() == ["/data/cifar/cifar10-train-png.tar.gz", "/data/cifar/cifar10-train-jpeg.tar.gz"]
+
+
+def test_a_worker_of_several_whose_backend_hangs_exits_for_the_supervisor_to_replace_it(onnx_model):
+    """It cannot drain (its executor thread never returns) and nothing outside restarts one worker of
+    several. The service's state over a fake batcher (one batch stuck in the backend) and a fake exit."""
+    import asyncio
+    import time
+
+    from service.main import exit_when_hung
+    from service.metrics import Metrics
+    from service.state import ServiceState
+    from tests.service.conftest import service_settings
+
+    class Batcher:
+        since = None
+
+        def longest_in_backend_s(self):
+            return time.perf_counter() - self.since if self.since else 0.0
+
+    state = ServiceState(settings=service_settings(onnx_model, request_timeout_s=0.1), metrics=Metrics())
+    state.batcher, exits = Batcher(), []
+
+    async def watch():
+        watchdog = asyncio.create_task(exit_when_hung(state, interval_s=0.05, exit=exits.append))
+        await asyncio.sleep(0.2)
+        assert exits == []  # no batch in the backend
+        state.batcher.since = time.perf_counter()  # one goes in, and stays
+        await asyncio.sleep(0.4)
+        watchdog.cancel()
+
+    asyncio.run(watch())
+    assert exits and exits[0] == 1

@@ -75,3 +75,28 @@ def test_a_replica_answers_triton_statistics(ray_service):
     assert (tensor["name"], image["name"]) == ("alexnet_acmix", "alexnet_acmix_image")
     assert tensor["inference_stats"]["cache_hit"] == {"count": 0, "ns": 0}
     assert tensor["execution_count"] == 0 and tensor["batch_stats"] == []
+
+
+def test_a_replica_fails_rays_health_check_while_its_batches_fail_or_its_backend_hangs():
+    """Ray replaces a replica whose check_health raises; it had none, so a replica whose backend hung
+    stayed healthy. The replica's class over the service's state, without Ray or a backend."""
+    import time
+
+    from service.metrics import Metrics
+    from service.ray_app import Classifier, ServeBatcher
+    from service.settings import Settings
+    from service.state import ServiceState
+
+    replica = object.__new__(Classifier.func_or_class)
+    replica.batcher = ServeBatcher(batch_method=None)
+    replica.state = ServiceState(settings=Settings(request_timeout_s=0.1, max_consecutive_failures=3),
+                                 metrics=Metrics())
+    replica.state.batcher = replica.batcher
+    replica.check_health()  # healthy
+    replica.batcher.in_backend[1] = time.perf_counter() - 0.5  # a batch in the backend for 0.5 s > 2 x 0.1 s
+    with pytest.raises(RuntimeError, match="the backend hangs"):
+        replica.check_health()
+    del replica.batcher.in_backend[1]
+    replica.state.consecutive_failures = 3
+    with pytest.raises(RuntimeError, match="3 batches failed in a row"):
+        replica.check_health()

@@ -333,7 +333,10 @@ def test_a_client_gone_while_its_request_waits_for_a_batch_is_499_and_its_image_
             with socket.create_connection((host, int(port)), timeout=10) as connection:
                 connection.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(payload)}\r\n"
                                    .encode() + b"Content-Type: " + content_type + b"\r\n\r\n" + payload)
-                time.sleep(0.5)  # queued: a lone request waits up to 3 s for its batch
+                deadline = time.monotonic() + 2.5  # queued (its body read): a lone request waits 3 s for its batch
+                while "batch_queue_length 1.0" not in httpx.get(f"{url}/metrics").text and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert "batch_queue_length 1.0" in httpx.get(f"{url}/metrics").text
         time.sleep(3.5)  # past the queue delay, when the batch would have been cut
         metrics = httpx.get(f"{url}/metrics").text
         assert "images_classified_total 0.0" in metrics, [m for m in metrics.splitlines() if "images" in m]
@@ -365,3 +368,35 @@ def test_with_a_shutdown_delay_sigterm_turns_readiness_off_and_serves_on_until_t
             process.kill()
             process.wait()
     assert "drained and closed" in launch.output(process)
+
+
+def test_a_second_signal_during_the_shutdown_delay_drains_and_the_delay_then_forces_nothing(onnx_model):
+    """The delayed exit ran after a second signal had started the drain: uvicorn takes a second exit
+    for "force", which cut the drain short and skipped the lifespan's shutdown (Ctrl-C with workers:
+    SIGINT from the terminal, then SIGTERM from the supervisor). A fake state (the server's own)."""
+    import asyncio
+
+    import uvicorn
+
+    from service.__main__ import DrainingServer
+    from service.settings import Settings
+
+    class Peers:
+        def mark_not_ready(self):
+            pass
+
+    class State:
+        settings = Settings(shutdown_delay_s=0.2)
+        stopping = draining = False
+        peers = Peers()
+
+    async def signals():
+        server = DrainingServer(uvicorn.Config(app=None), State())
+        server.handle_exit(signal.SIGINT, None)
+        assert server.state.stopping and not server.should_exit  # still serving
+        server.handle_exit(signal.SIGTERM, None)
+        assert server.state.draining and server.should_exit and not server.force_exit
+        await asyncio.sleep(0.4)  # past the delay
+        return server.force_exit
+
+    assert asyncio.run(signals()) is False
