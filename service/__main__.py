@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 import uvicorn
 from pydantic import ValidationError
@@ -28,6 +29,10 @@ from service.main import create_app, drain_seconds, http_drain_seconds
 from service.settings import Settings, settings_problem, unknown_variables
 
 log = logging.getLogger("service")
+
+
+# Signals this close after the first are the same stop (ACMIX_SHUTDOWN_DELAY_S's "second signal" is not).
+SAME_SIGNAL_S = 1.0
 
 
 class DrainingServer(uvicorn.Server):
@@ -45,10 +50,13 @@ class DrainingServer(uvicorn.Server):
         delay = self.state.settings.shutdown_delay_s
         self.state.peers.mark_not_ready()
         if delay and not (self.state.stopping or self.state.draining):
-            self.state.stopping = True
+            self.state.stopping, self.first_signal = True, time.monotonic()
+            log.info("signal %d: not ready; requests still served for %g s, then the drain", sig, delay)
             loop = asyncio.get_running_loop()
             loop.call_soon_threadsafe(loop.call_later, delay, self._after_the_delay, sig, frame)
             return
+        if self.state.stopping and not self.state.draining and time.monotonic() - self.first_signal < SAME_SIGNAL_S:
+            return  # the same stop again: a signal to the process group, then the supervisor's to its workers
         self.state.draining = True
         super().handle_exit(sig, frame)
 
@@ -81,6 +89,10 @@ class OneLineLoadFailure:
 
 def stop_provisioning(signum, frame):
     raise SystemExit(128 + signum)
+
+
+def stopped(signum, frame):
+    raise SystemExit(0)
 
 
 def parser(settings: Settings) -> argparse.ArgumentParser:
@@ -157,7 +169,8 @@ def main(argv=None) -> int:
         try:
             with claimed_port(settings.host, settings.port):
                 # uvicorn names its address only where it binds the socket itself (one process)
-                log.info("HTTP on http://%s:%d, %d worker processes", settings.host, settings.port, workers)
+                host = f"[{settings.host}]" if ":" in settings.host else settings.host
+                log.info("HTTP on http://%s:%d, %d worker processes", host, settings.port, workers)
                 return supervise(workers, forwarded, drain_seconds(settings) + 5)
         except PortTaken as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -173,6 +186,11 @@ def serve(settings: Settings, reuse_port: bool = False) -> int:
         timeout_graceful_shutdown=http_drain_seconds(settings), access_log=False,
     )
     server = DrainingServer(config, app.state.service)
+    # uvicorn raises the signal it drained for again once done: to this handler, a clean stop, status
+    # 0 (the default handlers made it -15, and a KeyboardInterrupt traceback after Ctrl-C). A signal
+    # before uvicorn's own handlers are in stops the start the same way.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, stopped)
     try:
         if reuse_port:
             from service.workers import STARTUP_REFUSED, reuse_port_socket

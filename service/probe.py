@@ -8,8 +8,10 @@ library only: it runs every 30 s.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import urllib.error
 import urllib.request
 
 EVERY_ADDRESS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
@@ -23,12 +25,20 @@ def readyz_url(environ) -> str:
 
 def main() -> int:
     url = readyz_url(os.environ)
+    # Straight to the service: a container's proxy variables (http_proxy) are for its way out.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(url, timeout=4):
+        with opener.open(url, timeout=4):
             return 0
-    except OSError as exc:  # URLError, HTTPError (a 503), a timeout
-        print(f"not ready: {url}: {exc}", file=sys.stderr)
-        return 1
+    except urllib.error.HTTPError as exc:  # 503: /readyz says why
+        try:
+            why = json.loads(exc.read()).get("error") or exc.reason
+        except ValueError:
+            why = exc.reason
+        print(f"not ready: {url}: {exc.code} {why}", file=sys.stderr)
+    except Exception as exc:  # refused, a timeout, not HTTP at all, a bad ACMIX_PORT: one line, never a traceback
+        print(f"not ready: {url}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

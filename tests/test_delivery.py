@@ -510,3 +510,21 @@ def test_compose_export_one_shot(compose, tmp_path):
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert "engine-cache:/engines" in service["volumes"]
     assert service.get("restart", "no") == "no" and "ports" not in service
+
+
+def test_the_probe_ignores_proxies_says_why_and_never_shows_a_traceback(readyz_server):
+    """A container's http_proxy made every probe go through the proxy; a bad ACMIX_PORT, or a port
+    that answers something else than HTTP, ended in a traceback."""
+    def probe(**env):
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("ACMIX_") and "proxy" not in k.lower()}
+        return subprocess.run([sys.executable, "-m", "service.probe"], env={**environ, **env}, cwd=ROOT,
+                              capture_output=True, text=True, timeout=20)
+
+    port = str(readyz_server)
+    assert probe(ACMIX_PORT=port, http_proxy="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9").returncode == 0
+    Readyz.status = 503
+    done = probe(ACMIX_PORT=port)
+    assert done.returncode == 1 and done.stderr.startswith(f"not ready: http://127.0.0.1:{port}/readyz: 503")
+    for bad in ({"ACMIX_PORT": "abc"}, {"ACMIX_HOST": "[::1]"}):
+        done = probe(**bad)
+        assert done.returncode == 1 and done.stderr.startswith("not ready: ") and "Traceback" not in done.stderr

@@ -47,6 +47,7 @@ from service.state import ServiceState
 SERVICE = "inference.GRPCInferenceService"  # the protocol's name: the gRPC method paths use it
 IMAGE_ELEMENTS = int(np.prod(INPUT_SHAPE))
 FINAL_RESPONSE_ASKED, FINAL_RESPONSE = "triton_enable_empty_final_response", "triton_final_response"
+DRAIN_POLL_S = 0.2  # how soon a stream sees the drain begin
 
 
 class Servicer:
@@ -329,12 +330,18 @@ def stream_handler(state: ServiceState, servicer: Servicer):
             finally:  # the end of the requests, however they ended
                 answers.put_nowait(None)
 
+        async def end_on_drain():  # an idle stream would hold the gRPC drain for its whole grace
+            while not state.draining:
+                await asyncio.sleep(DRAIN_POLL_S)
+            reader.cancel()  # no request read after it; those read are answered, then the stream ends
+
         reader = asyncio.create_task(read())
+        drain = asyncio.create_task(end_on_drain())
         try:
             while (task := await answers.get()) is not None:
                 yield await task  # the requests after it compute meanwhile
         finally:  # the client went away: what it sent is not computed
-            for task in (reader, *pending):
+            for task in (reader, drain, *pending):
                 task.cancel()
 
     return grpc.stream_stream_rpc_method_handler(call, response_serializer=pb.ModelStreamInferResponse.SerializeToString)
@@ -396,7 +403,7 @@ async def start(state: ServiceState) -> grpc.aio.Server:
     handlers["ModelStreamInfer"] = stream_handler(state, servicer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     add_health(server, state)  # grpc.health.v1 beside it (service/kserve_grpc/health.py)
-    address = f"{settings.host}:{settings.grpc_port}"
+    address = f"{f'[{settings.host}]' if ':' in settings.host else settings.host}:{settings.grpc_port}"  # IPv6 bracketed
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError:  # grpcio 1.85 raises where earlier versions returned 0

@@ -608,3 +608,45 @@ def test_grpcs_standard_health_service_answers_the_services_readiness(grpc_clien
         state.draining = True  # SIGTERM: the watches end, so that they never hold the gRPC drain
         assert next(watch).status == not_serving
         assert list(watch) == [] and list(unknown) == []
+
+
+def test_an_idle_stream_ends_when_the_drain_begins(grpc_client):
+    """An open ModelStreamInfer stream (a client between requests) held the gRPC drain for its whole
+    grace (ACMIX_REQUEST_TIMEOUT_S + 1 s): the requests it had sent are answered, then it ends."""
+    import queue
+
+    test_client, _, address = grpc_client()
+    more: queue.Queue = queue.Queue()
+
+    def requests():
+        yield raw_request(np.zeros((1, 3, 128, 128), np.float32), id="sent").SerializeToString()
+        while (item := more.get()) is not None:  # idle: the client sends nothing more
+            yield item
+
+    with grpc.insecure_channel(address) as channel:
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")(requests(), timeout=20)
+        first = pb.ModelStreamInferResponse.FromString(next(stream))
+        assert first.infer_response.id == "sent" and not first.error_message
+        started = time.monotonic()
+        test_client.app.state.service.draining = True  # SIGTERM: the drain begins
+        assert list(stream) == []  # the stream ends, without an error
+        assert time.monotonic() - started < 5
+        more.put(None)
+
+
+def test_grpc_listens_on_an_ipv6_host(make_client):
+    """ACMIX_HOST=:: or ::1 with gRPC on could not start: the address was written without brackets."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    port = free_port()
+    make_client(grpc_port=port, host="::1")
+    client = triton.InferenceServerClient(f"[::1]:{port}")
+    try:
+        assert client.is_server_live() and client.is_model_ready("alexnet_acmix")
+    finally:
+        client.close()
