@@ -62,7 +62,8 @@ class DrainingServer(uvicorn.Server):
 
     def _after_the_delay(self, sig, frame):
         if not self.state.draining:  # not drained already by a second signal (uvicorn would force the exit)
-            self.handle_exit(sig, frame)
+            self.state.draining = True
+            super().handle_exit(sig, frame)
 
 
 class OneLineLoadFailure:

@@ -405,6 +405,14 @@ def test_a_second_signal_during_the_shutdown_delay_drains_and_the_delay_then_for
 
     assert asyncio.run(signals()) is False
 
+    async def one_signal():  # a delay shorter than SAME_SIGNAL_S still ends in the drain
+        server = DrainingServer(uvicorn.Config(app=None), State())
+        server.handle_exit(signal.SIGTERM, None)
+        await asyncio.sleep(0.4)
+        return server.state.draining, server.should_exit, server.force_exit
+
+    assert asyncio.run(one_signal()) == (True, True, False)
+
 
 def test_ctrl_c_stops_a_single_process_cleanly_without_a_traceback(onnx_model):
     """uvicorn raises the signal again once it has drained: SIGINT ended in a KeyboardInterrupt
