@@ -18,6 +18,7 @@ and code, and logs one line (service/request_log.py), a message that does not pa
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import grpc
@@ -44,6 +45,8 @@ from service.request_log import (
 from service.settings import GRPC_MESSAGE_OVERHEAD
 from service.state import ServiceState
 
+# The server's own lines (started, stopped) under the service's logger; `log` is the request log's.
+service_log = logging.getLogger("service")
 SERVICE = "inference.GRPCInferenceService"  # the protocol's name: the gRPC method paths use it
 IMAGE_ELEMENTS = int(np.prod(INPUT_SHAPE))
 FINAL_RESPONSE_ASKED, FINAL_RESPONSE = "triton_enable_empty_final_response", "triton_final_response"
@@ -412,7 +415,7 @@ async def start(state: ServiceState) -> grpc.aio.Server:
         raise OSError(f"cannot listen for gRPC on {address} (another program holds the port, or the host is "
                       "not an address of this machine)")
     await server.start()
-    log.info("gRPC (KServe v2) on %s", address)
+    service_log.info("gRPC (KServe v2) on %s", address)
     return server
 
 
@@ -420,4 +423,4 @@ async def stop(server: grpc.aio.Server, grace_s: float) -> None:
     """Refuse new calls, let the ones in flight finish for up to grace_s, then close."""
     started = time.perf_counter()
     await server.stop(grace_s)
-    log.info("gRPC stopped after %.1f s", time.perf_counter() - started)
+    service_log.info("gRPC stopped after %.1f s", time.perf_counter() - started)

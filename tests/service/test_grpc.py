@@ -650,3 +650,10 @@ def test_grpc_listens_on_an_ipv6_host(make_client):
         assert client.is_server_live() and client.is_model_ready("alexnet_acmix")
     finally:
         client.close()
+
+
+def test_the_grpc_servers_own_lines_are_the_services_not_the_request_logs(grpc_client, caplog):
+    caplog.set_level(logging.INFO)
+    _, _, address = grpc_client()
+    started = [r for r in caplog.records if r.getMessage() == f"gRPC (KServe v2) on {address}"]
+    assert [r.name for r in started] == ["service"]
