@@ -26,7 +26,7 @@ from export.errors import ExportError
 from export.provision import provision
 from service.backends import plan_problem
 from service.main import create_app, drain_seconds, http_drain_seconds
-from service.settings import Settings, settings_problem, unknown_variables
+from service.settings import Settings, address, settings_problem, unknown_variables
 
 log = logging.getLogger("service")
 
@@ -170,8 +170,7 @@ def main(argv=None) -> int:
         try:
             with claimed_port(settings.host, settings.port):
                 # uvicorn names its address only where it binds the socket itself (one process)
-                host = f"[{settings.host}]" if ":" in settings.host else settings.host
-                log.info("HTTP on http://%s:%d, %d worker processes", host, settings.port, workers)
+                log.info("HTTP on http://%s, %d worker processes", address(settings.host, settings.port), workers)
                 return supervise(workers, forwarded, drain_seconds(settings) + 5)
         except PortTaken as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -12,6 +12,7 @@ dropped before inference and answered 504 by its handler.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +57,29 @@ class BatchObserver:
     def batch_failed(self, size: int, error: Exception) -> None: ...
 
 
+class InBackend:
+    """The batches in the backend and when each went in, for every batcher (this module's, and Ray
+    Serve's in service/ray_app.py). A backend that never returns fails no batch: only how long one
+    has been there shows it (ServiceState.stuck_s)."""
+
+    def __init__(self):
+        self._since: dict[object, float] = {}
+
+    @contextlib.contextmanager
+    def batch(self, started: float):
+        """The block computing a batch that went into the backend at `started` (time.perf_counter)."""
+        key = object()
+        self._since[key] = started
+        try:
+            yield
+        finally:
+            del self._since[key]
+
+    def longest_s(self) -> float:
+        """How long the batch in the backend longest has been there; 0 where none is."""
+        return time.perf_counter() - min(self._since.values()) if self._since else 0.0
+
+
 class DynamicBatcher:
     def __init__(
         self,
@@ -72,7 +96,7 @@ class DynamicBatcher:
         self.max_queue = max_queue
         self.observer = observer or BatchObserver()
         self._queue: deque[_Request] = deque()
-        self._in_backend: dict[int, float] = {}  # the batches in the backend (by id) and when they went in
+        self.in_backend = InBackend()
         self._wakeup = asyncio.Event()
         self.workers = workers if backend.concurrent else 1
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="inference")
@@ -86,11 +110,6 @@ class DynamicBatcher:
 
     def __len__(self) -> int:
         return len(self._queue)
-
-    def longest_in_backend_s(self) -> float:
-        """How long the batch in the backend longest has been there (0 where none is): a backend
-        that never returns fails no batch, so only this shows it (service/state.py, stuck)."""
-        return time.perf_counter() - min(self._in_backend.values()) if self._in_backend else 0.0
 
     def retry_after(self) -> float:
         """Seconds until the queue, as long as it is now, is drained at the measured rate (1 s when
@@ -169,12 +188,9 @@ class DynamicBatcher:
                 continue
             started = time.perf_counter()
             waits = [started - r.enqueued for r in batch]
-            self._in_backend[id(batch)] = started
             try:
-                try:
+                with self.in_backend.batch(started):  # left before a failure is counted (a failure is not a hang)
                     logits = await loop.run_in_executor(self._executor, self._infer, [r.image for r in batch])
-                finally:  # out of the backend before its failure is counted (a failure is not a hang)
-                    del self._in_backend[id(batch)]
             except Exception as exc:  # a failing backend fails this batch's requests, not the loop
                 self.observer.batch_failed(len(batch), exc)
                 for request in batch:

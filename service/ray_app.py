@@ -21,6 +21,7 @@ import time
 import numpy as np
 from ray import serve
 
+from service.batching import InBackend
 from service.main import close_service, create_app, open_service
 from service.settings import Settings
 
@@ -42,14 +43,10 @@ class ServeBatcher:
 
     def __init__(self, batch_method):
         self.batch_method = batch_method
-        self.in_backend: dict[int, float] = {}  # the batches in the backend (by id): when they went in
+        self.in_backend = InBackend()  # the replica's batches, which infer_batch records
 
     def retry_after(self) -> float:
         return 1.0  # Ray answers overload itself (max_ongoing_requests)
-
-    def longest_in_backend_s(self) -> float:
-        """As DynamicBatcher's (service/state.py, stuck): the replica's batches, which it records."""
-        return time.perf_counter() - min(self.in_backend.values()) if self.in_backend else 0.0
 
     async def infer_many(self, images: list[np.ndarray], deadline: float, tag: str | None = None) -> list[np.ndarray]:
         remaining = max(deadline - time.perf_counter(), 0)
@@ -103,12 +100,9 @@ class Classifier:
     async def infer_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        self.batcher.in_backend[id(images)] = started
         try:
-            try:
+            with self.batcher.in_backend.batch(started):  # left before a failure is counted (a failure is not a hang)
                 logits = await loop.run_in_executor(None, self.state.backend.infer, np.stack(images))
-            finally:  # out of the backend before its failure is counted (a failure is not a hang)
-                del self.batcher.in_backend[id(images)]
         except Exception as exc:  # counted as the service's batcher counts it: readiness, liveness, metrics
             self.state.batch_failed(len(images), exc)
             raise

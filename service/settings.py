@@ -218,6 +218,11 @@ def unknown_variables(environ) -> list[str]:
     return unknown
 
 
+def address(host: str, port: int) -> str:
+    """host:port as URLs and gRPC write it: an IPv6 host in brackets ([::1]:8001)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def settings_problem(error: ValidationError) -> str:
     """One line naming each invalid setting by its environment variable, and why."""
     problems = []

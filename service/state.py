@@ -65,7 +65,7 @@ class ServiceState(BatchObserver):
         (every request in it has had its 504 long since: the backend hangs; a hung backend fails no
         batch, so the failure count never sees it), else None. Failing, like failed batches: not
         live, not ready, so that an orchestrator restarts the process."""
-        seconds = self.batcher.longest_in_backend_s() if self.batcher is not None else 0.0
+        seconds = self.batcher.in_backend.longest_s() if self.batcher is not None else 0.0
         return seconds if seconds > 2 * self.settings.request_timeout_s else None
 
     def is_ready(self) -> bool:

@@ -42,7 +42,7 @@ from service.request_log import (
     request_id,
     traceparent,
 )
-from service.settings import GRPC_MESSAGE_OVERHEAD
+from service.settings import GRPC_MESSAGE_OVERHEAD, address
 from service.state import ServiceState
 
 # The server's own lines (started, stopped) under the service's logger; `log` is the request log's.
@@ -406,16 +406,16 @@ async def start(state: ServiceState) -> grpc.aio.Server:
     handlers["ModelStreamInfer"] = stream_handler(state, servicer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     add_health(server, state)  # grpc.health.v1 beside it (service/kserve_grpc/health.py)
-    address = f"{f'[{settings.host}]' if ':' in settings.host else settings.host}:{settings.grpc_port}"  # IPv6 bracketed
+    where = address(settings.host, settings.grpc_port)
     try:
-        bound = server.add_insecure_port(address)
+        bound = server.add_insecure_port(where)
     except RuntimeError:  # grpcio 1.85 raises where earlier versions returned 0
         bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen for gRPC on {address} (another program holds the port, or the host is "
+        raise OSError(f"cannot listen for gRPC on {where} (another program holds the port, or the host is "
                       "not an address of this machine)")
     await server.start()
-    service_log.info("gRPC (KServe v2) on %s", address)
+    service_log.info("gRPC (KServe v2) on %s", where)
     return server
 
 

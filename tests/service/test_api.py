@@ -484,16 +484,14 @@ def test_a_worker_of_several_whose_backend_hangs_exits_for_the_supervisor_to_rep
     import asyncio
     import time
 
+    from service.batching import InBackend
     from service.main import exit_when_hung
     from service.metrics import Metrics
     from service.state import ServiceState
     from tests.service.conftest import service_settings
 
     class Batcher:
-        since = None
-
-        def longest_in_backend_s(self):
-            return time.perf_counter() - self.since if self.since else 0.0
+        in_backend = InBackend()
 
     state = ServiceState(settings=service_settings(onnx_model, request_timeout_s=0.1), metrics=Metrics())
     state.batcher, exits = Batcher(), []
@@ -502,8 +500,8 @@ def test_a_worker_of_several_whose_backend_hangs_exits_for_the_supervisor_to_rep
         watchdog = asyncio.create_task(exit_when_hung(state, interval_s=0.05, exit=exits.append))
         await asyncio.sleep(0.2)
         assert exits == []  # no batch in the backend
-        state.batcher.since = time.perf_counter()  # one goes in, and stays
-        await asyncio.sleep(0.4)
+        with state.batcher.in_backend.batch(time.perf_counter()):  # one goes in, and stays
+            await asyncio.sleep(0.4)
         watchdog.cancel()
 
     asyncio.run(watch())

@@ -96,10 +96,10 @@ def test_a_replica_fails_rays_health_check_while_its_batches_fail_or_its_backend
                                                  metrics=Metrics()))
     replica.state.batcher = replica.batcher
     check_health(replica)  # healthy
-    replica.batcher.in_backend[1] = time.perf_counter() - 0.5  # a batch in the backend for 0.5 s > 2 x 0.1 s
-    with pytest.raises(RuntimeError, match="the backend hangs"):
-        check_health(replica)
-    del replica.batcher.in_backend[1]
+    with replica.batcher.in_backend.batch(time.perf_counter() - 0.5):  # in the backend for 0.5 s > 2 x 0.1 s
+        with pytest.raises(RuntimeError, match="the backend hangs"):
+            check_health(replica)
+    check_health(replica)  # it returned
     replica.state.consecutive_failures = 3
     with pytest.raises(RuntimeError, match="3 batches failed in a row"):
         check_health(replica)
