@@ -24,6 +24,30 @@ async def send_http_error(send, path: str, status: int, message: str, headers: d
     await send({"type": "http.response.body", "body": body})
 
 
+# gRPC sends a status's message in the trailers, percent-encoded (each byte outside printable ASCII, and
+# '%', as three), where clients refuse metadata over 8 KiB (with a chance; all over 16 KiB) with their
+# own RESOURCE_EXHAUSTED about metadata: a message naming a megabyte model name lost its cause.
+STATUS_MESSAGE_BYTES = 4096
+
+
+def status_message(message: str, limit: int = STATUS_MESSAGE_BYTES) -> str:
+    """`message` as a gRPC status message of at most `limit` bytes on the wire: a longer one keeps its
+    beginning and its end (the cause and what to do), and says how many characters are left out."""
+
+    def within(text: str, budget: int) -> str:
+        for end, char in enumerate(text):
+            budget -= sum(1 if 0x20 <= b <= 0x7E and b != 0x25 else 3 for b in char.encode())
+            if budget < 0:
+                return text[:end]
+        return text
+
+    if len(within(message, limit)) == len(message):
+        return message
+    side = (limit - 64) // 2  # the marker's room
+    head, tail = within(message, side), within(message[::-1], side)[::-1]
+    return f"{head} ... [{len(message) - len(head) - len(tail)} characters left out] ... {tail}"
+
+
 class ServiceError(Exception):
     status = 500
     grpc_code = "INTERNAL"

@@ -17,6 +17,7 @@ import asyncio
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.errors import status_message
 from service.state import ServiceState
 
 WATCH_INTERVAL_S = 0.5
@@ -36,8 +37,8 @@ class ReadinessHealth(health_pb2_grpc.HealthServicer):
     async def Check(self, request, context):  # noqa: N802 (the protocol's method names)
         status = self.status(request.service)
         if status == Status.SERVICE_UNKNOWN:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}; this server "
-                                                           f"answers for {', '.join(map(repr, self.names))}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, status_message(
+                f"unknown service {request.service!r}; this server answers for {', '.join(map(repr, self.names))}"))
         return Status(status=status)
 
     async def Watch(self, request, context):  # noqa: N802

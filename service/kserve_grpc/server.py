@@ -29,7 +29,7 @@ from google.protobuf.message import DecodeError
 from model.spec import INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME
 from service import inference
 from service.api.security import check_key
-from service.errors import BadRequest, NotFound, ServiceError, Unavailable, Unsupported
+from service.errors import BadRequest, NotFound, ServiceError, Unavailable, Unsupported, status_message
 from service.kserve_grpc.health import add_health
 from service.kserve_grpc.proto import kserve_v2_pb2 as pb
 from service.request_log import (
@@ -287,8 +287,8 @@ def handler(state: ServiceState, name: str, method, request_type=None, response_
             trailing.append((MODEL_DIGEST, state.model_digest[:12]))
         context.set_trailing_metadata(trailing)
         response, code, message = await answer(state, name, method, request, metadata, record)
-        if response is None:
-            await context.abort(code, message)
+        if response is None:  # the message names what the request sent, which may be of any length
+            await context.abort(code, status_message(message))
         return response
 
     return grpc.unary_unary_rpc_method_handler(

@@ -174,6 +174,45 @@ def test_invalid_argument_not_found_and_the_message_names_the_cause(grpc_client,
     assert client.is_server_ready()  # nothing of that broke the server
 
 
+def test_an_error_naming_a_huge_value_keeps_its_code_and_cause(grpc_client):
+    """A status's message travels in the trailers, where clients refuse more than 16 KiB (8 KiB by chance)
+    with their own RESOURCE_EXHAUSTED about metadata: a message echoing what the request sent is clipped."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    _, _, address = grpc_client()
+    batch = np.zeros((1, 3, 128, 128), np.float32)
+    unknown_model = raw_request(batch)
+    unknown_model.model_name = "m" * 100_000
+    many_dims = raw_request(batch)
+    many_dims.inputs[0].shape[:] = [1] * 100_000
+    with grpc.insecure_channel(address) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                    request_serializer=pb.ModelInferRequest.SerializeToString)
+        metadata = channel.unary_unary("/inference.GRPCInferenceService/ModelMetadata",
+                                       request_serializer=pb.ModelMetadataRequest.SerializeToString)
+        health = health_pb2_grpc.HealthStub(channel)
+        cases = [
+            (lambda: infer(unknown_model, timeout=30), grpc.StatusCode.NOT_FOUND, "unknown model 'mmm"),
+            (lambda: infer(many_dims, timeout=30), grpc.StatusCode.INVALID_ARGUMENT, "input 'image' must have shape [N, 3, 128, 128]"),
+            (lambda: metadata(pb.ModelMetadataRequest(name="\u00e9\U0001f600" * 20_000), timeout=30),
+             grpc.StatusCode.NOT_FOUND, "unknown model '\u00e9\U0001f600"),
+            (lambda: health.Check(health_pb2.HealthCheckRequest(service="z" * 100_000), timeout=30),
+             grpc.StatusCode.NOT_FOUND, "unknown service 'zzz"),
+        ]
+        for call, code, cause in cases:
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == code, caught.value.details()[:200]
+            assert caught.value.details().startswith(cause) and "characters left out" in caught.value.details()
+        assert "this server serves 'alexnet_acmix'" in status_of_raw(lambda: infer(unknown_model, timeout=30))
+
+
+def status_of_raw(call) -> str:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value.details()
+
+
 def test_unauthenticated_without_the_api_key(grpc_client):
     _, client, _ = grpc_client(api_key="secret")
     batch = np.zeros((1, 3, 128, 128), np.float32)
