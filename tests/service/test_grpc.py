@@ -649,6 +649,20 @@ def test_grpcs_standard_health_service_answers_the_services_readiness(grpc_clien
         assert list(watch) == [] and list(unknown) == []
 
 
+def test_a_malformed_health_request_is_invalid_argument_without_a_traceback(grpc_client, caplog):
+    """grpc's own deserializer answered UNKNOWN ("Unexpected DecodeError") and logged a traceback."""
+    _, _, address = grpc_client()
+    with grpc.insecure_channel(address) as channel:
+        for method in ("Check", "Watch"):
+            call = getattr(channel, "unary_unary" if method == "Check" else "unary_stream")(f"/grpc.health.v1.Health/{method}")
+            with pytest.raises(grpc.RpcError) as caught:
+                result = call(MALFORMED, timeout=10)
+                next(iter(result)) if method == "Watch" else None
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, caught.value.details())
+            assert caught.value.details().startswith("malformed request message") and "HealthCheckRequest" in caught.value.details()
+    assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"]
+
+
 def test_an_idle_stream_ends_when_the_drain_begins(grpc_client):
     """An open ModelStreamInfer stream (a client between requests) held the gRPC drain for its whole
     grace (ACMIX_REQUEST_TIMEOUT_S + 1 s): the requests it had sent are answered, then it ends."""
