@@ -173,13 +173,18 @@ def timeout_parameter(parameters, metadata) -> float | None:
     choice = parameters["timeout"].WhichOneof("parameter_choice")
     value = getattr(parameters["timeout"], choice) if choice else None
     if choice not in ("int64_param", "uint64_param") or value <= 0:
-        raise BadRequest(f"the timeout parameter must be a positive integer of microseconds, got {value!r}")
+        sent = f"{choice} {value!r}" if choice else "a parameter without a value"
+        raise BadRequest(f"the timeout parameter must be a positive integer of microseconds, got {sent}")
     return value / 1e6
 
 
-def region_of(parameters) -> str | None:
-    """The shared_memory_region parameter's string, where one is given."""
-    return parameters["shared_memory_region"].string_param if "shared_memory_region" in parameters else None
+def region_of(parameters):
+    """The shared_memory_region parameter's value, whichever its type (a region sent as an integer is
+    named as sent, not as ''), where one is given."""
+    if "shared_memory_region" not in parameters:
+        return None
+    choice = parameters["shared_memory_region"].WhichOneof("parameter_choice")
+    return getattr(parameters["shared_memory_region"], choice) if choice else None
 
 
 def requested_outputs(request) -> list[int]:

@@ -207,6 +207,20 @@ def test_an_error_naming_a_huge_value_keeps_its_code_and_cause(grpc_client):
         assert "this server serves 'alexnet_acmix'" in status_of_raw(lambda: infer(unknown_model, timeout=30))
 
 
+def test_a_parameter_of_another_type_or_without_a_value_is_named_as_sent(grpc_client):
+    """A region sent as an integer was named region ''; a timeout without a value "got None"."""
+    _, _, address = grpc_client()
+    region = raw_request(np.zeros((1, 3, 128, 128), np.float32))
+    region.inputs[0].parameters["shared_memory_region"].int64_param = 3
+    timeout = raw_request(np.zeros((1, 3, 128, 128), np.float32))
+    timeout.parameters["timeout"].SetInParent()
+    with grpc.insecure_channel(address) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                    request_serializer=pb.ModelInferRequest.SerializeToString)
+        assert "names shared memory region 3:" in status_of_raw(lambda: infer(region, timeout=30))
+        assert status_of_raw(lambda: infer(timeout, timeout=30)).endswith("got a parameter without a value")
+
+
 def status_of_raw(call) -> str:
     with pytest.raises(grpc.RpcError) as caught:
         call()
