@@ -54,7 +54,7 @@ async def server_metadata() -> dict:
 @router.get("/health/live", summary="Server live")
 async def live(state: StateDep):
     if state.failing:
-        return JSONResponse({"live": False}, status_code=503)
+        return JSONResponse({"live": False, "error": state.not_ready_reason() or "not live"}, status_code=503)
     return {"live": True}
 
 
@@ -64,9 +64,11 @@ async def ready(state: StateDep):
 
 
 def _readiness(state: ServiceState):
+    """{"ready": true}, or a 503 whose body also says why in v2's error object ({"error": ...}): KServe's
+    SDK raises on a 503 with that message (it shows any other body as a dict), as KServe's server answers."""
     if state.is_ready():
         return {"ready": True}
-    return JSONResponse({"ready": False}, status_code=503)
+    return JSONResponse({"ready": False, "error": state.not_ready_reason() or "not ready"}, status_code=503)
 
 
 @router.post("/repository/index", summary="Model repository index", dependencies=[Depends(require_api_key)])

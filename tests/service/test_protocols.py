@@ -239,9 +239,26 @@ def test_consecutive_failed_batches_turn_readiness_and_liveness_off_until_one_su
         assert response.status_code == 500 and "inference failed" in response.json()["detail"]
     assert client.get("/healthz").status_code == 503 and client.get("/readyz").status_code == 503
     assert "3 batches failed in a row" in client.get("/readyz").json()["error"]
-    assert client.get("/v2/health/live").status_code == 503
+    live = client.get("/v2/health/live")
+    assert live.status_code == 503 and "3 batches failed in a row" in live.json()["error"]  # v2's error object
     backend.fail = False
     # Requests are still taken (a load balancer has stopped sending them; direct ones may come):
     # one good batch resets the count, before the orchestrator acts on liveness.
     assert client.post("/predict", files=upload).status_code == 200
     assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+
+
+def test_v2_health_says_why_it_is_not_ready_in_the_error_object(client):
+    # KServe's SDK (InferenceRESTClient.is_server_ready) raises on a 503 with the body's "error" as its
+    # message, and shows any other body as a dict ("{'ready': False}, '503 ...'"); KServe's own server
+    # answers {"error": ...}. "ready" stays for clients that read it; the status alone is the answer.
+    state = client.app.state.service
+    state.draining = True
+    try:
+        for path in ("/v2/health/ready", "/v2/models/alexnet_acmix/ready", "/v2/models/alexnet_acmix_image/ready"):
+            response = client.get(path)
+            assert response.status_code == 503 and response.headers["content-type"] == "application/json"
+            assert response.json() == {"ready": False, "error": "draining"}
+    finally:
+        state.draining = False
+    assert client.get("/v2/health/ready").json() == {"ready": True}
