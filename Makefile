@@ -13,6 +13,10 @@ STAMP := $(VENV)/.installed
 TENSORRT_BINDINGS := 10.16.1.11 11.2.1.2
 BINDINGS := $(foreach v,$(TENSORRT_BINDINGS),$(VENV)/tensorrt-$(v)/.installed)
 
+# KServe's own Python SDK in a venv of its own (it needs protobuf<7; the project pins 7), for the test
+# that runs its clients against a real server (tests/service/test_kserve_sdk.py). Only `make test` makes it.
+KSERVE_SDK := $(VENV)/kserve-sdk/.installed
+
 setup: $(STAMP) $(BINDINGS)
 
 # Idempotent: reinstalls only when the lock file or pyproject.toml changed.
@@ -27,8 +31,14 @@ $(VENV)/tensorrt-%/.installed: | $(STAMP)
 	  tensorrt-cu13-bindings==$*
 	touch $@
 
+$(KSERVE_SDK): harness/kserve_sdk.lock | $(STAMP)
+	test -x $(VENV)/kserve-sdk/bin/python || $(PYTHON) -m venv $(VENV)/kserve-sdk
+	@echo "installing KServe's SDK into $(VENV)/kserve-sdk (for one test; a minute the first time)"
+	$(VENV)/kserve-sdk/bin/python -m pip install --quiet --disable-pip-version-check -r harness/kserve_sdk.lock
+	touch $@
+
 # Two processes (pytest-xdist): most tests wait on servers and child processes; plain `pytest` runs serially.
-test: setup
+test: setup $(KSERVE_SDK)
 	$(PY) -m pytest -n 2
 
 # The service on http://127.0.0.1:8000 (ONNX Runtime here; exports the ONNX first if it is missing or stale).

@@ -96,6 +96,31 @@ def test_both_models_through_tritonclient_http_and_grpc_on_a_real_server(served,
     grpc.close()
 
 
+KSERVE_SDK = launch.ROOT / ".venv" / "kserve-sdk" / "bin" / "python"
+
+
+@pytest.mark.skipif(not KSERVE_SDK.exists(), reason="KServe's SDK is not installed in .venv/kserve-sdk (make test "
+                                                    "installs it; it needs a venv of its own, protobuf<7)")
+def test_kserve_sdk_clients_over_rest_and_grpc_on_a_real_server(served, tmp_path):
+    """KServe's own InferenceRESTClient and InferenceGRPCClient, run in their venv by harness/kserve_sdk.py:
+    every check passes, each answer the class /predict gives the same image."""
+    import subprocess
+
+    from tests.conftest import jpeg_bytes, synthetic_images
+
+    url, address = served
+    images, _ = synthetic_images(per_class=1, seed=5)
+    for i, image in enumerate(images):
+        (tmp_path / f"{i:02d}.png").write_bytes(jpeg_bytes(image, "PNG"))
+    for i, image in enumerate(images[:2]):
+        (tmp_path / f"{i:02d}.jpg").write_bytes(jpeg_bytes(image))
+    run = subprocess.run([str(KSERVE_SDK), "-m", "harness.kserve_sdk", "--http", url, "--grpc", address,
+                          "--images", str(tmp_path)], cwd=launch.ROOT, capture_output=True, text=True, timeout=300)
+    failed = [line for line in run.stdout.splitlines() if line.startswith("FAIL")]
+    assert run.returncode == 0 and not failed, (failed, run.stderr[-2000:])
+    assert "SUMMARY" in run.stdout and " 0 failed" in run.stdout
+
+
 def test_a_deeply_nested_body_is_a_400_and_the_connection_keeps_serving(server):
     with httpx.Client(base_url=server) as client:  # one keep-alive connection
         response = client.post("/v2/models/alexnet_acmix/infer", content=b"[" * 100_000 + b"]" * 100_000)
