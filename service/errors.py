@@ -9,6 +9,40 @@ from __future__ import annotations
 
 import json
 
+from pydantic import BaseModel
+
+
+class ErrorDetail(BaseModel):
+    """An error outside /v2, as FastAPI's own (a 422's `detail` is its list of validation errors instead)."""
+
+    detail: str
+
+
+class ErrorV2(BaseModel):
+    """An error under /v2, as KServe v2 and tritonclient read it."""
+
+    error: str
+
+
+# What each error status means, for the API docs.
+ERROR_STATUSES = {
+    400: "Bad request: the image, tensor, JSON or a parameter is wrong; the message names the cause",
+    401: "Missing or wrong API key (ACMIX_API_KEY is set)",
+    404: "Unknown model or version",
+    408: "The request body was not received within ACMIX_BODY_TIMEOUT_S",
+    413: "The request body is over the upload limit (ACMIX_MAX_UPLOAD_BYTES)",
+    429: "The queue is full; retry after Retry-After seconds",
+    500: "The backend failed on the batch (the server's fault, not the request's)",
+    503: "Not ready, or draining",
+    504: "No result before the request's deadline",
+}
+
+
+def error_responses(*statuses: int, v2: bool = False) -> dict:
+    """FastAPI's `responses` documenting these error statuses with the body they carry."""
+    model = ErrorV2 if v2 else ErrorDetail
+    return {status: {"model": model, "description": ERROR_STATUSES[status]} for status in statuses}
+
 
 def http_error_body(path: str, message: str) -> dict:
     """An HTTP error's JSON body: KServe v2's ({"error": ...}) under /v2, FastAPI's ({"detail": ...}) elsewhere."""

@@ -15,6 +15,11 @@ router = APIRouter(tags=["health"])
 PAGE = Path(__file__).resolve().parent.parent / "static" / "index.html"
 
 
+class Liveness(BaseModel):
+    status: str
+    error: str | None = None
+
+
 class Readiness(BaseModel):
     ready: bool
     model: str
@@ -29,7 +34,7 @@ class Readiness(BaseModel):
 
 @router.get("/healthz", summary="Live: the process answers, its batches have not failed "
                                 "ACMIX_MAX_CONSECUTIVE_FAILURES times in a row, and none hangs in the backend",
-            responses={503: {}})
+            responses={200: {"model": Liveness}, 503: {"model": Liveness, "description": "Failing"}})
 async def healthz(state: StateDep):
     if state.failing:
         return JSONResponse({"status": "failing", "error": state.not_ready_reason()}, status_code=503)
@@ -38,7 +43,7 @@ async def healthz(state: StateDep):
 
 @router.get("/readyz", response_model=Readiness,
             summary="Ready: backend loaded, warmed up and checked against the reference logits; not draining "
-                    "or failing", responses={503: {"model": Readiness}})
+                    "or failing", responses={503: {"model": Readiness, "description": "Not ready"}})
 async def readyz(state: StateDep):
     body = Readiness(
         ready=state.is_ready(),
@@ -54,7 +59,8 @@ async def readyz(state: StateDep):
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(state: StateDep) -> Response:
     return state.metrics.response()
 

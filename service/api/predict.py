@@ -11,7 +11,7 @@ from pydantic import BaseModel, WithJsonSchema
 
 from model.preprocessing import ImageError
 from service.api.security import require_api_key
-from service.errors import BadRequest, Overloaded, ServiceError
+from service.errors import BadRequest, Overloaded, ServiceError, error_responses
 from service.inference import check_batch_size
 from service.predictions import classify
 from service.state import ServiceState, StateDep
@@ -73,7 +73,8 @@ async def predict_one(state: ServiceState, upload: UploadFile | str, top_k: int,
                       backend=state.backend_name)
 
 
-@router.post("/predict", response_model=Prediction, summary="Classify one image")
+@router.post("/predict", response_model=Prediction, summary="Classify one image",
+             responses=error_responses(400, 401, 408, 413, 429, 500, 503, 504))
 async def predict(
     request: Request,
     state: StateDep,
@@ -88,10 +89,12 @@ async def predict(
     return await predict_one(state, file, top_k, state.deadline(timeout_ms / 1000 if timeout_ms else None))
 
 
-@router.post("/predict/batch", response_model=BatchPrediction, summary="Classify several images, one result each")
+# A file that fails gets its own status in `results`; the request as a whole fails only as these do.
+@router.post("/predict/batch", response_model=BatchPrediction, summary="Classify several images, one result each",
+             responses=error_responses(400, 401, 408, 413, 429))
 async def predict_batch(
     state: StateDep,
-    file: Annotated[list[FilePart], File(description="several `file` parts")],
+    file: Annotated[list[FilePart], File(description="several `file` parts", min_length=1)],
     top_k: TopK = 5,
     timeout_ms: TimeoutMs = None,
 ) -> BatchPrediction:

@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, Response
 from model.spec import INPUT_NAME, OUTPUT_NAME
 from service import inference
 from service.api.security import require_api_key
-from service.errors import BadRequest, TooLarge, Unsupported
+from service.errors import BadRequest, TooLarge, Unsupported, error_responses
 from service.state import ServiceState, StateDep
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
@@ -45,20 +45,73 @@ NON_NUMBERS = {"b": "booleans", "U": "strings", "O": "nulls, objects or integers
 # A `timeout` parameter past this (microseconds, about 292,000 years) counts as this.
 MAX_TIMEOUT_US = 2**63 - 1
 
+# The documented forms of the bodies this module reads and writes by hand (the API docs, /openapi.json).
+NOT_READY = {503: {"description": "Not ready", "content": {"application/json": {"schema": {
+    "type": "object", "required": ["ready"], "properties": {"ready": {"const": False}}}}}}}
+INFER_REQUEST = {
+    "type": "object", "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string", "description": "echoed in the response"},
+        "parameters": {"type": "object", "properties": {
+            "timeout": {"type": "integer", "minimum": 1, "description": "the request's deadline, in microseconds"},
+            "binary_data_output": {"type": "boolean"}}},
+        "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
+            "type": "object", "required": ["name", "datatype", "shape"],
+            "properties": {
+                "name": {"type": "string", "enum": [INPUT_NAME]},
+                "datatype": {"type": "string", "enum": ["FP32", "BYTES"],
+                             "description": "FP32 for the tensor model, BYTES for the image model"},
+                "shape": {"type": "array", "items": {"type": "integer"},
+                          "description": "[N, 3, 128, 128] (FP32), [N] or [N, 1] (BYTES)"},
+                "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer", "minimum": 0}}},
+                "data": {"type": "array", "description": "FP32: numbers, flat or nested as the shape; BYTES: base64 "
+                                                         "strings, one encoded image file each"}}}},
+        "outputs": {"type": "array", "maxItems": 1, "items": {
+            "type": "object", "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "enum": [OUTPUT_NAME]},
+                "parameters": {"type": "object", "properties": {
+                    "classification": {"type": "integer", "minimum": 0, "maximum": 10},
+                    "binary_data": {"type": "boolean"}}}}}}}}
+INFER_RESPONSE = {
+    "type": "object", "required": ["model_name", "model_version", "outputs"],
+    "properties": {
+        "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
+        "outputs": {"type": "array", "items": {
+            "type": "object", "required": ["name", "datatype", "shape"],
+            "properties": {"name": {"type": "string"}, "datatype": {"type": "string", "enum": ["FP32", "BYTES"]},
+                           "shape": {"type": "array", "items": {"type": "integer"}},
+                           "data": {"type": "array"}, "parameters": {"type": "object"}}}}}}
+BINARY_FORM = {"schema": {"type": "string", "format": "binary",
+                          "description": f"the JSON header ({HEADER_LENGTH} bytes), then the binary tensor data"}}
+INFER_DOCS = dict(
+    openapi_extra={
+        "parameters": [{"name": HEADER_LENGTH, "in": "header", "required": False,
+                        "schema": {"type": "integer", "minimum": 1},
+                        "description": "binary tensor data extension: the length of the JSON header"}],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": INFER_REQUEST},
+                                                      "application/octet-stream": BINARY_FORM}}},
+    responses={200: {"content": {"application/json": {"schema": INFER_RESPONSE},
+                                 "application/octet-stream": BINARY_FORM}},
+               **error_responses(400, 401, 404, 408, 413, 429, 500, 503, 504, v2=True)},
+)
+
 
 @router.get("", summary="Server metadata")
 async def server_metadata() -> dict:
     return inference.SERVER
 
 
-@router.get("/health/live", summary="Server live")
+@router.get("/health/live", summary="Server live", responses={503: {
+    "description": "Failing", "content": {"application/json": {"schema": {
+        "type": "object", "required": ["live"], "properties": {"live": {"const": False}}}}}}})
 async def live(state: StateDep):
     if state.failing:
         return JSONResponse({"live": False, "error": state.not_ready_reason() or "not live"}, status_code=503)
     return {"live": True}
 
 
-@router.get("/health/ready", summary="Server ready")
+@router.get("/health/ready", summary="Server ready", responses=NOT_READY)
 async def ready(state: StateDep):
     return _readiness(state)
 
@@ -71,7 +124,10 @@ def _readiness(state: ServiceState):
     return JSONResponse({"ready": False, "error": state.not_ready_reason() or "not ready"}, status_code=503)
 
 
-@router.post("/repository/index", summary="Model repository index", dependencies=[Depends(require_api_key)])
+@router.post("/repository/index", summary="Model repository index", dependencies=[Depends(require_api_key)],
+             openapi_extra={"requestBody": {"required": False, "content": {"application/json": {"schema": {
+                 "type": "object", "properties": {"ready": {"type": "boolean"}}}}}}},
+             responses=error_responses(400, 401, 408, 413, v2=True))
 async def repository_index(state: StateDep, request: Request) -> list[dict]:
     body = await request.body()
     header = parse_json(body) if body.strip() else {}
@@ -80,8 +136,9 @@ async def repository_index(state: StateDep, request: Request) -> list[dict]:
     return inference.repository_index(state, ready_only=flag(header, "ready", "the request"))
 
 
-@router.get("/models/stats", summary="Statistics of both models (Triton's statistics extension)")
-@router.get("/models/{model}/stats", summary="Statistics of a model")
+@router.get("/models/stats", summary="Statistics of both models (Triton's statistics extension)",
+            responses=error_responses(404, v2=True))
+@router.get("/models/{model}/stats", summary="Statistics of a model", responses=error_responses(404, v2=True))
 @router.get("/models/{model}/versions/{version}/stats", include_in_schema=False)
 async def model_statistics(state: StateDep, model: str | None = None, version: str | None = None) -> dict:
     # declared before /models/{model}, which would take "stats" for a model's name
@@ -119,28 +176,30 @@ for _methods, _path, _extension in UNSUPPORTED_ROUTES:  # before /models/{model}
     router.add_api_route(_path, _unsupported(_extension), methods=_methods, include_in_schema=False)
 
 
-@router.get("/models/{model}", summary="Model metadata (with the preprocessing it expects in `parameters`)")
+@router.get("/models/{model}", summary="Model metadata (with the preprocessing it expects in `parameters`)",
+            responses=error_responses(404, v2=True))
 @router.get("/models/{model}/versions/{version}", include_in_schema=False)
 async def model_metadata(state: StateDep, model: str, version: str | None = None) -> dict:
     inference.check_model(state, model, version)
     return inference.model_metadata(state, model)
 
 
-@router.get("/models/{model}/config", summary="Model configuration (Triton's ModelConfig)")
+@router.get("/models/{model}/config", summary="Model configuration (Triton's ModelConfig)",
+            responses=error_responses(404, v2=True))
 @router.get("/models/{model}/versions/{version}/config", include_in_schema=False)
 async def model_config(state: StateDep, model: str, version: str | None = None) -> dict:
     inference.check_model(state, model, version)
     return inference.model_config(state, model)
 
 
-@router.get("/models/{model}/ready", summary="Model ready")
+@router.get("/models/{model}/ready", summary="Model ready", responses={**error_responses(404, v2=True), **NOT_READY})
 @router.get("/models/{model}/versions/{version}/ready", include_in_schema=False)
 async def model_ready(state: StateDep, model: str, version: str | None = None):
     inference.check_model(state, model, version)
     return _readiness(state)
 
 
-@router.post("/models/{model}/infer", summary="Inference", dependencies=[Depends(require_api_key)])
+@router.post("/models/{model}/infer", summary="Inference", dependencies=[Depends(require_api_key)], **INFER_DOCS)
 @router.post("/models/{model}/versions/{version}/infer", include_in_schema=False,
              dependencies=[Depends(require_api_key)])
 async def infer(state: StateDep, model: str, request: Request, version: str | None = None) -> Response:
