@@ -506,3 +506,11 @@ def test_a_worker_of_several_whose_backend_hangs_exits_for_the_supervisor_to_rep
 
     asyncio.run(watch())
     assert exits and exits[0] == 1
+
+
+@pytest.mark.parametrize("timeout_ms", ["5e-324", "2.2250738585072014e-308", "1e-300", "0.0001"])
+def test_a_request_timeout_below_a_microsecond_is_refused_naming_the_header_and_its_minimum(client, timeout_ms):
+    response = client.post("/predict", files=upload(png()), headers={"X-Request-Timeout-Ms": timeout_ms})
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["header", "X-Request-Timeout-Ms"] and "0.001" in error["msg"]
