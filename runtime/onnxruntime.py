@@ -89,6 +89,15 @@ def chunked_session(graph: bytes, path: Path, threads: int | None, providers: li
 
 def create_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None,
                    batch_chunks: bool = True):
+    """`_create_session`, the calling thread's floating-point mode kept: ONNX Runtime sets denormals as
+    zero for good in the thread that creates the process's first session (runtime/cpu.py), which in
+    the service is the event loop's, where every request's own arithmetic then flushed subnormals (a
+    timeout of 5e-324 ms read as 0)."""
+    with denormals_as_zero(False):  # restores the caller's mode on the way out
+        return _create_session(path, threads, providers, batch_chunks)
+
+
+def _create_session(path: str | Path, threads: int | None, providers: list[str] | None, batch_chunks: bool):
     """An InferenceSession over `path` with the project's options; BackendError naming the file if
     it is missing or ONNX Runtime cannot load it. providers default to CUDA where ONNX Runtime has
     it, then the CPU. On the CPU, the graph is cpu_graph's, and with one thread (and `batch_chunks`)

@@ -89,3 +89,16 @@ def test_a_relu_with_another_reader_stays():
 
     model = relu_qdq_graph(second_reader="Add")
     assert relu_into_quantize(model) == 0 and "Relu" in {n.op_type for n in model.graph.node}
+
+
+def test_creating_the_first_session_leaves_the_threads_floating_point_mode_alone(tiny_onnx):
+    """ONNX Runtime sets denormals as zero in the thread that creates the process's first session;
+    in the service that thread is the event loop's. A fresh process: only its first session does it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from runtime.onnxruntime import create_session; "
+            "create_session(sys.argv[1], threads=1); print(float('5e-324') > 0)")
+    result = subprocess.run([sys.executable, "-c", code, str(tiny_onnx)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, check=True)
+    assert result.stdout.split() == ["True"]
