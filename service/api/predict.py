@@ -24,9 +24,11 @@ TopK = Annotated[int, Form(ge=1, le=10, description="how many classes to return,
 # The request's own deadline, as v2's `timeout` parameter is for /v2 (never later than the server's).
 # At least a microsecond, as v2's: a positive value below it (5e-324) became 0 s in seconds, and a
 # 400 "must be positive, got 0 s" (or, where the thread flushes subnormals, a 422 "greater than 0").
+# Documented as the number a header can carry (FastAPI's `anyOf: [number, null]` invites "null").
 TimeoutMs = Annotated[float | None, Header(alias="X-Request-Timeout-Ms", ge=0.001,
                                            description="answer within this many milliseconds (at least 0.001), "
-                                                       "else 504")]
+                                                       "else 504"),
+                      WithJsonSchema({"type": "number", "minimum": 0.001})]
 # A `file` part: multipart parsing gives one without a filename (curl -F 'file=<a.png') as text,
 # which predict_one refuses by name; declared UploadFile alone, FastAPI's 422 would echo it whole.
 # Documented as the upload it must be.

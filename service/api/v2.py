@@ -61,7 +61,7 @@ INFER_REQUEST = {
                 "name": {"type": "string", "enum": [INPUT_NAME]},
                 "datatype": {"type": "string", "enum": ["FP32", "BYTES"],
                              "description": "FP32 for the tensor model, BYTES for the image model"},
-                "shape": {"type": "array", "items": {"type": "integer"},
+                "shape": {"type": "array", "minItems": 1, "maxItems": 4, "items": {"type": "integer", "minimum": 1},
                           "description": "[N, 3, 128, 128] (FP32), [N] or [N, 1] (BYTES)"},
                 "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer", "minimum": 0}}},
                 "data": {"type": "array", "description": "FP32: numbers, flat or nested as the shape; BYTES: base64 "
@@ -82,7 +82,7 @@ INFER_RESPONSE = {
             "properties": {"name": {"type": "string"}, "datatype": {"type": "string", "enum": ["FP32", "BYTES"]},
                            "shape": {"type": "array", "items": {"type": "integer"}},
                            "data": {"type": "array"}, "parameters": {"type": "object"}}}}}}
-BINARY_FORM = {"schema": {"type": "string", "format": "binary",
+BINARY_FORM = {"schema": {"type": "string", "format": "binary", "minLength": 1,
                           "description": f"the JSON header ({HEADER_LENGTH} bytes), then the binary tensor data"}}
 INFER_DOCS = dict(
     openapi_extra={

@@ -93,3 +93,22 @@ def test_a_batch_without_files_is_documented_as_invalid(client):
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
     assert schemas["Body_predict_batch_predict_batch_post"]["properties"]["file"]["minItems"] == 1
     assert client.post("/predict/batch", data={"top_k": "3"}).status_code == 422
+
+
+def test_what_the_docs_call_valid_is_what_the_service_takes(client):
+    """Where schemathesis read a valid request in the docs that the service refuses: a header of
+    "null", an empty binary body, an empty or non-positive shape."""
+    spec = client.get("/openapi.json").json()
+    for route in ("/predict", "/predict/batch"):
+        [header] = spec["paths"][route]["post"]["parameters"]
+        assert header["name"] == "X-Request-Timeout-Ms" and header["schema"]["type"] == "number"
+        assert header["schema"]["minimum"] == 0.001 and "anyOf" not in header["schema"]
+    body = spec["paths"][INFER]["post"]["requestBody"]["content"]
+    assert body["application/octet-stream"]["schema"]["minLength"] == 1
+    assert client.post(TENSOR, content=b"", headers={"content-type": "application/octet-stream"}).status_code == 400
+    shape = body["application/json"]["schema"]["properties"]["inputs"]["items"]["properties"]["shape"]
+    for bad in ([], [0, 3, 128, 128], [1, 3, 128, 128, 1]):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, shape)
+    assert client.post("/predict", files={"file": ("a.png", b"x")}, headers={"X-Request-Timeout-Ms": "null"}
+                       ).status_code == 422
