@@ -49,15 +49,28 @@ _SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N")
 _NORMALIZED = ((np.arange(256, dtype=np.float32)[None, :] / 255.0 - MEAN[:, None]) / STD[:, None]).astype(np.float32)
 
 
+# The leading bytes of a file of each format that are proof enough of it (not BMP's "BM").
+SIGNATURES = {"PNG": (b"\x89PNG\r\n\x1a\n",), "JPEG": (b"\xff\xd8\xff",), "GIF": (b"GIF87a", b"GIF89a")}
+
+
+def signed_format(data: bytes) -> str | None:
+    """The format whose signature `data` starts with (WebP: RIFF....WEBP), or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for name, signatures in SIGNATURES.items() if data.startswith(signatures)), None)
+
+
 class ImageError(ValueError):
     """The bytes are not an image this model can take; the message says why."""
 
 
 @contextlib.contextmanager
-def _naming_the_cause(max_pixels: int | None = None):
+def _naming_the_cause(max_pixels: int | None = None, data: bytes = b""):
     """Pillow's exceptions, for undecodable bytes, as ImageError with the cause. Any exception while
     decoding is the bytes' fault (Pillow's decoders raise more kinds than they document), so none
-    escapes as another type: a caller answers every one as bad input."""
+    escapes as another type: a caller answers every one as bad input. A file that Pillow cannot
+    identify but that starts as one of FORMATS does is that format's, cut short or corrupt in its
+    header: not "a format this model does not take"."""
     try:
         with warnings.catch_warnings():
             # Pillow warns, then errors, on decompression bombs; open_image's explicit limit decides.
@@ -66,6 +79,8 @@ def _naming_the_cause(max_pixels: int | None = None):
     except ImageError:
         raise
     except UnidentifiedImageError:
+        if fmt := signed_format(data):
+            raise ImageError(f"corrupt or truncated image: a {fmt} file whose header cannot be read") from None
         raise ImageError(f"not a recognized image format (this model takes {', '.join(FORMATS)})") from None
     except Image.DecompressionBombError as exc:
         # Image.open refuses past twice Pillow's own limit (~179 Mpx) before the size reaches
@@ -82,7 +97,7 @@ def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     """Read the header only: format and size known and checked, no pixel decoded yet."""
     if not data:
         raise ImageError("empty file")
-    with _naming_the_cause(max_pixels):
+    with _naming_the_cause(max_pixels, data):
         image = Image.open(io.BytesIO(data), formats=list(FORMATS))
         width, height = image.size
     if max_pixels is not None and width * height > max_pixels:

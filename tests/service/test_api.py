@@ -16,7 +16,7 @@ from PIL import Image
 from model.calibration import probabilities as softmax
 from model.preprocessing import decode_image, preprocess
 from model.spec import CLASSES
-from tests.conftest import run_onnx
+from tests.conftest import jpeg_bytes, run_onnx
 from tests.service.conftest import SlowBackend
 
 
@@ -143,6 +143,11 @@ def test_a_file_that_fails_unexpectedly_fails_alone_in_its_batch(client, cifar_l
         (upload(spider()), None, 400, "not a recognized image format (this model takes JPEG, PNG, WEBP, BMP, GIF)"),
         (upload(spider((32, 32))), None, 400, "not a recognized image format"),  # was a 500
         (upload(png()[:60]), None, 400, "corrupt or truncated"),
+        # cut inside the header: the format's own file, not "a format this model does not take"
+        (upload(png()[:33]), None, 400, "corrupt or truncated image: a PNG file whose header cannot be read"),
+        (upload(jpeg_bytes(np.zeros((8, 8, 3), np.uint8))[:20]), None, 400, "a JPEG file whose header cannot"),
+        (upload(b"GIF89a\x01"), None, 400, "a GIF file whose header cannot be read"),
+        (upload(b"RIFF\x10\0\0\0WEBP"), None, 400, "a WEBP file whose header cannot be read"),
         (upload(png(), field="image"), None, 422, "file"),
         (None, None, 422, "file"),
         (upload(png()), {"top_k": "0"}, 422, "top_k"),
