@@ -52,8 +52,10 @@ def test_the_pixel_limit_is_checked_before_decoding():
 
 
 def test_bytes_that_are_no_image_fail_on_the_loop_with_the_cause():
-    with pytest.raises(ImageError, match="not a recognized image format"):
+    with pytest.raises(ImageError, match="corrupt or truncated image: a GIF file"):
         decoded_by_state(b"GIF89a but not really" * 10)
+    with pytest.raises(ImageError, match="not a recognized image format"):
+        decoded_by_state(b"no image at all" * 10)
 
 
 def test_an_image_whose_deadline_passed_while_it_waited_for_a_decode_thread_is_not_decoded(monkeypatch):
