@@ -231,6 +231,11 @@ def create_app(
         # FastAPI's own 422 body, less each error's `input`: that echoed whatever was sent, a whole
         # upload included, back to the client.
         errors = [{key: value for key, value in error.items() if key != "input"} for error in exc.errors()]
+        for error in errors:  # the usual mistakes with /predict: the image as the body, or a part of another name
+            if error.get("type") == "missing" and tuple(error.get("loc", ())) == ("body", "file"):
+                sent = request.headers.get("content-type", "none").split(";")[0]
+                error["msg"] = (f"Field required: send the image as a multipart/form-data part named `file` "
+                                f"(curl -F file=@image.png); this request's Content-Type: {sent}")
         return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
     @app.exception_handler(HTTPException)

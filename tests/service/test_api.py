@@ -169,6 +169,18 @@ def test_a_422_names_the_field_and_does_not_echo_what_was_sent(client):
     assert secret not in response.text and len(response.content) < 1000
 
 
+@pytest.mark.parametrize("route", ["/predict", "/predict/batch"])
+def test_an_image_sent_as_the_body_or_in_a_part_of_another_name_gets_a_422_saying_how_to_send_it(client, route,
+                                                                                                cifar_like_jpegs):
+    for request in ({"content": cifar_like_jpegs[0], "headers": {"content-type": "image/jpeg"}},
+                    {"files": {"image": ("a.jpg", cifar_like_jpegs[0])}}):
+        response = client.post(route, **request)
+        assert response.status_code == 422
+        [error] = response.json()["detail"]
+        assert error["loc"] == ["body", "file"] and "multipart/form-data part named `file`" in error["msg"]
+        assert ("image/jpeg" if "content" in request else "multipart/form-data") in error["msg"]
+
+
 def test_16_bit_grey_png_gets_the_answer_of_its_8_bit_image(client, cifar_like_jpegs):
     """It was decoded nearly all white (mode I;16 clipped at 255), answered with a 200."""
     grey = np.asarray(decode_image(cifar_like_jpegs[3]).convert("L"))
