@@ -171,7 +171,7 @@ def check_tensor_input(name: str, datatype: str, shape: list, image: bool) -> in
 def check_preprocessed(batch: np.ndarray, image_model: str) -> None:
     """BadRequest for non-finite values and for tensors that are plainly not preprocessed."""
     if not np.isfinite(batch).all():
-        raise BadRequest(f"input {INPUT_NAME!r} holds NaN or infinite values")
+        raise BadRequest(f"input {INPUT_NAME!r} holds NaN or infinite values (a number beyond FP32's ±3.4e38 is infinite in FP32)")
     low, high = float(batch.min()), float(batch.max())
     if low < -PREPROCESSED_LIMIT or high > PREPROCESSED_LIMIT:
         raise BadRequest(

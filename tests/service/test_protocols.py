@@ -125,7 +125,7 @@ def test_real_preprocessed_validation_images_are_never_refused(shared_data):
     (json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 128, 128],
                              "data": [float("nan")] * 49152}]}).encode(), "NaN: JSON numbers must be finite"),
     (json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 128, 128],
-                             "data": [1e39] * 49152}]}).encode(), "NaN or infinite"),  # float32 overflow: inf
+                             "data": [1e39] * 49152}]}).encode(), "beyond FP32"),  # float32 overflow: inf, and the message says why
     (b'{"inputs": [', "is not valid JSON"),
     (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 128, 128], "data": [[[["a"]]]]}]}',
      "data must be JSON numbers; it holds strings"),
