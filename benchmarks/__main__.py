@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from export.errors import ExportError
 from model import paths
-from model.cli import one_line_errors, positive_float
+from model.cli import command, one_line_errors, positive_float
 from model.data import DataError
 from runtime.backend import BackendError
 from runtime.cpu import describe
@@ -206,4 +206,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(command(main))

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from export.errors import ExportError
-from model.cli import one_line_errors, positive_int
+from model.cli import command, one_line_errors, positive_int
 from model.data import DataError
 from model.files import writable
 from runtime.backend import BackendError
@@ -252,4 +252,4 @@ def emulate(int8_path: Path, images: int, layer_images: int, data_path: str | No
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command(main))

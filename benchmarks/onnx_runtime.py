@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from export.errors import ExportError
 from model import paths
-from model.cli import one_line_errors, positive_float, positive_int
+from model.cli import command, one_line_errors, positive_float, positive_int
 from model.data import DataError
 from model.files import writable
 from model.spec import INPUT_NAME, OUTPUT_NAME
@@ -154,4 +154,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(command(main))

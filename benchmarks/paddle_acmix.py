@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from export.errors import ExportError
-from model.cli import one_line_errors, positive_int
+from model.cli import command, one_line_errors, positive_int
 from model.data import DataError
 from model.files import writable
 from runtime.backend import BackendError
@@ -146,4 +146,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(command(main))

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from export.errors import ExportError
 from model import paths
-from model.cli import one_line_errors
+from model.cli import command, one_line_errors
 from model.data import DataError
 from model.files import writable
 from runtime.backend import BackendError
@@ -122,4 +122,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(command(main))

@@ -24,7 +24,7 @@ from benchmarks.service_load import preflight, run_wrk, wrk_inputs
 from export.errors import ExportError
 from harness.server import free_port, start_server, stop, wait_ready
 from model import paths
-from model.cli import one_line_errors, positive_float, positive_int
+from model.cli import command, one_line_errors, positive_float, positive_int
 from model.data import DataError
 from model.files import writable
 from runtime.backend import BackendError
@@ -107,4 +107,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(command(main))

@@ -32,7 +32,7 @@ from export.errors import ExportError
 from harness.server import start_server, stop
 from harness.tiny_model import write_tiny_model
 from model import paths
-from model.cli import one_line_errors, positive_float, positive_int
+from model.cli import command, one_line_errors, positive_float, positive_int
 from model.data import DataError
 from model.files import writable
 from runtime.backend import BackendError
@@ -159,4 +159,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(command(main))

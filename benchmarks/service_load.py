@@ -36,7 +36,7 @@ import numpy as np
 from export.errors import ExportError
 from harness.server import start_server, stop
 from model import paths
-from model.cli import non_negative_float, one_line_errors, positive_float, positive_int
+from model.cli import command, non_negative_float, one_line_errors, positive_float, positive_int
 from model.data import DataError
 from model.files import writable
 from runtime.artifacts import onnx_metadata
@@ -213,4 +213,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(command(main))

@@ -22,7 +22,7 @@ from pathlib import Path
 from export.errors import ExportError
 from export.provision import artifact_lock
 from model import paths
-from model.cli import fail, positive_int
+from model.cli import command, fail, positive_int
 from model.files import staged, writable
 from runtime.artifacts import PRECISIONS, EngineSpec, default_engine_path, derived_onnx_path, timing_cache_path
 
@@ -303,4 +303,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command(main))

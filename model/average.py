@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from model import paths
-from model.cli import one_line_errors
+from model.cli import command, one_line_errors
 from model.data import DataError
 from model.files import sha256_file
 from model.train import parent_record, read_run_record, recorded_config
@@ -126,4 +126,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command(main))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import signal
 import sys
 
 
@@ -71,3 +72,32 @@ def one_line_errors(*errors: type[BaseException]):
                 return fail(exc)
         return run
     return wrap
+
+
+def command(main, argv=None) -> int:
+    """Run a command's main(argv) as `python -m ...` does: Ctrl-C ends it with one line, `error:
+    interrupted`, and exit status 130 (128 + SIGINT), never a KeyboardInterrupt traceback. What the
+    command was writing is staged (model/files.py) and removed on the way out, so the file before it
+    stays as it was.
+
+    SIGINT is caught here rather than by KeyboardInterrupt alone: raised inside a C extension's
+    callback (Paddle's), a KeyboardInterrupt can come out as another exception (a SystemError)."""
+    interrupted = []
+
+    def on_interrupt(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.getsignal(signal.SIGINT)
+    # A command started in the background of a shell ignores SIGINT: it keeps ignoring it.
+    if previous is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        return main(argv)
+    except BaseException as exc:
+        if not (interrupted or isinstance(exc, KeyboardInterrupt)) or isinstance(exc, SystemExit):
+            raise
+        print("\nerror: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from model import paths
-from model.cli import fail, positive_int
+from model.cli import command, fail, positive_int
 from model.data import CLASSES, SPLITS, DataError, held_out_subset, open_dataset
 from model.files import writable
 from model.runtime import DEVICES, import_paddle, resolve_device
@@ -135,4 +135,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command(main))

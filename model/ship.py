@@ -21,7 +21,7 @@ from pathlib import Path
 
 from model import paths
 from model.calibration import CALIBRATION_FILE, calibrate, plot_reliability
-from model.cli import fail
+from model.cli import command, fail
 from model.data import DataError
 from model.evaluate import evaluate
 from model.train import (
@@ -376,4 +376,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command(main))

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from model import paths
 from model.augmentation import AUGMENTATIONS, Mix, ReferenceAugmentation, TranslateAugmentation, cutmix_batch
-from model.cli import fail, positive_int
+from model.cli import command, fail, positive_int
 from model.data import DataError, LabeledImages, open_dataset, split_indices
 from model.files import replacing, sha256_file
 from model.predict import read_state
@@ -754,4 +754,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command(main))

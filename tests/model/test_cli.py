@@ -77,3 +77,65 @@ def test_a_folder_where_no_file_can_be_made_is_refused_before_the_long_step_even
     assert cause(caught.value).startswith("/proc/c.png: cannot write here (")
     assert writable(tmp_path / "new" / "out.json") == tmp_path / "new" / "out.json"
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == []  # the probe is gone
+
+
+def test_ctrl_c_ends_a_command_in_one_line_and_status_130_not_a_traceback(capsys):
+    import os
+    import signal
+
+    from model.cli import command
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert command(interrupted) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["error: interrupted"]
+
+    def converted(argv):  # Paddle's C code turned the KeyboardInterrupt raised in its callback into another error
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            raise SystemError("<class 'UnicodeDecodeError'> returned a result with an exception set") from None
+
+    previous = signal.getsignal(signal.SIGINT)
+    assert command(converted) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["error: interrupted"]
+    assert signal.getsignal(signal.SIGINT) is previous  # put back for whoever called it in-process
+
+    def wrong(argv):  # any other error is not taken for an interruption
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError):
+        command(wrong)
+
+
+def test_ctrl_c_in_a_real_process(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    program = ("import sys, time; from model.cli import command\n"
+               "def main(argv):\n    print('ready', flush=True)\n    time.sleep(60)\n"
+               "sys.exit(command(main))\n")
+    root = Path(__file__).resolve().parents[2]
+    with subprocess.Popen([sys.executable, "-c", program], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as process:
+        assert process.stdout.readline() == "ready\n"
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        err = process.stderr.read()
+    assert process.returncode == 130 and time.monotonic() - started < 10
+    assert err.strip().splitlines() == ["error: interrupted"]
+
+
+@pytest.mark.parametrize("module", ["export/__main__.py", "model/train.py", "model/evaluate.py", "model/ship.py",
+                                    "model/average.py", "benchmarks/__main__.py",
+                                    *(str(p.relative_to(Path(__file__).resolve().parents[2]))
+                                      for p in sorted((Path(__file__).resolve().parents[2] / "benchmarks").glob("*.py"))
+                                      if 'if __name__ == "__main__":' in p.read_text())])
+def test_every_command_line_runs_its_main_through_command(module):
+    """python -m <module>: Ctrl-C is one line and status 130 there too (model.cli.command)."""
+    text = (Path(__file__).resolve().parents[2] / module).read_text()
+    block = text.split('if __name__ == "__main__":', 1)[1]
+    assert "command(main)" in block
