@@ -78,7 +78,12 @@ def provision(plan: ArtifactPlan, force_engine: bool = False, progress: bool = T
     done = []
     with contextlib.ExitStack() as stack:
         for lock in locks:
-            stack.enter_context(exclusive(lock))
+            try:
+                stack.enter_context(exclusive(lock))
+            except OSError as exc:  # a read-only folder, a file where a folder should be: one line, not a traceback
+                blocking = next((p for p in lock.parents if p.exists() and not p.is_dir()), None)
+                where = f"{blocking} is a file, not a folder" if blocking else f"{lock.parent}: {exc.strerror or exc}"
+                raise ExportError(f"{steps[0][1]}, and it cannot be made there: {where}") from None
         for target in targets:
             for tmp in remove_leftovers(target):  # of a provisioning killed mid-write (docker stop, OOM)
                 log(f"provisioning: removed {tmp}, left by an interrupted write")

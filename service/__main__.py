@@ -88,6 +88,9 @@ class OneLineLoadFailure:
         await self.app(scope, receive, send_without_traceback)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def stop_provisioning(signum, frame):
     raise SystemExit(128 + signum)
 
@@ -147,17 +150,24 @@ def main(argv=None) -> int:
                 return 2
     if args.provision_only or args.force_engine:  # asked for by name, whatever ACMIX_REBUILD says
         plan = dataclasses.replace(plan, rebuild=True)
-    # SIGTERM while provisioning (docker stop during a first-start build) stops it at once: as an
-    # exception, on which export.provision kills the child that exports or builds.
-    signal.signal(signal.SIGTERM, stop_provisioning)
+    # SIGTERM while provisioning (docker stop during a first-start build) stops it at once, and so does
+    # Ctrl-C: as an exception, on which export.provision kills the child that exports or builds (what it
+    # was writing is removed at the next start), then one line, not a KeyboardInterrupt traceback.
+    previous = {stop_signal: signal.signal(stop_signal, stop_provisioning) for stop_signal in STOP_SIGNALS
+                if signal.getsignal(stop_signal) is not signal.SIG_IGN}  # nohup's, a background job's: kept
     try:
         for done in provision(plan, force_engine=args.force_engine, log=log.info):
             log.info("provisioning: %s", done)
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except SystemExit as exc:
+        if isinstance(exc.code, int) and exc.code - 128 in STOP_SIGNALS:
+            print(f"error: {signal.Signals(exc.code - 128).name} while provisioning: stopped", file=sys.stderr)
+        raise
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for stop_signal, handler in previous.items():
+            signal.signal(stop_signal, handler)
     if args.provision_only:
         log.info("provisioning: %s is current", plan.served)
         return 0

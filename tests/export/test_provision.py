@@ -281,3 +281,13 @@ def test_the_engine_command_runs_without_paddle_as_in_the_runtime_images(tiny_on
     """)
     result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "cannot build a TensorRT engine here" in result.stderr, result.stderr
+
+
+def test_a_folder_where_nothing_can_be_made_is_one_error_line_not_an_oserror(weights, tmp_path):
+    """Its lock could not be created: an OSError traceback out of `python -m service` (a read-only
+    volume takes the same way; root ignores permissions, so a file stands where the folder should be)."""
+    (tmp_path / "a_file").write_text("x")
+    onnx = tmp_path / "a_file" / "alexnet_acmix.onnx"
+    with pytest.raises(ExportError, match=f"^{onnx} is missing, and it cannot be made there: "
+                                          f"{tmp_path / 'a_file'} is a file, not a folder$"):
+        provision(plan_for(onnx, weights), log=lambda m: None)

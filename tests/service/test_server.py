@@ -447,3 +447,28 @@ def test_ctrl_c_stops_a_single_process_cleanly_without_a_traceback(onnx_model):
     assert process.wait(timeout=30) == 0
     log = launch.output(process)
     assert "drained and closed" in log and "Traceback" not in log and "KeyboardInterrupt" not in log
+
+
+def test_ctrl_c_while_provisioning_kills_the_export_and_says_so_in_one_line(tmp_path):
+    """It was a KeyboardInterrupt traceback out of run_child; SIGTERM was handled already."""
+    import os
+    import subprocess
+    import sys
+
+    onnx = tmp_path / "m.onnx"
+    env = {**os.environ, "ACMIX_BACKEND": "onnxruntime", "ACMIX_ONNX_PATH": str(onnx),
+           "ACMIX_GRPC_PORT": "0", "ACMIX_WORKERS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "service", "--provision-only"], cwd=launch.ROOT, env=env,
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines = []
+    for line in process.stderr:  # the export has started in its child
+        lines.append(line)
+        if "making the onnx artifact" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    lines += process.stderr.read().splitlines()
+    assert process.wait(timeout=30) == 130
+    assert lines[-1] == "error: SIGINT while provisioning: stopped"
+    assert not any("Traceback" in line for line in lines)
+    assert not onnx.exists()
