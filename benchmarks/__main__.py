@@ -156,6 +156,11 @@ def main(argv=None) -> int:
         tensorrt_engines,
     )
 
+    # Before the first benchmark (Paddle's takes minutes), not when the first that serves it starts.
+    if {"onnx_runtime", "accuracy", "service", "ray", "ceiling"} - set(args.skip):
+        from runtime.artifacts import onnx_metadata
+
+        onnx_metadata(args.onnx)  # ValueError naming the file where it is missing or no ONNX
     if "accuracy" not in args.skip and not Path(paths.DATA).exists():
         print(f"{paths.DATA}: absent; the accuracy benchmark is skipped", file=sys.stderr)
         args.skip.append("accuracy")

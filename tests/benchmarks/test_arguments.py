@@ -54,3 +54,17 @@ def test_the_load_benchmarks_name_an_onnx_that_does_not_load_in_one_line(tmp_pat
         err = capsys.readouterr().err
         assert err.startswith(f"error: {tmp_path / name}: {cause}") and err.count("\n") == 1
         assert not out.exists()
+
+
+def test_make_bench_names_an_onnx_that_does_not_load_before_the_first_benchmark(tmp_path, capsys, monkeypatch):
+    """It ran the Paddle benchmark (minutes) first, and only then found the file to serve unusable."""
+    import benchmarks.__main__ as bench
+    from benchmarks import paddle_acmix
+
+    def measured(argv):
+        raise AssertionError("a benchmark ran before --onnx was checked")
+
+    monkeypatch.setattr(paddle_acmix, "main", measured)
+    (tmp_path / "text.onnx").write_text("not a model")
+    assert bench.main(["--onnx", str(tmp_path / "text.onnx")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'text.onnx'}: not an ONNX file")
