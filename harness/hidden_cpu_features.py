@@ -98,7 +98,11 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     command = [sys.executable if args.command[0] in ("python", "python3") else args.command[0], *args.command[1:]]
-    os.execvpe(command[0], command, env)
+    try:
+        os.execvpe(command[0], command, env)
+    except OSError as exc:  # no such program, not executable: one line, not a traceback
+        print(f"error: {command[0]}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

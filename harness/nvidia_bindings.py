@@ -115,6 +115,9 @@ def stub_libraries(major: str, build: Path = BUILD) -> Path:
 def check(folder: Path, sources: dict | None = None) -> dict:
     """Check `sources` (default RECEIVERS) against the bindings in `folder` (a .venv/tensorrt-<version>/),
     in a child over the stubs; its report: {"tensorrt", "checked", "optional", "problems", "ran"}."""
+    if not (folder / "tensorrt_bindings").is_dir():  # else the child's ModuleNotFoundError traceback
+        raise BindingsError(f"{folder}: no TensorRT bindings in it (tensorrt_bindings/; make setup installs them "
+                            "in .venv/tensorrt-<version>/)")
     version = folder.name.removeprefix("tensorrt-")
     stubs = stub_libraries(version.split(".")[0])
     env = dict(os.environ)
@@ -124,7 +127,8 @@ def check(folder: Path, sources: dict | None = None) -> dict:
                            json.dumps(sources or RECEIVERS)], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=300)
     if done.returncode:
-        raise BindingsError(f"{folder}: the check failed: {done.stderr.strip()[-2000:]}")
+        last = (done.stderr.strip().splitlines() or [f"status {done.returncode}"])[-1]  # the exception, not its traceback
+        raise BindingsError(f"{folder}: the check failed: {last}")
     return json.loads(done.stdout)
 
 

@@ -65,3 +65,10 @@ def test_it_says_why_where_it_cannot_hide(tmp_path):
     cpuinfo.write_text("flags\t\t: fpu sse2 avx avx2 avx512f\n")
     assert "no cpuid_fault" in unavailable(str(cpuinfo))
     assert "cannot read" in unavailable(str(tmp_path / "absent"))
+
+
+def test_a_command_that_cannot_run_is_one_line_not_a_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "harness.hidden_cpu_features", "avx2", str(tmp_path / "absent")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [f"error: {tmp_path / 'absent'}: No such file or directory"]

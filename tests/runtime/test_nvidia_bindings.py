@@ -167,3 +167,15 @@ def test_pybind11_signatures_are_read_from_docstrings_and_what_python_cannot_exp
     signature.bind(None, None)
     with pytest.raises(TypeError):
         signature.bind(None, None, None, None)
+
+
+def test_a_folder_without_bindings_is_one_line_not_the_childs_traceback(tmp_path):
+    import subprocess
+
+    from harness.nvidia_bindings import BindingsError
+
+    with pytest.raises(BindingsError, match=f"^{tmp_path}: no TensorRT bindings in it "):
+        check(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "harness.nvidia_bindings", str(tmp_path)], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr
