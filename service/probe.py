@@ -8,6 +8,7 @@ library only: it runs every 30 s.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -23,7 +24,10 @@ def readyz_url(environ) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{environ.get('ACMIX_PORT', '8000')}/readyz"
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    # No options: --help says what it does (it probed instead), and a typo is refused, not ignored.
+    argparse.ArgumentParser(prog="python -m service.probe", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     url = readyz_url(os.environ)
     # Straight to the service: a container's proxy variables (http_proxy) are for its way out.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -528,3 +528,17 @@ def test_the_probe_ignores_proxies_says_why_and_never_shows_a_traceback(readyz_s
     for bad in ({"ACMIX_PORT": "abc"}, {"ACMIX_HOST": "[::1]"}):
         done = probe(**bad)
         assert done.returncode == 1 and done.stderr.startswith("not ready: ") and "Traceback" not in done.stderr
+
+
+def test_the_probe_has_no_options_its_help_says_what_it_does_and_a_typo_is_refused():
+    """It took --help and any typo for nothing and probed (exit 1, "not ready") instead."""
+    def probe(*argv):
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("ACMIX_")}
+        return subprocess.run([sys.executable, "-m", "service.probe", *argv], env={**environ, "ACMIX_PORT": "9"},
+                              cwd=ROOT, capture_output=True, text=True, timeout=20)
+
+    done = probe("--help")
+    assert done.returncode == 0 and "GET /readyz" in done.stdout and "ACMIX_PORT" in done.stdout
+    assert "not ready" not in done.stderr
+    done = probe("--bogus")
+    assert done.returncode == 2 and "unrecognized arguments: --bogus" in done.stderr and "not ready" not in done.stderr
