@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -37,6 +38,7 @@ from model.train import (
 WEIGHTS_DIR = paths.WEIGHTS_DIR
 TARGET_ACCURACY = 0.85
 RECIPE_SEARCH = "recipe_search.json"
+JPEG_CONFUSION = Path("build/confusion_matrix_jpeg.png")  # the JPEG copy's, not shipped
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
 
 
@@ -305,7 +307,8 @@ def ship(run: Path, data: str, split_file: str, out: Path = WEIGHTS_DIR, split: 
          jpeg_data: str | None = None, proxies: list[Path] | None = None) -> dict:
     """Copy the run's best weights into `out`, evaluate and calibrate them, write the card; returns
     the evaluation on `data`. Everything is checked and computed first: a bad input (DataError or
-    ValueError naming it) leaves the weights shipped before untouched."""
+    ValueError naming it), or a failure while the files are made, leaves the weights and card shipped
+    before untouched."""
     import shutil
     import tempfile
 
@@ -323,32 +326,40 @@ def ship(run: Path, data: str, split_file: str, out: Path = WEIGHTS_DIR, split: 
     if not Path(data).exists():
         raise DataError(f"{data}: no such data set")
     rows = summarize_proxies(proxies) if proxies else None
-    with tempfile.TemporaryDirectory(prefix="ship.") as tmp:
-        weights = Path(tmp) / SHIPPED_WEIGHTS
+    out.mkdir(parents=True, exist_ok=True)
+    # Every file is made in a folder inside `out` first, then renamed into place together, the weights
+    # last: a failure or an interrupt before that leaves the weights and card shipped before as they were.
+    with tempfile.TemporaryDirectory(prefix=".ship.", dir=out) as staging:
+        tmp = Path(staging)
+        weights = tmp / SHIPPED_WEIGHTS
         copy_weights(best, weights)
-        evaluation = evaluate(str(weights), data, split, split_file, Path(tmp) / "confusion_matrix.png",
+        evaluation = evaluate(str(weights), data, split, split_file, tmp / "confusion_matrix.png",
                               keep_logits=True)
         jpeg = None
         if jpeg_data and Path(jpeg_data).exists():
-            jpeg = evaluate(str(weights), jpeg_data, split, split_file, Path("build/confusion_matrix_jpeg.png"))
+            jpeg = evaluate(str(weights), jpeg_data, split, split_file, tmp / JPEG_CONFUSION.name)
         logits, labels = np.asarray(evaluation.pop("logits")), np.asarray(evaluation.pop("labels"))
         calibration = calibrate(logits, labels)
-        plot_reliability(logits, labels, calibration["temperature"], Path(tmp) / "reliability.png")
+        plot_reliability(logits, labels, calibration["temperature"], tmp / "reliability.png")
 
-        out.mkdir(parents=True, exist_ok=True)
-        for name in (SHIPPED_WEIGHTS, "confusion_matrix.png", "reliability.png"):
-            shutil.move(Path(tmp) / name, out / name)
-    evaluation.update(weights=str(out / SHIPPED_WEIGHTS), confusion_png=str(out / "confusion_matrix.png"))
-    if jpeg:
-        jpeg["weights"] = evaluation["weights"]
-    shutil.copyfile(run / "curves.png", out / "learning_curves.png")
-    shutil.copyfile(metrics_file, out / SHIPPED_METRICS)
-    (out / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2) + "\n")
-    search = out / RECIPE_SEARCH
-    if rows:
-        search.write_text(json.dumps(rows, indent=2) + "\n")
-    rows = json.loads(search.read_text()) if search.is_file() else []
-    (out / "README.md").write_text(model_card(metrics, evaluation, paddle.__version__, run, jpeg, calibration, rows))
+        evaluation.update(weights=str(out / SHIPPED_WEIGHTS), confusion_png=str(out / "confusion_matrix.png"))
+        if jpeg:
+            jpeg["weights"] = evaluation["weights"]
+        shutil.copyfile(run / "curves.png", tmp / "learning_curves.png")
+        shutil.copyfile(metrics_file, tmp / SHIPPED_METRICS)
+        (tmp / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2) + "\n")
+        search = out / RECIPE_SEARCH
+        if rows:
+            (tmp / RECIPE_SEARCH).write_text(json.dumps(rows, indent=2) + "\n")
+        else:
+            rows = json.loads(search.read_text()) if search.is_file() else []
+        (tmp / "README.md").write_text(model_card(metrics, evaluation, paddle.__version__, run, jpeg, calibration, rows))
+
+        if jpeg:  # not shipped (build/ is not committed): beside the card's figures for a look
+            JPEG_CONFUSION.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(tmp / JPEG_CONFUSION.name, JPEG_CONFUSION)
+        for made in sorted(tmp.iterdir(), key=lambda path: path.name == SHIPPED_WEIGHTS):
+            os.replace(made, out / made.name)
     evaluation["jpeg"] = jpeg
     evaluation["calibration"] = calibration
     return evaluation

@@ -161,6 +161,27 @@ def test_a_bad_input_is_refused_before_the_shipped_weights_are_touched(run, fold
     assert (out / "alexnet_acmix.pdparams").read_bytes() == b"the weights shipped before"
 
 
+def test_a_failure_while_the_files_are_made_leaves_the_weights_and_card_shipped_before(run, folder_dataset, tmp_path,
+                                                                                     monkeypatch):
+    """The card is the last file made; failing there, nothing of the new shipment is in place."""
+    from model import ship as ship_module
+
+    root, _ = folder_dataset
+    out = tmp_path / "weights"
+    out.mkdir()
+    before = {"alexnet_acmix.pdparams": b"the weights shipped before", "README.md": b"their card"}
+    for name, data in before.items():
+        (out / name).write_bytes(data)
+
+    def card_fails(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ship_module, "model_card", card_fails)
+    with pytest.raises(OSError, match="disk full"):
+        ship(run, str(root), "unused.json", out=out, split="all")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # and no staging folder left
+
+
 def test_the_readme_quotes_the_shipped_weights():
     """The README's model line is edited by hand after `make ship`; it must name the shipped run."""
     from model.ship import WEIGHTS_DIR
