@@ -64,14 +64,20 @@ def run_onnx(args) -> dict:
             return {"onnx": str(args.out), "kept": True}
         print(f"{why}: exporting it", file=sys.stderr)
     writable(args.out)  # before the export, not after it
+    result = {}
+
+    def check(made: Path) -> None:  # the written file, before it replaces --out: one that fails never does
+        try:
+            result["verify"] = verify_against_paddle(args, made, args.out)
+        except ExportError as exc:
+            raise ExportError(f"{exc}; not put in place: {args.out} is as it was") from None
+
     with artifact_lock(Path(args.out).parent):
-        path = export_onnx(args.weights, args.out, arch=args.arch, data=data_set(args), split_file=split_file(args))
+        path = export_onnx(args.weights, args.out, arch=args.arch, data=data_set(args), split_file=split_file(args),
+                           check=None if args.no_verify else check)
     print(f"wrote {path}", file=sys.stderr)
-    result = {"onnx": str(path)}
-    if not args.no_verify:
-        args.onnx = str(path)
-        result["verify"] = run_verify(args)
-    return result
+    args.onnx = str(path)  # what `all` goes on from
+    return {"onnx": str(path), **result}
 
 
 # Images the checks run on. Against Paddle the check is a max |logit diff| and 100% agreement; an
@@ -144,11 +150,16 @@ def report(what: str, result: dict) -> None:
 
 
 def run_verify(args) -> dict:
+    return verify_against_paddle(args, args.onnx, args.onnx)
+
+
+def verify_against_paddle(args, onnx_path, name) -> dict:
+    """verify_onnx of the file at `onnx_path` (called `name`) on the images of the arguments, reported."""
     from export.verify import verification_set, verify_onnx
 
     batch, where = verification_set(data_set(args), args.count or VERIFY_COUNT, split_file(args))
-    result = verify_onnx(args.onnx, args.weights, batch, arch=args.arch)
-    report(f"{args.onnx}: onnx.checker ok; ONNX Runtime vs Paddle, {where},", result)
+    result = verify_onnx(onnx_path, args.weights, batch, arch=args.arch, name=name)
+    report(f"{name}: onnx.checker ok; ONNX Runtime vs Paddle, {where},", result)
     return result
 
 

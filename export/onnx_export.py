@@ -31,9 +31,10 @@ STATIC_OPERANDS = {"Pad": [1], "Slice": [1, 2, 3, 4], "Squeeze": [1], "Unsqueeze
 
 
 def export_onnx(weights: str | Path, out: str | Path, arch: str = "alexnet_acmix", data: str | Path | None = None,
-                split_file: str | None = None) -> Path:
+                split_file: str | None = None, check=None) -> Path:
     """Write the ONNX model of `arch` with `weights` to `out`, and its reference images (validation
-    images of `data`, else generated ones) beside it; returns the path."""
+    images of `data`, else generated ones) beside it; returns the path. `check(path)`, where given,
+    runs on the written file before it replaces `out`: an error there leaves `out` as it was."""
     import onnx
     import onnxslim
 
@@ -77,6 +78,9 @@ def export_onnx(weights: str | Path, out: str | Path, arch: str = "alexnet_acmix
         steps.update()
         with replacing(out) as tmp:
             onnx.save(graph, tmp)
+            if check is not None:
+                steps.set_postfix_str("check")
+                check(Path(tmp))
         steps.update()
     return out
 

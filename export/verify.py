@@ -74,19 +74,21 @@ def verification_set(data: str | Path | None, count: int, split_file: str | None
     return preprocess_batch(images), where
 
 
-def verify_onnx(onnx_path, weights, batch: np.ndarray, arch: str = "alexnet_acmix") -> dict:
-    """onnx.checker, then ONNX Runtime against Paddle on `batch`: within MAX_LOGIT_DIFF, same top-1."""
+def verify_onnx(onnx_path, weights, batch: np.ndarray, arch: str = "alexnet_acmix", name=None) -> dict:
+    """onnx.checker, then ONNX Runtime against Paddle on `batch`: within MAX_LOGIT_DIFF, same top-1.
+    `name`: what errors call the file (a file not yet in place: the path it is for)."""
     import onnx
 
     from model.predict import load_weights, preprocessed_logits
     from model.runtime import import_paddle
 
+    name = name or onnx_path
     if not Path(onnx_path).is_file():
         raise ExportError(f"{onnx_path}: no such ONNX file")
     try:
         onnx.checker.check_model(str(onnx_path), full_check=True)
     except Exception as exc:  # the checker raises several types
-        raise ExportError(f"{onnx_path}: onnx.checker failed ({str(exc).splitlines()[0][:200]})") from None
+        raise ExportError(f"{name}: onnx.checker failed ({str(exc).splitlines()[0][:200]})") from None
     import_paddle()  # on the CPU with every core (model/runtime.py), before load_weights imports it
     try:
         model = load_weights(arch, str(weights))
@@ -95,7 +97,7 @@ def verify_onnx(onnx_path, weights, batch: np.ndarray, arch: str = "alexnet_acmi
     expected = preprocessed_logits(model, batch)
     result = compare(expected, run_onnx(onnx_session(onnx_path), batch))
     if result["max_abs_diff"] > MAX_LOGIT_DIFF or result["top1_agreement"] < 1.0:
-        raise ExportError(f"{onnx_path} disagrees with Paddle: max |logit diff| {result['max_abs_diff']:.2e}, "
+        raise ExportError(f"{name} disagrees with Paddle: max |logit diff| {result['max_abs_diff']:.2e}, "
                           f"top-1 agreement {result['top1_agreement']:.2%}")
     return result
 

@@ -110,6 +110,21 @@ def test_cli_onnx_writes_and_verifies(weights, tmp_path, capsys):
     assert result["verify"]["n"] == 8 and result["verify"]["max_abs_diff"] <= 1e-4
 
 
+def test_cli_onnx_that_fails_its_check_against_paddle_is_never_put_in_place(weights, tmp_path, capsys, monkeypatch):
+    """As derived files and engines: the check runs on the written file before it replaces --out (a
+    bound no export can meet stands in for an export that disagrees with Paddle)."""
+    import export.verify
+
+    out = tmp_path / "cli.onnx"
+    out.write_bytes(b"the ONNX of before")
+    monkeypatch.setattr(export.verify, "MAX_LOGIT_DIFF", -1.0)
+    assert main(["onnx", "--weights", str(weights), "--out", str(out), "--data", "", "--count", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {out} disagrees with Paddle") and f"not put in place: {out} is as it was" in err
+    assert out.read_bytes() == b"the ONNX of before"
+    assert not list(tmp_path.glob(".cli.onnx*"))  # no temporary file left
+
+
 def test_cli_onnx_if_stale_keeps_a_current_file_and_exports_one_of_other_weights(paddle, onnx_model, weights,
                                                                                   tmp_path, capsys):
     import shutil
