@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from export.errors import ExportError
 from model.calibration import read_temperature
-from model.files import replacing
+from model.files import missing, replacing
 from model.spec import INPUT_NAME, INPUT_SHAPE, OUTPUT_NAME
 from model.subnormals import count_subnormals, flush_subnormals
 from runtime.artifacts import TEMPERATURE, WEIGHTS_DIGEST, sha256_file
@@ -43,8 +43,8 @@ def export_onnx(weights: str | Path, out: str | Path, arch: str = "alexnet_acmix
     from model.runtime import import_paddle
 
     weights, out = Path(weights), Path(out)
-    if not weights.is_file():
-        raise ExportError(f"{weights}: no such weights file")
+    if why := missing(weights, "weights file"):
+        raise ExportError(why)
     with tqdm(total=5, desc="export onnx", unit="step") as steps:
         paddle = import_paddle()
         try:

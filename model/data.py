@@ -73,7 +73,8 @@ def open_dataset(path: str | Path, split: str = "all", val_split: str | Path | N
         raise DataError(f"{path}: not a folder, a .tar/.tar.gz of class folders, or cifar-10-python.tar.gz")
     data.origin = path.name
     if data.format == "folder" and split == "test":
-        raise DataError(f"{path}: a folder data set has no test split; pass the test images themselves")
+        raise DataError(f"{path}: a data set of class folders has no test split (cifar-10-python.tar.gz has one); "
+                        "pass the test images themselves")
     if split in ("val", "train") and val_split is not None:
         held_out = held_out_mask(data, load_split(val_split))
         if split == "val" and not held_out.any():

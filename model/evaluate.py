@@ -18,7 +18,7 @@ import numpy as np
 from model import paths
 from model.cli import command, fail, positive_int
 from model.data import CLASSES, SPLITS, DataError, held_out_subset, open_dataset
-from model.files import writable
+from model.files import missing, writable
 from model.runtime import DEVICES, import_paddle, resolve_device
 
 DEFAULT_WEIGHTS = paths.WEIGHTS
@@ -75,8 +75,8 @@ def evaluate(weights: str, data: str, split: str, split_file: str, confusion: Pa
     """Top-1, per-class accuracy and confusion matrix of `weights` on `data` [split]; writes the
     confusion-matrix PNG. keep_logits adds the logits and labels (for calibration). DataError or
     ValueError name what is wrong with the inputs."""
-    if not Path(weights).is_file():
-        raise DataError(f"{weights}: no such weights file")
+    if why := missing(weights, "weights file"):
+        raise DataError(why)
     confusion = writable(confusion)  # before the evaluation, not after it
     if split == "auto":  # the held-out images of the training set the split file was drawn from, else all
         images = open_dataset(data, split="all")

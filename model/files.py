@@ -19,6 +19,14 @@ import tempfile
 from pathlib import Path
 
 
+def missing(path: str | Path, what: str) -> str | None:
+    """Why `path` is not the `what` (e.g. "weights file") a command reads, or None where it is a file."""
+    path = Path(path)
+    if path.is_file():
+        return None
+    return f"{path}: a folder, not a {what}" if path.is_dir() else f"{path}: no such {what}"
+
+
 def writable(path: str | Path) -> Path:
     """`path`, where a file can be written (its folder made); else OSError naming it (a folder, a
     folder that cannot be made, no permission). Outputs written after a long step are checked so

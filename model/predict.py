@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from model.files import missing
 from model.preprocessing import preprocess
 
 
@@ -51,8 +52,8 @@ def read_state(model, weights: str | Path, arch: str) -> dict:
     itself only warns and leaves those parameters as they were)."""
     import paddle
 
-    if not Path(weights).is_file():
-        raise ValueError(f"{weights}: no such weights file")
+    if why := missing(weights, "weights file"):
+        raise ValueError(why)
     try:
         state = paddle.load(str(weights))
     except Exception as exc:  # paddle.load raises many types for a bad file
@@ -60,9 +61,9 @@ def read_state(model, weights: str | Path, arch: str) -> dict:
     if not isinstance(state, dict):
         raise ValueError(f"{weights}: not a state dict")
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ValueError(f"{weights}: not {arch} weights (missing {missing[0]} and {len(missing) - 1} more)")
+    absent = sorted(set(expected) - set(state))
+    if absent:
+        raise ValueError(f"{weights}: not {arch} weights (missing {absent[0]} and {len(absent) - 1} more)")
     for key, value in expected.items():
         if list(value.shape) != list(state[key].shape):
             raise ValueError(f"{weights}: {key} has shape {list(state[key].shape)}, {arch} needs {list(value.shape)}")

@@ -39,7 +39,7 @@ from model import paths
 from model.augmentation import AUGMENTATIONS, Mix, ReferenceAugmentation, TranslateAugmentation, cutmix_batch
 from model.cli import command, fail, positive_int
 from model.data import DataError, LabeledImages, open_dataset, split_indices
-from model.files import replacing, sha256_file
+from model.files import missing, replacing, sha256_file
 from model.predict import read_state
 from model.preprocessing import to_normalized_chw
 from model.runtime import DEVICES, import_paddle, resolve_device
@@ -736,8 +736,10 @@ def main(argv=None) -> int:
             "arch": args.arch,
             **{flag: getattr(args, flag) for flag in RECIPE_FLAGS if getattr(args, flag) is not None},
         })
-        if args.init_weights and not Path(args.init_weights).is_file():
-            raise DataError(f"{args.init_weights}: no such file")
+        if args.init_weights and (why := missing(args.init_weights, "weights file")):
+            raise DataError(why)
+        if out.exists() and not out.is_dir():
+            raise DataError(f"{out}: a file, not a folder for the run (--out)")
         device, reason = resolve_device(args.device)
         train_data, val_data = load_train_val(args.data, args.split_file, args.val_per_class, config.seed,
                                               config.train_per_class)

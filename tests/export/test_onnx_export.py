@@ -151,6 +151,7 @@ def test_cli_onnx_if_stale_keeps_a_current_file_and_exports_one_of_other_weights
     "argv,message",
     [
         (["onnx", "--weights", "{tmp}/missing.pdparams"], "missing.pdparams: no such weights file"),
+        (["onnx", "--weights", "{tmp}"], "a folder, not a weights file"),
         (["onnx", "--weights", "{tmp}/corrupt.pdparams"], "corrupt.pdparams: not a Paddle .pdparams file"),
         (["verify", "--onnx", "{tmp}/missing.onnx", "--weights", "{weights}", "--data", ""],
          "missing.onnx: no such ONNX file"),

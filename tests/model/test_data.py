@@ -101,9 +101,16 @@ def test_not_an_archive_and_corrupt_batches_are_named(tmp_path):
         open_dataset(broken, split="train")
 
 
-def test_a_folder_data_set_has_no_test_split(folder_dataset):
-    with pytest.raises(DataError, match="no test split"):
+def test_a_data_set_of_class_folders_has_no_test_split_whether_a_folder_or_a_tar(folder_dataset, tmp_path):
+    import tarfile
+
+    with pytest.raises(DataError, match="a data set of class folders has no test split"):
         open_dataset(folder_dataset[0], split="test")
+    archive = tmp_path / "folders.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder_dataset[0], arcname="train")
+    with pytest.raises(DataError, match="folders.tar.gz: a data set of class folders has no test split"):
+        open_dataset(archive, split="test")
 
 
 def test_a_split_written_from_the_jpeg_archive_selects_the_same_images_in_the_lossless_one(tmp_path, folder_dataset):

@@ -149,6 +149,16 @@ def test_cli_reports_a_missing_data_set_in_one_line(capsys, tmp_path):
     assert err == [f"error: {tmp_path / 'none.tar.gz'}: no such file or directory"]
 
 
+def test_cli_names_an_out_that_is_a_file_and_init_weights_that_are_a_folder(capsys, tmp_path, folder_dataset):
+    from model.train import main
+
+    (tmp_path / "run").write_text("a file")
+    assert main(["--data", str(folder_dataset[0]), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'run'}: a file, not a folder for the run (--out)"
+    assert main(["--data", str(folder_dataset[0]), "--out", str(tmp_path / "new"), "--init-weights", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path}: a folder, not a weights file"
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--epochs", "0"], "epochs 0 is out of range (--epochs: at least 1)"),  # was a TypeError after no epoch
     (["--batch-size", "0"], "batch_size 0 is out of range (--batch-size: at least 1)"),  # was a ZeroDivisionError
