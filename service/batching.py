@@ -49,6 +49,9 @@ class BatchObserver:
 
     def queue_length(self, length: int) -> None: ...
 
+    def waiting_requests(self, by_tag: dict[str, int]) -> None:
+        """How many requests of each tag have images in the queue (a request of several images counts once)."""
+
     def batch_done(self, size: int, seconds: float, queue_waits: list[float]) -> None: ...
 
     def batch_tags(self, images: dict[str, int], seconds: float) -> None:
@@ -141,7 +144,7 @@ class DynamicBatcher:
         for request in requests:
             request.siblings = requests
         self._queue.extend(requests)
-        self.observer.queue_length(len(self._queue))
+        self._queue_changed()
         self._wakeup.set()
         try:
             async with asyncio.timeout(max(deadline - time.perf_counter(), 0)):
@@ -157,6 +160,11 @@ class DynamicBatcher:
             record_batch(request.queue_s, request.infer_s)
         return rows
 
+    def _queue_changed(self) -> None:
+        self.observer.queue_length(len(self._queue))
+        requests = {id(request.siblings): request.tag for request in self._queue if request.tag is not None}
+        self.observer.waiting_requests(Counter(requests.values()))
+
     def _forget_cancelled(self) -> None:
         """Drop from the queue the requests whose caller gave up (deadline passed, client gone, a
         sibling failed); at most max_queue to look at."""
@@ -164,7 +172,7 @@ class DynamicBatcher:
         if len(live) != len(self._queue):
             self._queue.clear()
             self._queue.extend(live)
-            self.observer.queue_length(len(self._queue))
+            self._queue_changed()
 
     async def close(self) -> None:
         """Take no new requests, finish the queued ones, stop the workers."""
@@ -235,5 +243,5 @@ class DynamicBatcher:
             if request.future.done() or request.deadline <= now:
                 continue  # timed out or cancelled while queued: not worth computing
             batch.append(request)
-        self.observer.queue_length(len(self._queue))
+        self._queue_changed()
         return batch

@@ -21,7 +21,7 @@ import numpy as np
 from model import preprocessing
 from model.preprocessing import ImageError
 from model.spec import CLASSES, INPUT_NAME, INPUT_SHAPE, NUM_CLASSES, OUTPUT_NAME
-from service.errors import BadRequest, NotFound
+from service.errors import BadRequest, DeadlineExceeded, InferenceFailed, NotFound, Overloaded, Unavailable
 from service.predictions import classification_strings
 from service.request_log import current
 from service.state import ServiceState
@@ -186,14 +186,25 @@ def check_batch_size(state: ServiceState, count: int) -> None:
         raise BadRequest(f"{count} images exceed the queue size {state.settings.max_queue_size}")
 
 
+def failure_reason(exc: BaseException) -> str:
+    """Triton's reason for a failed request (its nv_inference_request_failure label): REJECTED where
+    the server refused it or its deadline passed (queue full, draining: Triton's queue timeouts are
+    REJECTED too), CANCELED where its client went, BACKEND where its batch failed, else OTHER."""
+    if isinstance(exc, Overloaded | Unavailable | DeadlineExceeded):
+        return "REJECTED"
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELED"
+    return "BACKEND" if isinstance(exc, InferenceFailed) else "OTHER"
+
+
 async def counted(state: ServiceState, model: str, count: int, compute) -> np.ndarray:
     """The logits `compute()` returns (with the seconds spent preparing its inputs), counted in the
     model's statistics (service/statistics.py): a success with its timings, or a failure."""
     started = time.perf_counter()
     try:
         logits, input_s = await compute()
-    except BaseException:
-        state.statistics.failed(model, time.perf_counter() - started)
+    except BaseException as exc:
+        state.statistics.failed(model, time.perf_counter() - started, failure_reason(exc))
         raise
     record = current.get()
     state.statistics.succeeded(model, count, time.perf_counter() - started, record.queue_s if record else 0.0,

@@ -55,12 +55,13 @@ class Metrics(BatchObserver):
     def batch_failed(self, size: int, error: Exception) -> None:
         self.failed_batches.inc()
 
-    def response(self) -> Response:
+    def response(self, more: str = "") -> Response:
+        """Every metric of the registry (all the server's processes'), then `more` in the same text format."""
         registry = self.registry
         if shared_folder():
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(registry) + more.encode(), media_type=CONTENT_TYPE_LATEST)
 
 
 def shared_folder() -> str | None:

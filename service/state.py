@@ -90,6 +90,9 @@ class ServiceState(BatchObserver):
     def queue_length(self, length: int) -> None:
         self.metrics.queue_length(length)
 
+    def waiting_requests(self, by_tag: dict[str, int]) -> None:
+        self.statistics.waiting_requests(by_tag)
+
     def batch_done(self, size: int, seconds: float, queue_waits: list[float]) -> None:
         self.consecutive_failures = 0
         self.metrics.batch_done(size, seconds, queue_waits)

@@ -41,12 +41,19 @@ from service.metrics import shared_folder
 DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
 NO_CACHE = ("cache_hit", "cache_miss")  # always zero: no response cache
 
+# Why a request failed, in Triton's words (its nv_inference_request_failure's `reason`): refused or
+# timed out before its answer (queue full, deadline, shutting down), cancelled by its client, failed
+# in the backend, anything else (bad input).
+REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
+
 # The metrics' names, and their samples' (a counter's value is its name + "_total").
 REQUESTS, DURATIONS_NS, INFERENCES = "model_requests", "model_request_duration_ns", "model_inferences"
 BATCHES, BATCH_NS, LAST_INFERENCE = "model_batches", "model_batch_duration_ns", "model_last_inference_ms"
-SAMPLES = {f"{name}_total" for name in (REQUESTS, DURATIONS_NS, INFERENCES, BATCHES, BATCH_NS)} | {LAST_INFERENCE}
+FAILURES, PENDING = "model_failures", "model_pending_requests"
+SAMPLES = ({f"{name}_total" for name in (REQUESTS, DURATIONS_NS, INFERENCES, BATCHES, BATCH_NS, FAILURES)}
+           | {LAST_INFERENCE, PENDING})
 # The kinds of files prometheus_client's multiprocess mode writes these into (not the histograms').
-FILES = ("counter_*.db", "gauge_mostrecent_*.db")
+FILES = ("counter_*.db", "gauge_mostrecent_*.db", "gauge_livesum_*.db")
 
 
 def nanoseconds(seconds: float) -> int:
@@ -68,8 +75,13 @@ class Statistics:
                                        ["model", "batch_size"], registry=registry)
         self.last_inference = Gauge(LAST_INFERENCE, "When the model's last successful request ended, in ms "
                                     "since the epoch", ["model"], registry=registry, multiprocess_mode="mostrecent")
+        self.failures = Counter(FAILURES, "Failed inference requests by model and reason (REJECTED, CANCELED, "
+                                "BACKEND, OTHER)", ["model", "reason"], registry=registry)
+        self.pending = Gauge(PENDING, "Inference requests with images waiting for a batch, by model (summed over "
+                             "the server processes)", ["model"], registry=registry, multiprocess_mode="livesum")
         self.metrics = (self.requests, self.durations, self.inferences, self.batches, self.batch_durations,
-                        self.last_inference)
+                        self.last_inference, self.failures, self.pending)
+        self.waiting: set[str] = set()  # the models whose pending count this process last set above 0
 
     def succeeded(self, model: str, images: int, total_s: float, queue_s: float, infer_s: float,
                   input_s: float) -> None:
@@ -80,9 +92,18 @@ class Statistics:
         self.last_inference.labels(model).set(int(time.time() * 1000))
         self.requests.labels(model, "success").inc()
 
-    def failed(self, model: str, total_s: float) -> None:
+    def failed(self, model: str, total_s: float, reason: str = "OTHER") -> None:
         self.durations.labels(model, "fail").inc(nanoseconds(total_s))
         self.requests.labels(model, "fail").inc()
+        self.failures.labels(model, reason).inc()
+
+    def waiting_requests(self, by_model: dict[str, int]) -> None:
+        """How many of each model's requests have images in this process's queue now."""
+        for model in self.waiting - by_model.keys():
+            self.pending.labels(model).set(0)
+        for model, count in by_model.items():
+            self.pending.labels(model).set(count)
+        self.waiting = {model for model, count in by_model.items() if count}
 
     def executed(self, model: str, images: int, seconds: float) -> None:
         """A batch computed in `seconds` that held `images` of the model's images."""
@@ -100,6 +121,10 @@ class Statistics:
             families = [family for metric in self.metrics for family in metric.collect()]
         return {(sample.name, frozenset(sample.labels.items())): sample.value
                 for family in families for sample in family.samples if sample.name in SAMPLES}
+
+    def as_triton_metrics(self, models: list[str], version: str) -> str:
+        """Triton's per-model Prometheus metrics (nv_inference_*) in the text format."""
+        return triton_metrics(self.values(), models, version)
 
     def as_json(self, models: list[str], version: str) -> dict:
         """Triton's JSON answer for `models`."""
@@ -132,3 +157,59 @@ def model_json(values: dict[tuple[str, frozenset], float], model: str, version: 
             "inference_count": value(f"{INFERENCES}_total"),
             "execution_count": sum(entry["compute_infer"]["count"] for entry in batch_stats),
             "inference_stats": stats, "batch_stats": batch_stats}
+
+
+# Triton's Prometheus metrics (its /metrics, port 8002 there), by name, help and the sample of these
+# statistics each is read from: (metric, help, our sample, its labels, divisor: ns to µs).
+TRITON_COUNTERS = (
+    ("nv_inference_request_success", "Number of successful inference requests, all batch sizes",
+     f"{REQUESTS}_total", {"outcome": "success"}, 1),
+    ("nv_inference_count", "Number of inferences performed (does not include cached requests)",
+     f"{INFERENCES}_total", {}, 1),
+    ("nv_inference_request_duration_us", "Cumulative inference request duration in microseconds (includes cached "
+     "requests)", f"{DURATIONS_NS}_total", {"duration": "success"}, 1000),
+    ("nv_inference_queue_duration_us", "Cumulative inference queuing duration in microseconds (includes cached "
+     "requests)", f"{DURATIONS_NS}_total", {"duration": "queue"}, 1000),
+    ("nv_inference_compute_input_duration_us", "Cumulative compute input duration in microseconds (does not "
+     "include cached requests)", f"{DURATIONS_NS}_total", {"duration": "compute_input"}, 1000),
+    ("nv_inference_compute_infer_duration_us", "Cumulative compute inference duration in microseconds (does not "
+     "include cached requests)", f"{DURATIONS_NS}_total", {"duration": "compute_infer"}, 1000),
+    ("nv_inference_compute_output_duration_us", "Cumulative inference compute output duration in microseconds "
+     "(does not include cached requests)", f"{DURATIONS_NS}_total", {"duration": "compute_output"}, 1000),
+)
+
+
+def triton_metrics(values: dict[tuple[str, frozenset], float], models: list[str], version: str) -> str:
+    """Triton's per-model inference metrics in Prometheus' text format, from Statistics.values(), as
+    Triton writes them (counters named without `_total`, durations in µs, labels model and version;
+    failures by reason): dashboards, alerts and autoscalers written against Triton read this /metrics
+    unchanged. The pending count is of requests with images waiting for a batch (Triton's also counts
+    a request from its arrival); GPU and CPU metrics (nv_gpu_*, nv_cpu_*) are not given."""
+
+    def value(model: str, sample: str, **labels: str) -> float:
+        return values.get((sample, frozenset({"model": model, **labels}.items())), 0)
+
+    def line(name: str, labels: dict, number: float) -> str:
+        text = ",".join(f'{key}="{labels[key]}"' for key in sorted(labels))
+        return f"{name}{{{text}}} {round(number)}\n"
+
+    def family(name: str, help_: str, kind: str, lines: list[str]) -> list[str]:
+        return [f"# HELP {name} {help_}\n", f"# TYPE {name} {kind}\n", *lines]
+
+    def per_model(name: str, help_: str, kind: str, number) -> list[str]:
+        return family(name, help_, kind, [line(name, {"model": m, "version": version}, number(m)) for m in models])
+
+    out = []
+    for name, help_, sample, labels, divisor in TRITON_COUNTERS:
+        out += per_model(name, help_, "counter",
+                         lambda m, sample=sample, labels=labels, divisor=divisor: value(m, sample, **labels) / divisor)
+    out += family("nv_inference_request_failure", "Number of failed inference requests, all batch sizes", "counter",
+                  [line("nv_inference_request_failure", {"model": m, "reason": reason, "version": version},
+                        value(m, f"{FAILURES}_total", reason=reason)) for m in models for reason in REASONS])
+    out += per_model("nv_inference_exec_count", "Number of model executions performed (does not include cached "
+                     "requests)", "counter",
+                     lambda m: sum(number for (sample, labels), number in values.items()
+                                   if sample == f"{BATCHES}_total" and ("model", m) in labels))
+    out += per_model("nv_inference_pending_request_count", "Instantaneous number of pending requests awaiting "
+                     "execution per-model.", "gauge", lambda m: value(m, PENDING))
+    return "".join(out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from pathlib import Path
 
 from fastapi import APIRouter
@@ -9,6 +11,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel
 
 from model.spec import CLASSES
+from service.inference import VERSION, model_names
 from service.state import StateDep
 
 router = APIRouter(tags=["health"])
@@ -62,7 +65,10 @@ async def readyz(state: StateDep):
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(state: StateDep) -> Response:
-    return state.metrics.response()
+    """The service's metrics, then Triton's per-model ones (nv_inference_*, service/statistics.py). Read in
+    a thread: with several server processes they are summed from every process's files."""
+    triton = functools.partial(state.statistics.as_triton_metrics, list(model_names(state)), VERSION)
+    return await asyncio.to_thread(lambda: state.metrics.response(triton()))
 
 
 @router.get("/labels", summary="The class labels, by class_id")

@@ -421,6 +421,51 @@ def test_statistics_count_each_models_requests_their_images_and_batches(grpc_cli
     assert code == grpc.StatusCode.NOT_FOUND
 
 
+def triton_samples(metrics_text: str) -> dict[str, float]:
+    """The nv_* samples of a /metrics text, by name and labels as written."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines()
+            if line.startswith("nv_")}
+
+
+def test_metrics_have_tritons_per_model_figures_under_its_names(grpc_client, cifar_like_jpegs):
+    """/metrics carries Triton's nv_inference_* metrics, as its own /metrics writes them (counters
+    without _total, µs, labels model and version, failures by reason), equal to the statistics."""
+    http, client, _ = grpc_client(max_queue_delay_ms=0)
+    batch = np.stack([preprocess(decode_image(data)) for data in cifar_like_jpegs[:3]])
+    client.infer("alexnet_acmix", [tensor_input(batch)])
+    client.infer("alexnet_acmix_image", [bytes_input(cifar_like_jpegs[:2])])
+    status_of(lambda: client.infer("alexnet_acmix", [tensor_input(batch * 0 + 200)]))  # refused: OTHER
+    text = http.get("/metrics").text
+    assert "# TYPE nv_inference_request_success counter" in text
+    assert "# TYPE nv_inference_pending_request_count gauge" in text
+    nv = triton_samples(text)
+    stats = {m["name"]: m for m in client.get_inference_statistics(as_json=True)["model_stats"]}
+    for model in ("alexnet_acmix", "alexnet_acmix_image"):
+        labels = f'model="{model}",version="1"'
+        inference = stats[model]["inference_stats"]
+        assert nv[f"nv_inference_request_success{{{labels}}}"] == int(inference["success"]["count"])
+        assert nv[f"nv_inference_count{{{labels}}}"] == int(stats[model]["inference_count"])
+        assert nv[f"nv_inference_exec_count{{{labels}}}"] == int(stats[model]["execution_count"])
+        for name, key in (("request", "success"), ("queue", "queue"), ("compute_infer", "compute_infer")):
+            assert nv[f"nv_inference_{name}_duration_us{{{labels}}}"] == round(int(inference[key]["ns"]) / 1000)
+        assert nv[f"nv_inference_pending_request_count{{{labels}}}"] == 0
+    failures = {reason: nv[f'nv_inference_request_failure{{model="alexnet_acmix",reason="{reason}",version="1"}}']
+                for reason in ("REJECTED", "CANCELED", "BACKEND", "OTHER")}
+    assert failures == {"REJECTED": 0, "CANCELED": 0, "BACKEND": 0, "OTHER": 1}
+    assert nv['nv_inference_request_success{model="alexnet_acmix",version="1"}'] == 1
+
+
+def test_a_failed_requests_reason_is_tritons():
+    import asyncio
+
+    from service.errors import BadRequest, DeadlineExceeded, InferenceFailed, Overloaded, Unavailable
+    from service.inference import failure_reason
+
+    assert [failure_reason(exc) for exc in (Overloaded("full"), Unavailable("draining"), DeadlineExceeded("late"),
+                                            asyncio.CancelledError(), InferenceFailed("boom"), BadRequest("bad"))] == [
+        "REJECTED", "REJECTED", "REJECTED", "CANCELED", "BACKEND", "OTHER"]
+
+
 
 def test_statistics_have_triton_batch_and_cache_figures_on_both_protocols(grpc_client, cifar_like_jpegs):
     """batch_stats: per model, one entry per batch size executed (the model's images in the batch),

@@ -362,9 +362,15 @@ def test_a_client_gone_while_its_request_waits_for_a_batch_is_499_and_its_image_
                 while "batch_queue_length 1.0" not in httpx.get(f"{url}/metrics").text and time.monotonic() < deadline:
                     time.sleep(0.02)
                 assert "batch_queue_length 1.0" in httpx.get(f"{url}/metrics").text
+                if path.startswith("/v2"):  # Triton's pending count; once the client is gone, its failure's reason
+                    assert ('nv_inference_pending_request_count{model="alexnet_acmix_image",version="1"} 1'
+                            in httpx.get(f"{url}/metrics").text)
         time.sleep(3.5)  # past the queue delay, when the batch would have been cut
         metrics = httpx.get(f"{url}/metrics").text
         assert "images_classified_total 0.0" in metrics, [m for m in metrics.splitlines() if "images" in m]
+        image = 'model="alexnet_acmix_image"'
+        assert f'nv_inference_pending_request_count{{{image},version="1"}} 0' in metrics
+        assert f'nv_inference_request_failure{{{image},reason="CANCELED",version="1"}} 1' in metrics
     finally:
         stop(process)
     log = launch.output(process)

@@ -242,6 +242,11 @@ def test_statistics_are_the_whole_servers_on_both_protocols_and_only_grow(tiny_o
                                                                              "alexnet_acmix_image": 16}
         before = read_everywhere(url, address)
         check_figures(before, requests, images)
+        for _ in range(3):  # Triton's metrics on /metrics, whichever worker answers, the same sums
+            text = httpx.get(f"{url}/metrics").text
+            for model, count in requests.items():
+                assert f'nv_inference_request_success{{model="{model}",version="1"}} {count}' in text
+                assert f'nv_inference_count{{model="{model}",version="1"}} {images[model]}' in text
 
         killed = min(children(process.pid))
         os.kill(killed, signal.SIGKILL)
