@@ -1,10 +1,14 @@
-"""Delivery files: docker/Dockerfile, the runtime locks, docker/entrypoint.sh and docker-compose.yml,
-checked without Docker.
+"""Delivery files: docker/Dockerfile, the runtime locks, docker/entrypoint.sh, docker-compose.yml and
+docker/kserve-inferenceservice.yaml, checked without Docker or a cluster.
 
 hadolint lints the Dockerfile; its stages are read instruction by instruction; the entrypoint runs
 under `sh` with a stand-in `python` that records what it is asked to run, and those command lines
 are parsed by the service's real argument parser; the compose file is read as YAML with its
-${VAR:-default} defaults resolved as Compose does.
+${VAR:-default} defaults resolved as Compose does; the KServe manifest against the service's own
+settings, routes and drain, and its probes called on a real `python -m service` started with its
+environment (ONNX Runtime on the tiny model instead of TensorRT, free ports instead of its own).
+Its fields are checked against KServe's and Kubernetes' API models by harness/kserve_manifest.py, in
+the venv of KServe's SDK (it needs protobuf<7).
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
@@ -33,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
 COMPOSE = ROOT / "docker-compose.yml"
+KSERVE = ROOT / "docker" / "kserve-inferenceservice.yaml"
 LOCK = ROOT / "requirements.lock"
 RUNTIME_LOCKS = {"gpu": ROOT / "docker" / "requirements-runtime-py312.lock",
                  "cpu": ROOT / "docker" / "requirements-runtime-py311.lock"}
@@ -542,3 +549,189 @@ def test_the_probe_has_no_options_its_help_says_what_it_does_and_a_typo_is_refus
     assert "not ready" not in done.stderr
     done = probe("--bogus")
     assert done.returncode == 2 and "unrecognized arguments: --bogus" in done.stderr and "not ready" not in done.stderr
+
+
+# --- docker/kserve-inferenceservice.yaml ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inference_services() -> dict[str, dict]:
+    """The manifest's InferenceServices by their `protocol` label (what `kubectl apply -l` selects)."""
+    documents = [document for document in yaml.safe_load_all(KSERVE.read_text()) if document]
+    services = {document["metadata"]["labels"]["protocol"]: document for document in documents}
+    assert len(services) == len(documents)
+    return services
+
+
+def predictor_container(service: dict) -> dict:
+    (container,) = service["spec"]["predictor"]["containers"]
+    return container
+
+
+def manifest_environment(service: dict) -> dict[str, str]:
+    return {variable["name"]: variable["value"] for variable in predictor_container(service)["env"]}
+
+
+def manifest_settings(service: dict, monkeypatch) -> Settings:
+    for key in list(os.environ):
+        if key.startswith("ACMIX_"):
+            monkeypatch.delenv(key)
+    for key, value in manifest_environment(service).items():
+        monkeypatch.setenv(key, value)
+    return Settings()
+
+
+def probes(container: dict) -> dict[str, dict]:
+    return {kind: container[kind] for kind in ("startupProbe", "livenessProbe", "readinessProbe")}
+
+
+KSERVE_SDK = ROOT / ".venv" / "kserve-sdk" / "bin" / "python"
+
+
+@pytest.mark.skipif(not KSERVE_SDK.exists(), reason="KServe's SDK is not installed in .venv/kserve-sdk (make test "
+                                                    "installs it; it needs a venv of its own, protobuf<7)")
+def test_kserve_manifest_fields_are_kserves_and_kubernetes_own():
+    """Every key a field of KServe's or Kubernetes' model at its place, of its type, with the models'
+    own validation: harness/kserve_manifest.py, run in the SDK's venv."""
+    run = subprocess.run([str(KSERVE_SDK), "-m", "harness.kserve_manifest", str(KSERVE)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr[-2000:]
+    assert "2 documents, 0 problems" in run.stdout
+
+
+def test_kserve_one_inference_service_per_protocol_on_the_gpu_image(inference_services):
+    assert set(inference_services) == {"http", "grpc"}
+    assert len({service["metadata"]["name"] for service in inference_services.values()}) == 2
+    for service in inference_services.values():
+        assert (service["apiVersion"], service["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+        # the pod spec as written (grace period, startup probe): no Knative
+        assert service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+        predictor = service["spec"]["predictor"]
+        assert "protocolVersion" not in predictor  # predictor.model's field; custom containers have none
+        container = predictor_container(service)
+        assert container["name"] == "kserve-container"  # KServe's name for the predictor's container
+        assert container["image"].endswith("/alexnet-acmix:gpu")
+        resources = container["resources"]
+        assert resources["limits"]["nvidia.com/gpu"] == "1"
+        assert resources["requests"].get("nvidia.com/gpu", "1") == "1"  # extended resources: request = limit
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_kserve_environment_is_valid_settings_and_the_routed_port_is_the_services(inference_services, protocol,
+                                                                                  monkeypatch):
+    from service.settings import unknown_variables
+
+    service = inference_services[protocol]
+    environment = manifest_environment(service)
+    assert all(isinstance(value, str) for value in environment.values())  # env values are strings
+    assert not unknown_variables(environment)
+    settings = manifest_settings(service, monkeypatch)
+    assert (settings.backend, settings.host) == ("tensorrt", "0.0.0.0")
+    assert settings.shutdown_delay_s > 0  # the endpoints' time to drop the pod, instead of a preStop sleep
+    # KServe routes to one container port: the one the service listens on for this protocol
+    (port,) = predictor_container(service)["ports"]
+    name, listening = {"http": ("http1", settings.port), "grpc": ("h2c", settings.grpc_port)}[protocol]
+    assert (port["name"], port["containerPort"], port.get("protocol", "TCP")) == (name, listening, "TCP")
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_kserve_probes_are_routes_of_the_service_on_its_ports(inference_services, protocol, monkeypatch, compose):
+    from service.main import create_app
+
+    service = inference_services[protocol]
+    settings = manifest_settings(service, monkeypatch)
+    # the app's GET routes, as its OpenAPI schema lists them (FastAPI includes routers lazily)
+    routes = {path for path, methods in create_app(settings).openapi()["paths"].items() if "get" in methods}
+    container = predictor_container(service)
+    for kind, probe in probes(container).items():
+        if "httpGet" in probe:
+            assert probe["httpGet"]["path"] in routes, kind
+            assert probe["httpGet"]["port"] == settings.port, kind
+        else:
+            assert probe["grpc"]["port"] == settings.grpc_port != 0, kind
+            assert probe["grpc"].get("service", "") == ""  # the server's readiness (grpc.health.v1)
+    assert probes(container)["livenessProbe"]["httpGet"]["path"] in ("/healthz", "/v2/health/live")
+    readiness = probes(container)["readinessProbe"]
+    if protocol == "http":
+        assert readiness["httpGet"]["path"] in ("/readyz", "/v2/health/ready")
+    else:
+        assert "grpc" in readiness
+    # Nothing listens until the engine is built (minutes on a first start): liveness waits as long as
+    # the compose healthcheck's start period.
+    startup = probes(container)["startupProbe"]
+    budget = startup["periodSeconds"] * startup["failureThreshold"]
+    assert budget >= seconds(compose["services"]["service"]["healthcheck"]["start_period"])
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_kserve_grace_period_outlasts_the_drain_and_python_is_not_pid_1(inference_services, protocol, monkeypatch):
+    from service.main import drain_seconds
+
+    service = inference_services[protocol]
+    predictor = service["spec"]["predictor"]
+    assert predictor["terminationGracePeriodSeconds"] > drain_seconds(manifest_settings(service, monkeypatch))
+    # the pause container is PID 1 (compose's init: true): as PID 1 python ignored a SIGTERM that came
+    # before its handlers were installed, and the pod ran until its grace period ended
+    assert predictor["shareProcessNamespace"] is True
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory) -> Path:
+    """The tiny model with the real contract, and its reference logits (as tests/service/conftest.py)."""
+    import numpy as np
+
+    from harness.tiny_model import write_tiny_model
+    from model.preprocessing import decode_image, preprocess
+    from runtime.reference import Reference, reference_path
+    from tests.conftest import jpeg_bytes, run_onnx, synthetic_images
+
+    path = write_tiny_model(tmp_path_factory.mktemp("tiny") / "alexnet_acmix.onnx")
+    images, _ = synthetic_images(per_class=2, seed=9)
+    files = [jpeg_bytes(image, "PNG") for image in images[:16]]
+    logits = run_onnx(path, np.stack([preprocess(decode_image(f)) for f in files]))
+    reference_path(path).write_text(Reference(files, logits, "synthetic images").to_json())
+    return path
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_kserve_probes_answer_on_a_service_started_with_the_manifests_environment(inference_services, protocol,
+                                                                                   tiny_onnx):
+    """Each probe as the kubelet calls it: 200 / SERVING once ready; after SIGTERM, during the shutdown
+    delay, readiness fails while liveness still passes; the service exits 0 within the grace period."""
+    import grpc
+    import httpx
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from harness.server import free_port, start_server
+
+    service = inference_services[protocol]
+    environment = manifest_environment(service)
+    settings = {key.removeprefix("ACMIX_").lower(): value for key, value in environment.items()
+                if key not in ("ACMIX_BACKEND", "ACMIX_PORT")}  # ONNX Runtime; --port: a free one
+    settings["grpc_port"] = free_port()
+    settings["shutdown_delay_s"] = 1.0  # shorter than the manifest's, for the test's time
+    process, url = start_server(tiny_onnx, **settings)
+    ports = {int(environment["ACMIX_PORT"]): int(url.rsplit(":", 1)[1]),
+             int(environment["ACMIX_GRPC_PORT"]): settings["grpc_port"]}
+
+    def passes(probe: dict) -> bool:
+        if "httpGet" in probe:
+            answer = httpx.get(f"http://127.0.0.1:{ports[probe['httpGet']['port']]}{probe['httpGet']['path']}",
+                               timeout=probe["timeoutSeconds"])
+            return answer.status_code == 200
+        with grpc.insecure_channel(f"127.0.0.1:{ports[probe['grpc']['port']]}") as channel:
+            request = health_pb2.HealthCheckRequest(service=probe["grpc"].get("service", ""))
+            status = health_pb2_grpc.HealthStub(channel).Check(request, timeout=probe["timeoutSeconds"]).status
+        return status == health_pb2.HealthCheckResponse.SERVING
+
+    container = predictor_container(service)
+    try:
+        assert all(passes(probe) for probe in probes(container).values())
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert passes(container["livenessProbe"]) and not passes(container["readinessProbe"])
+        assert process.wait(timeout=service["spec"]["predictor"]["terminationGracePeriodSeconds"]) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
