@@ -158,3 +158,17 @@ def images(n: int, seed: int = 1) -> np.ndarray:
 def tiny_onnx(tmp_path):
     """The tiny fp32 model, written to tmp_path/tiny.onnx."""
     return write_tiny_model(tmp_path / "tiny.onnx")
+
+
+def tiny_model_with_reference(folder: Path) -> Path:
+    """The tiny model as folder/alexnet_acmix.onnx, with reference logits of synthetic images beside it
+    (computed by ONNX Runtime), as a server checks its model against at start."""
+    from model.preprocessing import decode_image, preprocess
+    from runtime.reference import Reference, reference_path
+
+    path = write_tiny_model(folder / "alexnet_acmix.onnx")
+    images, _ = synthetic_images(per_class=2, seed=9)
+    files = [jpeg_bytes(image, "PNG") for image in images[:16]]
+    logits = run_onnx(path, np.stack([preprocess(decode_image(f)) for f in files]))
+    reference_path(path).write_text(Reference(files, logits, "synthetic images").to_json())
+    return path

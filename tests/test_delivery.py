@@ -678,19 +678,9 @@ def test_kserve_grace_period_outlasts_the_drain_and_python_is_not_pid_1(inferenc
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory) -> Path:
     """The tiny model with the real contract, and its reference logits (as tests/service/conftest.py)."""
-    import numpy as np
+    from tests.conftest import tiny_model_with_reference
 
-    from harness.tiny_model import write_tiny_model
-    from model.preprocessing import decode_image, preprocess
-    from runtime.reference import Reference, reference_path
-    from tests.conftest import jpeg_bytes, run_onnx, synthetic_images
-
-    path = write_tiny_model(tmp_path_factory.mktemp("tiny") / "alexnet_acmix.onnx")
-    images, _ = synthetic_images(per_class=2, seed=9)
-    files = [jpeg_bytes(image, "PNG") for image in images[:16]]
-    logits = run_onnx(path, np.stack([preprocess(decode_image(f)) for f in files]))
-    reference_path(path).write_text(Reference(files, logits, "synthetic images").to_json())
-    return path
+    return tiny_model_with_reference(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from model.preprocessing import decode_image, preprocess
 from runtime.backend import Backend
 from service.main import create_app
 from service.settings import Settings
@@ -23,16 +22,9 @@ from tests.conftest import jpeg_bytes, synthetic_images
 @pytest.fixture(scope="session")
 def onnx_model(tmp_path_factory) -> Path:
     """For the service tests: the tiny model, and its reference logits computed by ONNX Runtime."""
-    from harness.tiny_model import write_tiny_model
-    from runtime.reference import Reference, reference_path
-    from tests.conftest import run_onnx
+    from tests.conftest import tiny_model_with_reference
 
-    path = write_tiny_model(tmp_path_factory.mktemp("tiny") / "alexnet_acmix.onnx")
-    images, _ = synthetic_images(per_class=2, seed=9)
-    files = [jpeg_bytes(image, "PNG") for image in images[:16]]
-    logits = run_onnx(path, np.stack([preprocess(decode_image(f)) for f in files]))
-    reference_path(path).write_text(Reference(files, logits, "synthetic images").to_json())
-    return path
+    return tiny_model_with_reference(tmp_path_factory.mktemp("tiny"))
 
 
 def service_settings(onnx_model, **overrides) -> Settings:
