@@ -71,16 +71,18 @@ def export_onnx(weights: str | Path, out: str | Path, arch: str = "alexnet_acmix
         if temperature is not None:
             graph.metadata_props.add(key=TEMPERATURE, value=repr(temperature))
         onnx.checker.check_model(graph, full_check=True)
-        # The reference logits first: an export stopped between the two leaves an ONNX of before
-        # (made again: another weights digest) or none, never a new ONNX without its reference.
-        steps.set_postfix_str("reference logits")
-        write_reference(out, model, data, split_file)
-        steps.update()
         with replacing(out) as tmp:
             onnx.save(graph, tmp)
             if check is not None:
                 steps.set_postfix_str("check")
                 check(Path(tmp))
+            steps.update()
+            # The reference logits after the check (one that fails leaves the ONNX of before with its
+            # own reference), and before the ONNX is renamed into place: an export stopped between the
+            # two leaves an ONNX of before (made again: another weights digest) or none, never a new
+            # ONNX without its reference.
+            steps.set_postfix_str("reference logits")
+            write_reference(out, model, data, split_file)
         steps.update()
     return out
 

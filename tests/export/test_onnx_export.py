@@ -115,13 +115,17 @@ def test_cli_onnx_that_fails_its_check_against_paddle_is_never_put_in_place(weig
     bound no export can meet stands in for an export that disagrees with Paddle)."""
     import export.verify
 
+    from runtime.reference import reference_path
+
     out = tmp_path / "cli.onnx"
     out.write_bytes(b"the ONNX of before")
+    reference_path(out).write_bytes(b"its reference logits")  # the service checks every start against them
     monkeypatch.setattr(export.verify, "MAX_LOGIT_DIFF", -1.0)
     assert main(["onnx", "--weights", str(weights), "--out", str(out), "--data", "", "--count", "8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: {out} disagrees with Paddle") and f"not put in place: {out} is as it was" in err
     assert out.read_bytes() == b"the ONNX of before"
+    assert reference_path(out).read_bytes() == b"its reference logits"  # not the new weights' beside the old ONNX
     assert not list(tmp_path.glob(".cli.onnx*"))  # no temporary file left
 
 
