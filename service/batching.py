@@ -99,6 +99,10 @@ class DynamicBatcher:
         self.max_queue = max_queue
         self.observer = observer or BatchObserver()
         self._queue: deque[_Request] = deque()
+        # Requests with images in the queue, by tag, and each such request's images there (by the id of
+        # its siblings list): kept as images come and go, not counted over the queue at every change.
+        self._waiting: Counter[str] = Counter()
+        self._queued_images: dict[int, int] = {}
         self.in_backend = InBackend()
         self._wakeup = asyncio.Event()
         self.workers = workers if backend.concurrent else 1
@@ -144,6 +148,9 @@ class DynamicBatcher:
         for request in requests:
             request.siblings = requests
         self._queue.extend(requests)
+        if tag is not None:
+            self._waiting[tag] += 1
+            self._queued_images[id(requests)] = len(requests)
         self._queue_changed()
         self._wakeup.set()
         try:
@@ -162,14 +169,26 @@ class DynamicBatcher:
 
     def _queue_changed(self) -> None:
         self.observer.queue_length(len(self._queue))
-        requests = {id(request.siblings): request.tag for request in self._queue if request.tag is not None}
-        self.observer.waiting_requests(Counter(requests.values()))
+        self.observer.waiting_requests(+self._waiting)
+
+    def _left_queue(self, request: _Request) -> None:
+        """`request`'s image is out of the queue: its request no longer waits once none of its images does."""
+        if request.tag is None:
+            return
+        key = id(request.siblings)
+        self._queued_images[key] -= 1
+        if not self._queued_images[key]:
+            del self._queued_images[key]
+            self._waiting[request.tag] -= 1
 
     def _forget_cancelled(self) -> None:
         """Drop from the queue the requests whose caller gave up (deadline passed, client gone, a
         sibling failed); at most max_queue to look at."""
         live = [request for request in self._queue if not request.future.cancelled()]
         if len(live) != len(self._queue):
+            for request in self._queue:
+                if request.future.cancelled():
+                    self._left_queue(request)
             self._queue.clear()
             self._queue.extend(live)
             self._queue_changed()
@@ -240,6 +259,7 @@ class DynamicBatcher:
         now = time.perf_counter()
         while self._queue and len(batch) < self.max_batch:
             request = self._queue.popleft()
+            self._left_queue(request)
             if request.future.done() or request.deadline <= now:
                 continue  # timed out or cancelled while queued: not worth computing
             batch.append(request)

@@ -249,3 +249,59 @@ def test_retry_after_is_the_queue_over_the_measured_drain_rate():
     # ~98 queued: no faster than the fake's 20 images/s allows; no slower than the wall clock saw,
     # within the moving average's weight on the first, slowest batch.
     assert 98 / 20 * 0.9 <= estimate <= 1.5 * 100 / wall_rate
+
+
+class Walks(list):
+    """A deque stand-in that counts how often the whole queue is walked."""
+
+    def __init__(self):
+        super().__init__()
+        self.walks = 0
+
+    def __iter__(self):
+        self.walks += 1
+        return super().__iter__()
+
+    def popleft(self):
+        return self.pop(0)
+
+
+def test_requests_waiting_by_tag_count_each_request_once_and_follow_the_queue_without_walking_it():
+    """Triton's pending count (service/statistics.py): a request of several images counts once while
+    any of them waits; the counts change with each image in and out, the queue never walked for them
+    (it was, at every request and every batch: O(queue) on the event loop, a full queue the costliest)."""
+    from service.batching import BatchObserver
+
+    class Seen(BatchObserver):
+        def __init__(self):
+            self.counts = []
+
+        def waiting_requests(self, by_tag):
+            self.counts.append(dict(by_tag))
+
+    async def main():
+        backend = SlowBackend(max_batch=2, delay=0.2)
+        seen = Seen()
+        batcher = await started(backend, max_batch=2, max_delay_s=0.0, observer=seen)
+        batcher._queue = walked = Walks()
+        deadline = time.perf_counter() + 5
+        busy = asyncio.ensure_future(batcher.infer_many([image(0), image(1)], deadline, "a"))
+        await asyncio.sleep(0.05)  # both in the backend, none waiting
+        three = asyncio.ensure_future(batcher.infer_many([image(i) for i in (2, 3, 4)], deadline, "a"))
+        one = asyncio.ensure_future(batcher.infer_many([image(5)], deadline, "b"))
+        untagged = asyncio.ensure_future(batcher.infer(image(6), deadline))
+        await asyncio.sleep(0)
+        assert seen.counts[-1] == {"a": 1, "b": 1}
+        await busy
+        await asyncio.sleep(0.05)  # 2 and 3 in the backend, 4 still waiting: its request too
+        assert seen.counts[-1] == {"a": 1, "b": 1}
+        one.cancel()  # its client went away
+        with pytest.raises(asyncio.CancelledError):
+            await one
+        assert seen.counts[-1] == {"a": 1}
+        walks = walked.walks
+        await asyncio.gather(three, untagged)
+        assert seen.counts[-1] == {} and walked.walks == walks  # batches cut, none walked the queue
+        await batcher.close()
+
+    run(main())
