@@ -114,7 +114,6 @@ def test_cli_onnx_that_fails_its_check_against_paddle_is_never_put_in_place(weig
     """As derived files and engines: the check runs on the written file before it replaces --out (a
     bound no export can meet stands in for an export that disagrees with Paddle)."""
     import export.verify
-
     from runtime.reference import reference_path
 
     out = tmp_path / "cli.onnx"
