@@ -14,7 +14,7 @@ TENSORRT_BINDINGS := 10.16.1.11 11.2.1.2
 BINDINGS := $(foreach v,$(TENSORRT_BINDINGS),$(VENV)/tensorrt-$(v)/.installed)
 
 # KServe's own Python SDK in a venv of its own (it needs protobuf<7; the project pins 7), for the test
-# that runs its clients against a real server (tests/service/test_kserve_sdk.py). Only `make test` makes it.
+# that runs its clients against a real server (tests/service/test_server.py). Only `make test` makes it.
 KSERVE_SDK := $(VENV)/kserve-sdk/.installed
 
 setup: $(STAMP) $(BINDINGS)

@@ -8,7 +8,7 @@ so that the images go through the project's one preprocessing:
     .venv/kserve-sdk/bin/python -m harness.kserve_sdk --http http://127.0.0.1:8000 --grpc 127.0.0.1:8001 \
         --images DIR
 --images: a folder of image files (PNG, and JPEG for the JPEG check). The server: both models, no API key.
-Prints one PASS/FAIL line per check; exits 1 on any FAIL. tests/service/test_kserve_sdk.py runs it.
+Prints one PASS/FAIL line per check; exits 1 on any FAIL. tests/service/test_server.py runs it.
 """
 
 from __future__ import annotations

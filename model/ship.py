@@ -327,8 +327,11 @@ def ship(run: Path, data: str, split_file: str, out: Path = WEIGHTS_DIR, split: 
         raise DataError(f"{data}: no such data set")
     rows = summarize_proxies(proxies) if proxies else None
     out.mkdir(parents=True, exist_ok=True)
-    # Every file is made in a folder inside `out` first, then renamed into place together, the weights
-    # last: a failure or an interrupt before that leaves the weights and card shipped before as they were.
+    for left in out.glob(".ship.*"):  # of a ship killed while it made its files (SIGKILL, OOM)
+        shutil.rmtree(left, ignore_errors=True)
+    # Every file is made in a folder inside `out` first, then renamed into place one after the other
+    # (milliseconds), the weights last: a failure or an interrupt before that leaves the weights and
+    # card shipped before as they were.
     with tempfile.TemporaryDirectory(prefix=".ship.", dir=out) as staging:
         tmp = Path(staging)
         weights = tmp / SHIPPED_WEIGHTS

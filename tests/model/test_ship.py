@@ -180,6 +180,11 @@ def test_a_failure_while_the_files_are_made_leaves_the_weights_and_card_shipped_
     with pytest.raises(OSError, match="disk full"):
         ship(run, str(root), "unused.json", out=out, split="all")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # and no staging folder left
+    (out / ".ship.killed").mkdir()  # what a ship killed mid-way leaves: the next one removes it
+    (out / ".ship.killed" / "alexnet_acmix.pdparams").write_bytes(b"half")
+    monkeypatch.undo()
+    ship(run, str(root), "unused.json", out=out, split="all")
+    assert not list(out.glob(".ship.*")) and (out / "alexnet_acmix.pdparams").read_bytes() != before["alexnet_acmix.pdparams"]
 
 
 def test_the_readme_quotes_the_shipped_weights():
