@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     )
 
     # Before the first benchmark (Paddle's takes minutes), not when the first that serves it starts.
-    if {"onnx_runtime", "accuracy", "service", "ray", "ceiling"} - set(args.skip):
+    if {"onnx_runtime", "accuracy", "service", "ray", "ceiling", "tensorrt"} - set(args.skip):
         from runtime.artifacts import onnx_metadata
 
         onnx_metadata(args.onnx)  # ValueError naming the file where it is missing or no ONNX
