@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from export.errors import ExportError
-from model.files import exclusive, remove_leftovers
+from model.files import blocking_file, exclusive, remove_leftovers
 from runtime.artifacts import DERIVED_FORMS, SOURCE_DIGEST, ArtifactPlan, engine_status, onnx_staleness
 
 LOCK_NAME = ".provision.lock"
@@ -81,7 +81,7 @@ def provision(plan: ArtifactPlan, force_engine: bool = False, progress: bool = T
             try:
                 stack.enter_context(exclusive(lock))
             except OSError as exc:  # a read-only folder, a file where a folder should be: one line, not a traceback
-                blocking = next((p for p in lock.parents if p.exists() and not p.is_dir()), None)
+                blocking = blocking_file(lock)
                 where = f"{blocking} is a file, not a folder" if blocking else f"{lock.parent}: {exc.strerror or exc}"
                 raise ExportError(f"{steps[0][1]}, and it cannot be made there: {where}") from None
         for target in targets:

@@ -27,6 +27,11 @@ def missing(path: str | Path, what: str) -> str | None:
     return f"{path}: a folder, not a {what}" if path.is_dir() else f"{path}: no such {what}"
 
 
+def blocking_file(path: str | Path) -> Path | None:
+    """The file standing where one of `path`'s folders should be (mkdir then says only "File exists")."""
+    return next((parent for parent in Path(path).parents if parent.exists() and not parent.is_dir()), None)
+
+
 def writable(path: str | Path) -> Path:
     """`path`, where a file can be written (its folder made); else OSError naming it (a folder, a
     folder that cannot be made, no permission). Outputs written after a long step are checked so
@@ -37,8 +42,8 @@ def writable(path: str | Path) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-        if blocking is not None:  # mkdir says "File exists"
+        blocking = blocking_file(path)
+        if blocking is not None:
             raise NotADirectoryError(20, f"cannot write here ({blocking} is a file, not a folder)", str(path)) from None
         raise cannot_write(exc, path) from None
     # The file itself is replaced by a rename: its folder decides. Tried, not asked (os.access): root

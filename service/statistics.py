@@ -159,23 +159,29 @@ def model_json(values: dict[tuple[str, frozenset], float], model: str, version: 
             "inference_stats": stats, "batch_stats": batch_stats}
 
 
-# Triton's Prometheus metrics (its /metrics, port 8002 there), by name, help and the sample of these
-# statistics each is read from: (metric, help, our sample, its labels, divisor: ns to µs).
+# Triton's Prometheus counters (its /metrics, port 8002 there), each read, as Triton's are, from the
+# model's statistics (model_json): (metric, help, the figure).
+def _microseconds(key: str):
+    return lambda stats: stats["inference_stats"][key]["ns"] / 1000
+
+
 TRITON_COUNTERS = (
     ("nv_inference_request_success", "Number of successful inference requests, all batch sizes",
-     f"{REQUESTS}_total", {"outcome": "success"}, 1),
+     lambda stats: stats["inference_stats"]["success"]["count"]),
     ("nv_inference_count", "Number of inferences performed (does not include cached requests)",
-     f"{INFERENCES}_total", {}, 1),
+     lambda stats: stats["inference_count"]),
+    ("nv_inference_exec_count", "Number of model executions performed (does not include cached requests)",
+     lambda stats: stats["execution_count"]),
     ("nv_inference_request_duration_us", "Cumulative inference request duration in microseconds (includes cached "
-     "requests)", f"{DURATIONS_NS}_total", {"duration": "success"}, 1000),
+     "requests)", _microseconds("success")),
     ("nv_inference_queue_duration_us", "Cumulative inference queuing duration in microseconds (includes cached "
-     "requests)", f"{DURATIONS_NS}_total", {"duration": "queue"}, 1000),
+     "requests)", _microseconds("queue")),
     ("nv_inference_compute_input_duration_us", "Cumulative compute input duration in microseconds (does not "
-     "include cached requests)", f"{DURATIONS_NS}_total", {"duration": "compute_input"}, 1000),
+     "include cached requests)", _microseconds("compute_input")),
     ("nv_inference_compute_infer_duration_us", "Cumulative compute inference duration in microseconds (does not "
-     "include cached requests)", f"{DURATIONS_NS}_total", {"duration": "compute_infer"}, 1000),
+     "include cached requests)", _microseconds("compute_infer")),
     ("nv_inference_compute_output_duration_us", "Cumulative inference compute output duration in microseconds "
-     "(does not include cached requests)", f"{DURATIONS_NS}_total", {"duration": "compute_output"}, 1000),
+     "(does not include cached requests)", _microseconds("compute_output")),
 )
 
 
@@ -185,9 +191,7 @@ def triton_metrics(values: dict[tuple[str, frozenset], float], models: list[str]
     failures by reason): dashboards, alerts and autoscalers written against Triton read this /metrics
     unchanged. The pending count is of requests with images waiting for a batch (Triton's also counts
     a request from its arrival); GPU and CPU metrics (nv_gpu_*, nv_cpu_*) are not given."""
-
-    def value(model: str, sample: str, **labels: str) -> float:
-        return values.get((sample, frozenset({"model": model, **labels}.items())), 0)
+    stats = {model: model_json(values, model, version) for model in models}
 
     def line(name: str, labels: dict, number: float) -> str:
         text = ",".join(f'{key}="{labels[key]}"' for key in sorted(labels))
@@ -196,20 +200,18 @@ def triton_metrics(values: dict[tuple[str, frozenset], float], models: list[str]
     def family(name: str, help_: str, kind: str, lines: list[str]) -> list[str]:
         return [f"# HELP {name} {help_}\n", f"# TYPE {name} {kind}\n", *lines]
 
-    def per_model(name: str, help_: str, kind: str, number) -> list[str]:
-        return family(name, help_, kind, [line(name, {"model": m, "version": version}, number(m)) for m in models])
+    def of(model: str, **labels: str) -> dict:
+        return {"model": model, "version": version, **labels}
 
     out = []
-    for name, help_, sample, labels, divisor in TRITON_COUNTERS:
-        out += per_model(name, help_, "counter",
-                         lambda m, sample=sample, labels=labels, divisor=divisor: value(m, sample, **labels) / divisor)
+    for name, help_, figure in TRITON_COUNTERS:
+        out += family(name, help_, "counter", [line(name, of(m), figure(stats[m])) for m in models])
     out += family("nv_inference_request_failure", "Number of failed inference requests, all batch sizes", "counter",
-                  [line("nv_inference_request_failure", {"model": m, "reason": reason, "version": version},
-                        value(m, f"{FAILURES}_total", reason=reason)) for m in models for reason in REASONS])
-    out += per_model("nv_inference_exec_count", "Number of model executions performed (does not include cached "
-                     "requests)", "counter",
-                     lambda m: sum(number for (sample, labels), number in values.items()
-                                   if sample == f"{BATCHES}_total" and ("model", m) in labels))
-    out += per_model("nv_inference_pending_request_count", "Instantaneous number of pending requests awaiting "
-                     "execution per-model.", "gauge", lambda m: value(m, PENDING))
+                  [line("nv_inference_request_failure", of(m, reason=reason),
+                        values.get((f"{FAILURES}_total", frozenset({"model": m, "reason": reason}.items())), 0))
+                   for m in models for reason in REASONS])
+    out += family("nv_inference_pending_request_count", "Instantaneous number of pending requests awaiting "
+                  "execution per-model.", "gauge",
+                  [line("nv_inference_pending_request_count", of(m),
+                        values.get((PENDING, frozenset({"model": m}.items())), 0)) for m in models])
     return "".join(out)

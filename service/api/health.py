@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 from pathlib import Path
 
 from fastapi import APIRouter
@@ -67,8 +66,10 @@ async def readyz(state: StateDep):
 async def metrics(state: StateDep) -> Response:
     """The service's metrics, then Triton's per-model ones (nv_inference_*, service/statistics.py). Read in
     a thread: with several server processes they are summed from every process's files."""
-    triton = functools.partial(state.statistics.as_triton_metrics, list(model_names(state)), VERSION)
-    return await asyncio.to_thread(lambda: state.metrics.response(triton()))
+    def read() -> Response:
+        return state.metrics.response(state.statistics.as_triton_metrics(list(model_names(state)), VERSION))
+
+    return await asyncio.to_thread(read)
 
 
 @router.get("/labels", summary="The class labels, by class_id")
